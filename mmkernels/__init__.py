@@ -1,0 +1,12 @@
+"""mmkernels: fused Triton/CUDA kernels for vision-language models.
+
+Importing never touches a GPU, never needs the CUDA extension, never uses the network.
+"""
+
+from . import dispatch, nn, ops
+from .dispatch import BackendNotSupportedError, use_backend
+from .ops import attention
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendNotSupportedError", "attention", "dispatch", "nn", "ops", "use_backend", "__version__"]

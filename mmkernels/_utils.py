@@ -1,0 +1,48 @@
+"""Small helpers shared by the op layers (no torch device queries at import)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def describe(t: torch.Tensor) -> str:
+    """``shape=(2, 3), dtype=torch.float16, device=cuda:0`` for error messages."""
+    return f"shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when ``import triton`` works, else why not (cached)."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken installs
+        return f"import triton failed: {exc!r}"
+    return None
+
+
+def triton_device_reason(t: torch.Tensor):
+    """Why a Triton kernel cannot run on ``t``'s device (None: it can)."""
+    from .dispatch import Reason
+
+    err = triton_import_error()
+    if err is not None:
+        return Reason(err, expected=True)
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu":
+        if interpreting():
+            return None
+        return Reason("CPU tensors run Triton kernels only with TRITON_INTERPRET=1", expected=True)
+    return Reason(f"device {t.device.type!r} is not supported by the Triton kernels", expected=True)

@@ -1,0 +1,1 @@
+"""Drop-in ``nn.Module``s backed by mmkernels ops."""

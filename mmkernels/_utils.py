@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -19,17 +18,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERR: list = []  # [None | str] once computed (a plain global: torch.compile reads it without tracing the import)
+
+
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else why not (cached)."""
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - broken installs
-        return f"import triton failed: {exc!r}"
-    return None
+    if not _TRITON_ERR:
+        err = None
+        if importlib.util.find_spec("triton") is None:
+            err = "the triton package is not installed"
+        else:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+            except Exception as exc:  # pragma: no cover - broken installs
+                err = f"import triton failed: {exc!r}"
+        _TRITON_ERR.append(err)
+    return _TRITON_ERR[0]
 
 
 def triton_device_reason(t: torch.Tensor):
@@ -46,3 +51,16 @@ def triton_device_reason(t: torch.Tensor):
             return None
         return Reason("CPU tensors run Triton kernels only with TRITON_INTERPRET=1", expected=True)
     return Reason(f"device {t.device.type!r} is not supported by the Triton kernels", expected=True)
+
+
+def poisoning() -> bool:
+    """``MMKERNELS_POISON=1``: fill kernel outputs with NaN before launch (tests use it to
+    prove every element is written)."""
+    return os.environ.get("MMKERNELS_POISON", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised output buffer, NaN-poisoned under ``MMKERNELS_POISON=1``."""
+    if poisoning():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -13,7 +13,6 @@ on a module) an unsupported call raises :class:`BackendNotSupportedError` listin
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +33,9 @@ __all__ = [
 AUTO = "auto"
 KNOWN_BACKENDS = ("triton", "cuda", "sdpa", "reference")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkernels_backend", default=None)
+# A plain list (innermost last) rather than a ContextVar: torch.compile (dynamo) traces
+# reads of module globals but graph-breaks on ContextVar.get().
+_forced: list[str] = []
 _registry: dict[str, list["Backend"]] = {}
 _warned: set[str] = set()
 
@@ -100,7 +101,7 @@ def backends(op: str) -> list[Backend]:
 
 def forced_backend(explicit: str | None = None) -> str | None:
     """The backend the user forced: ``explicit`` > ``use_backend`` > ``MMKERNELS_BACKEND``."""
-    for value in (explicit, _forced.get(), os.environ.get("MMKERNELS_BACKEND")):
+    for value in (explicit, _forced[-1] if _forced else None, os.environ.get("MMKERNELS_BACKEND")):
         if value is None or value == "":
             continue
         value = value.strip().lower()
@@ -121,11 +122,11 @@ def use_backend(name: str | None) -> Iterator[None]:
         name = name.strip().lower()
         if name != AUTO and name not in KNOWN_BACKENDS:
             raise ValueError(f"use_backend: got {name!r}, expected one of {(AUTO,) + KNOWN_BACKENDS}")
-    token = _forced.set(name if name is not None else AUTO)
+    _forced.append(name if name is not None else AUTO)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def _warn_once(op: str, backend: str, reason: Reason, chosen: str) -> None:

@@ -49,7 +49,7 @@ def _attention_fwd(
 def _(query, key, value, attn_mask, seed, dropout_p, is_causal, scale):
     b, h, lq, _ = query.shape
     out = query.new_empty(b, h, lq, value.shape[-1])
-    lse = query.new_empty(b, h, lq, dtype=torch.float32)
+    lse = query.new_empty(b, h, 2, lq, dtype=torch.float32)
     return out, lse
 
 

@@ -1,0 +1,560 @@
+"""Fused flash attention (FlashAttention-2 style) in Triton: forward, backward, launchers.
+
+Layout (B, H, L, D) with arbitrary strides.  One forward program owns BLOCK_M query rows of
+one (batch, head) and streams the keys in BLOCK_N tiles with an online softmax; it stores O
+and the row's log-sum-exp (as base-2 max and log2 sum) — the backward recomputes P from
+them, so the saved state is O(L) (Q, K, V, O, LSE; no P, no dropout mask).
+
+Backward, without atomics:
+* ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (fp32);
+* ``_attn_bwd_dkdv``: one program per (key block, batch, kv head) loops over the query heads
+  of its group (GQA) and the query blocks, accumulating dK and dV in registers;
+* ``_attn_bwd_dq``: one program per (query block, batch, head) loops over the key blocks.
+
+Head dims that are not a power of two (72, 80, 88 in SigLIP, Qwen2-VL, EVA ViT-g) are split
+into two power-of-two chunks D0 + D1 (72 → 64+16, 80 → 64+16, 88 → 64+32) rather than
+padded to the next power of two (128): every QKᵀ and PV product is two dots, so d=88 costs
+96 columns of work instead of 128.
+
+Masks: bool (True = attend) or additive float, passed with the strides of their broadcast
+view (stride 0 along broadcast dims), so (B, 1, 1, Lk) padding masks cost one row of reads.
+Causal masking is top-left aligned (query i sees key j <= i) as in SDPA.  Rows with no
+visible key get LSE = +inf, O = 0 and zero gradients.
+
+Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus the
+(batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
+
+Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
+max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
+to fp32 right before each dot (UPCAST).  Products of bf16 values are exact in fp32, so this
+matches the GPU's bf16 MMA with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreting, new_output
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
+    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0."""
+    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr):
+    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0."""
+    ptrs = base + offs_d[:, None] * stride_d + cols[None, :] * stride_c
+    return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, val, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _logits(
+    q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """S = (Q Kᵀ·scale + mask)·log2(e) for one [BLOCK_M, BLOCK_N] tile, -inf where not allowed."""
+    s = _dot(q0, kT0, PREC, UPCAST)
+    if D1 > 0:
+        s += _dot(q1, kT1, PREC, UPCAST)
+    s = s * qk_scale
+    allowed = col_ok[None, :] & row_ok[:, None]
+    if IS_CAUSAL:
+        allowed = allowed & (cols[None, :] <= rows[:, None])
+    if MASK_KIND != 0:
+        mptrs = mask_base + rows[:, None] * smm + cols[None, :] * smn
+        mval = tl.load(mptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if MASK_KIND == 1:
+            allowed = allowed & (mval != 0)
+        else:
+            mval = mval.to(tl.float32)
+            # HF masks use finfo(dtype).min: ×log2(e) would overflow fp32 to -inf and turn a
+            # "very negative" row into a fully masked one; clamp finite values to -1e30 instead
+            # (same softmax: exp underflows to 0 either way), keep true -inf as -inf.
+            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
+            s += mval * LOG2E
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, LK, dropout_p):
+    """Philox keep-mask (True = kept) of one tile; the same (seed, row, col) gives the same bit."""
+    offsets = rows[:, None] * LK + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, MASK, SEED,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    smb, smh, smm, smn,
+    H, LQ, LK, GROUP, LK_BUCKET,
+    qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    q1 = q0
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + pid_bh.to(tl.int64) * 1000003
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
+        kT1 = kT0
+        if D1 > 0:
+            kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
+        s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+                    D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
+        p = p.to(V.dtype.element_ty)
+        v0 = _load_rows(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
+        if D1 > 0:
+            v1 = _load_rows(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    o_base = O + b * sob + h * soh
+    _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, som, offs_d1, sod, HEAD_DIM)
+    # log-sum-exp kept as (row max, log2 of the row sum), both base 2: a row whose logits
+    # all sit on HF's finfo.min floor has max ~-1.4e30, where max + log2(sum) would round
+    # the log2(sum) away and the backward would rebuild P = 1 instead of 1/n.
+    stats = LSE + pid_bh.to(tl.int64) * 2 * LQ + rows
+    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
+    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    sob, soh, som, sod,
+    sdb, sdh, sdm, sdd,
+    H, LQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh, rows, row_ok, som, offs_d, sod, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdm, offs_d, sdd, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    smb, smh, smm, smn,
+    H, HKV, LQ, LK, GROUP, LK_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = (pid_bhk // HKV).to(tl.int64)
+    hk = (pid_bhk % HKV).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
+    vT0 = _load_cols(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    kT1 = kT0
+    vT1 = vT0
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
+        vT1 = _load_cols(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed0 = tl.load(SEED)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    lo = 0
+    if IS_CAUSAL:
+        # query i sees key j only when j <= i: rows above this key block contribute nothing
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        mask_base = MASK + b * smb + h * smh
+        if HAS_DROPOUT:
+            seed = seed0 + bh * 1000003
+        for start_m in range(lo, LQ, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < LQ
+            q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
+            do0 = _load_rows(do_base, rows, row_ok, sdm, offs_d0, sdd, HEAD_DIM)
+            q1 = q0
+            do1 = do0
+            if D1 > 0:
+                q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
+                do1 = _load_rows(do_base, rows, row_ok, sdm, offs_d1, sdd, HEAD_DIM)
+            s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+                        D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
+            m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
+            log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
+            p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])  # m = +inf (no visible key) → p = 0
+            dp = _dot(do0, vT0, PREC, UPCAST)
+            if D1 > 0:
+                dp += _dot(do1, vT1, PREC, UPCAST)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                pd = p
+            pdT = tl.trans(pd.to(DO.dtype.element_ty))
+            dv0 += _dot(pdT, do0, PREC, UPCAST)
+            if D1 > 0:
+                dv1 += _dot(pdT, do1, PREC, UPCAST)
+            delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
+            dsT = tl.trans((p * (dp - delta[:, None])).to(Q.dtype.element_ty))
+            dk0 += _dot(dsT, q0, PREC, UPCAST)
+            if D1 > 0:
+                dk1 += _dot(dsT, q1, PREC, UPCAST)
+
+    dk_base = DK + pid_bhk.to(tl.int64) * LK * HEAD_DIM
+    dv_base = DV + pid_bhk.to(tl.int64) * LK * HEAD_DIM
+    _store_rows(dk_base, dk0 * sm_scale, cols, col_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
+    _store_rows(dv_base, dv0, cols, col_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dk_base, dk1 * sm_scale, cols, col_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
+        _store_rows(dv_base, dv1, cols, col_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    smb, smh, smm, smn,
+    H, LQ, LK, GROUP, LK_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    bh = pid_bh.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
+    do0 = _load_rows(do_base, rows, row_ok, sdm, offs_d0, sdd, HEAD_DIM)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    q1 = q0
+    do1 = do0
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
+        do1 = _load_rows(do_base, rows, row_ok, sdm, offs_d1, sdd, HEAD_DIM)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
+    log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + bh * 1000003
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
+        vT0 = _load_cols(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
+        kT1 = kT0
+        vT1 = vT0
+        if D1 > 0:
+            kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
+            vT1 = _load_cols(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
+        s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+                    D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
+        p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])
+        dp = _dot(do0, vT0, PREC, UPCAST)
+        if D1 > 0:
+            dp += _dot(do1, vT1, PREC, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
+        if D1 > 0:
+            dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+
+    dq_base = DQ + bh * LQ * HEAD_DIM
+    _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+def split_head_dim(d: int) -> tuple[int, int]:
+    """Power-of-two chunks (D0, D1) covering head dim ``d`` (D1 = 0: one chunk).
+
+    ``tl.dot`` needs every dim >= 16 and a power of two.  72 → (64, 16), 80 → (64, 16),
+    88 → (64, 32), 96 → (64, 32), 136 → (128, 16); when two chunks would not save columns
+    over the next power of two (112 → 64+64 = 128) one chunk is used.
+    """
+    full = max(16, triton.next_power_of_2(d))
+    d0 = max(16, 1 << (d.bit_length() - 1))
+    if d0 >= d:
+        return d0, 0
+    d1 = max(16, triton.next_power_of_2(d - d0))
+    if d0 + d1 >= full:
+        return full, 0
+    return d0, d1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # fp32 with "high"/"medium"; for fp16/bf16 operands the flag is ignored
+
+
+def _mask_args(attn_mask, b, h, lq, lk, like):
+    """(tensor, kind, strides) of the mask's broadcast view; never materialised."""
+    if attn_mask is None:
+        return like, 0, (0, 0, 0, 0)
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(b, h, lq, lk)
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)  # same bytes; uint8 loads are the portable path
+        return m, 1, m.stride()
+    return m, 2, m.stride()
+
+
+def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
+    b, h, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    d0, d1 = split_head_dim(d)
+    mask, mask_kind, mstr = _mask_args(attn_mask, b, h, lq, lk, query)
+    has_dropout = dropout_p > 0.0
+    if has_dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed tensor")
+    meta = dict(
+        HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+        HAS_DROPOUT=has_dropout, PREC=_dot_precision(query.dtype),
+        UPCAST=interpreting() and query.dtype == torch.bfloat16,
+    )
+    seed_arg = seed if has_dropout else query
+    return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
+
+
+def _lk_bucket(lk: int) -> int:
+    return min(triton.next_power_of_2(lk), 16384)
+
+
+def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale):
+    """Launch the forward; returns O (B, H, Lq, D) contiguous and the softmax statistics
+    (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
+    base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
+    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
+    out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
+    lse = new_output((b, h, 2, lq), torch.float32, query.device)
+    kernel, cfg = _fwd_launcher(query.device.type, meta["HEAD_DIM"], query.dtype)
+    grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
+    kernel[grid](
+        query, key, value, out, lse, mask, seed_arg,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr,
+        h, lq, lk, h // hkv, _lk_bucket(lk),
+        float(scale) * 1.4426950408889634, float(dropout_p),
+        **meta, **cfg,
+    )
+    return out, lse
+
+
+def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale):
+    """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs."""
+    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
+    d = meta["HEAD_DIM"]
+    delta = new_output((b, h, lq), torch.float32, query.device)
+    pre_m = 64
+    _attn_bwd_preprocess[(triton.cdiv(lq, pre_m), b * h)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m,
+    )
+    # written contiguous by the kernels; converted to the inputs' dtype/layout below
+    dq = new_output((b, h, lq, d), query.dtype, query.device)
+    dk = new_output((b, hkv, lk, d), key.dtype, key.device)
+    dv = new_output((b, hkv, lk, d), value.dtype, value.device)
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
+    qk_scale = float(scale) * 1.4426950408889634
+    kv_kernel, kv_cfg = _bwd_launcher("dkdv", query.device.type, d, query.dtype)
+    kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
+    kv_kernel[kv_grid](
+        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
+        h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
+        **meta, **kv_cfg,
+    )
+    q_kernel, q_cfg = _bwd_launcher("dq", query.device.type, d, query.dtype)
+    q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
+    q_kernel[q_grid](
+        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, *common,
+        h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
+        **meta, **q_cfg,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# configurations (built lazily: importing this module never queries a device)
+# --------------------------------------------------------------------------------------
+# The interpreter runs each program in Python: fewer, larger tiles are faster there, and
+# BLOCK_M != BLOCK_N keeps the causal block-skipping arithmetic honest in tests.
+_INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32)
+_INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
+_INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
+
+_TUNE_KEY = ["HEAD_DIM", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
+    big = d > 128 or dtype == torch.float32
+    if kind == "fwd":
+        shapes = [(128, 64), (128, 32), (64, 64)] if not big else [(64, 32), (64, 64), (128, 32)]
+    elif kind == "dkdv":
+        shapes = [(32, 128), (64, 128), (32, 64)] if not big else [(32, 64), (16, 64), (32, 32)]
+    else:
+        shapes = [(128, 32), (128, 64), (64, 64)] if not big else [(64, 32), (32, 64), (64, 16)]
+    configs = []
+    for bm, bn in shapes:
+        for warps in (4, 8):
+            for stages in (2, 3):
+                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, d: int, dtype: torch.dtype):
+    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    return triton.autotune(configs=_gpu_configs(kind, d, dtype), key=_TUNE_KEY)(fn)
+
+
+def _fwd_launcher(device_type: str, d: int, dtype: torch.dtype):
+    if device_type != "cuda":
+        return _attn_fwd, _INTERP_FWD
+    return _tuned("fwd", d, dtype), {}
+
+
+def _bwd_launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+    if device_type != "cuda":
+        return ({"dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind],
+                _INTERP_DKDV if kind == "dkdv" else _INTERP_DQ)
+    return _tuned(kind, d, dtype), {}

@@ -1,1 +1,5 @@
 """Drop-in ``nn.Module``s backed by mmkernels ops."""
+
+from .attention import MultiheadAttention
+
+__all__ = ["MultiheadAttention"]

@@ -33,6 +33,7 @@ matches the GPU's bf16 MMA with fp32 accumulation.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -443,7 +444,10 @@ def _mask_args(attn_mask, b, h, lq, lk, like):
 def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
     b, h, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    d0, d1 = split_head_dim(d)
+    if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":  # benchmarks: measure the split's gain
+        d0, d1 = max(16, triton.next_power_of_2(d)), 0
+    else:
+        d0, d1 = split_head_dim(d)
     mask, mask_kind, mstr = _mask_args(attn_mask, b, h, lq, lk, query)
     has_dropout = dropout_p > 0.0
     if has_dropout and seed is None:
@@ -522,7 +526,7 @@ _INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32)
 _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
 _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 
-_TUNE_KEY = ["HEAD_DIM", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:

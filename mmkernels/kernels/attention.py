@@ -462,7 +462,8 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
 
 
 def _lk_bucket(lk: int) -> int:
-    return min(triton.next_power_of_2(lk), 16384)
+    """Autotuning key for the key length: short (Q-Former, <= 256), medium (<= 1024), long."""
+    return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
 
 
 def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale):
@@ -472,7 +473,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _fwd_launcher(query.device.type, meta["HEAD_DIM"], query.dtype)
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype)
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](
         query, key, value, out, lse, mask, seed_arg,
@@ -500,14 +501,14 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     dv = new_output((b, hkv, lk, d), value.dtype, value.device)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _bwd_launcher("dkdv", query.device.type, d, query.dtype)
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype)
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, **kv_cfg,
     )
-    q_kernel, q_cfg = _bwd_launcher("dq", query.device.type, d, query.dtype)
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, *common,
@@ -530,35 +531,41 @@ _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPO
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
+    """A few (BLOCK_M, BLOCK_N, warps, stages) candidates per kernel; the first is the default
+    used without autotuning.  Not yet tuned on a GPU: the set is kept small (4) because every
+    candidate is one compile per specialisation."""
     big = d > 128 or dtype == torch.float32
     if kind == "fwd":
-        shapes = [(128, 64), (128, 32), (64, 64)] if not big else [(64, 32), (64, 64), (128, 32)]
+        cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+        if big:
+            cands = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
     elif kind == "dkdv":
-        shapes = [(32, 128), (64, 128), (32, 64)] if not big else [(32, 64), (16, 64), (32, 32)]
+        cands = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)]
+        if big:
+            cands = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)]
     else:
-        shapes = [(128, 32), (128, 64), (64, 64)] if not big else [(64, 32), (32, 64), (64, 16)]
-    configs = []
-    for bm, bn in shapes:
-        for warps in (4, 8):
-            for stages in (2, 3):
-                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+        cands = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+        if big:
+            cands = [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, d: int, dtype: torch.dtype):
-    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    fn = _KERNELS[kind]
     return triton.autotune(configs=_gpu_configs(kind, d, dtype), key=_TUNE_KEY)(fn)
 
 
-def _fwd_launcher(device_type: str, d: int, dtype: torch.dtype):
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+    """(kernel, launch kwargs).  CUDA: autotuned, or the first candidate when
+    MMKERNELS_AUTOTUNE=0 (tests on a GPU: one compile per specialisation, no tuning runs)."""
     if device_type != "cuda":
-        return _attn_fwd, _INTERP_FWD
-    return _tuned("fwd", d, dtype), {}
-
-
-def _bwd_launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
-    if device_type != "cuda":
-        return ({"dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind],
-                _INTERP_DKDV if kind == "dkdv" else _INTERP_DQ)
+        return _KERNELS[kind], _INTERP[kind]
+    if os.environ.get("MMKERNELS_AUTOTUNE", "1") == "0":
+        cfg = _gpu_configs(kind, d, dtype)[0]
+        return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _tuned(kind, d, dtype), {}
+
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_INTERP = {"fwd": _INTERP_FWD, "dkdv": _INTERP_DKDV, "dq": _INTERP_DQ}

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# gpu_check.sh — the one script every GPU-lent session runs on the device machine.
+#
+# Stages (MMK_STAGES, default "env tests bench summary"), each time-boxed so the whole script
+# ends inside the device tool's 10-minute command limit (MMK_TOTAL_S, default 560 s):
+#   env      nvidia-smi summary, python/torch/triton/CUDA versions, optional packages  -> env.txt
+#   tests    python -m pytest tests -q -x on CUDA (junit xml + log)                     -> pytest_junit.xml, pytest.log
+#   bench    benchmarks/bench_attention.py, resumed after a fatal CUDA error or a hang  -> attention_bench.json, bench.log
+#   summary  pytest tail + the benchmark's TFLOP/s table, printed last                  -> summary.txt
+# Everything goes flat under $OUT (at most 8 files come back): env.txt, install.log (only with
+# MMK_INSTALL=1), pytest.log, pytest_junit.xml, attention_bench.json, bench.log, summary.txt.
+#
+# How to call it from the device tool (`run`, from the repo root; the copy there has no .git,
+# so pass the commit in):
+#   command:   MMKERNELS_COMMIT=<output of `git rev-parse HEAD` here> bash scripts/gpu_check.sh
+#   carry:     []                     (".whl" only when carrying wheels, see below)
+#   timeout_s: 600
+# More benchmark in a second call (same machine if still warm, else a fresh one), e.g. the
+# slow-to-compile FlexAttention and the math backend, continuing the first call's JSON:
+#   here:      mkdir -p .gpu_prev && cp <files_at>/attention_bench.json .gpu_prev/ &&
+#              grep -qx '/.gpu_prev/' .git/info/exclude || echo /.gpu_prev/ >> .git/info/exclude
+#   command:   MMKERNELS_COMMIT=<sha> MMK_STAGES="bench summary" MMK_BENCH_PREV=.gpu_prev/attention_bench.json bash scripts/gpu_check.sh
+#   carry:     [".gpu_prev"]
+# Benchmark knobs (read by bench_attention.py): MMK_BENCH_D=64,128,88  MMK_BENCH_L=512,...,16384
+#   MMK_BENCH_BACKENDS=triton,sdpa-flash,...  MMK_BENCH_EXCLUDE=flex  MMK_BENCH_MODES=fwd,fwd+bwd
+#   MMK_BENCH_CAUSAL=0,1  MMK_BENCH_WARMUP_MS / MMK_BENCH_REP_MS  MMK_BENCH_CASE_TIMEOUT_S=300
+#   MMK_BENCH_ARGS="--quick"   (extra command-line arguments, word-split)
+# Other knobs: MMK_TEST_TIMEOUT_S (default 240: the tests' share of the total), MMK_PYTEST_ARGS
+#   (extra pytest arguments), MMK_INSTALL=1 (pip install --no-deps --no-build-isolation -e .
+#   instead of PYTHONPATH=.; builds the CUDA extension if setup.py does), PYTHON (default python3).
+#
+# Python packages: the 'cuda' image holds pytest, pytest-timeout, pytest-benchmark, hypothesis
+# (.library/device/KINDS.md, 2026-11-17); the machine has no internet. If one is missing, carry
+# wheels: here `echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64
+# -d .whl NAME==VERSION` (pure-Python wheels match any platform), then carry [".whl"]: this
+# script installs .whl/*.whl into /tmp/site itself.
+#
+# Committing results (here, after the call; the files lie read-only under the reply's files_at):
+#   dev=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['suggested_result_path'])" <files_at>/attention_bench.json)
+#   mkdir -p "$(dirname "$dev")" && cp <files_at>/attention_bench.json "$dev"
+#   -> benchmarks/results/<device-slug>/attention_<yyyymmdd>_<commit7>.json; commit it with the
+#   pytest summary line and the device (kind, driver from env.txt) in the message.
+set -uo pipefail
+
+T0=$SECONDS
+TOTAL=${MMK_TOTAL_S:-560}
+STAGES=" ${MMK_STAGES:-env tests bench summary} "
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET          # real kernels on the GPU; tests/conftest.py sets it only without CUDA
+remaining() { echo $(( TOTAL - (SECONDS - T0) )); }
+has_stage() { [[ "$STAGES" == *" $1 "* ]]; }
+note() { echo "[gpu_check +$((SECONDS - T0))s] $*"; }
+# `timeout` from coreutils; without it, run unboxed rather than not at all
+# (TBOX_SIG=INT for pytest: it then stops like on Ctrl-C, printing its summary and writing the junit xml)
+tbox() { local t=$1; shift; if command -v timeout >/dev/null 2>&1; then timeout -s "${TBOX_SIG:-TERM}" -k 15 "$t" "$@"; else "$@"; fi; }
+
+# ---- carried wheels (optional) ------------------------------------------------------------
+if compgen -G ".whl/*.whl" >/dev/null; then
+    note "installing carried wheels from .whl/ into /tmp/site"
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        note "WARNING: installing .whl/*.whl failed; going on without them"
+    fi
+fi
+
+# ---- mmkernels on the path ----------------------------------------------------------------
+if [[ "${MMK_INSTALL:-0}" == "1" ]]; then
+    note "pip install --no-deps --no-build-isolation -e . (log: install.log)"
+    tbox 300 $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+        || note "WARNING: editable install failed (see install.log); falling back to PYTHONPATH=."
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- env ----------------------------------------------------------------------------------
+if has_stage env; then
+    {
+        echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   commit: ${MMKERNELS_COMMIT:-unknown}"
+        echo "== nvidia-smi"
+        tbox 30 nvidia-smi 2>&1 || echo "(nvidia-smi failed)"
+        tbox 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv 2>&1 || true
+        echo "== python / packages"
+        tbox 120 $PY - <<'EOF' 2>&1
+import importlib, platform, sys
+print("python", platform.python_version(), sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
+          torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("device", p.name, f"cc {p.major}.{p.minor}", "SMs", p.multi_processor_count,
+              f"{p.total_memory / 2**30:.1f} GiB")
+    else:
+        print("torch sees NO CUDA device")
+except Exception as exc:
+    print("torch import failed:", repr(exc))
+for name in ("triton", "pytest", "pytest_timeout", "pytest_benchmark", "hypothesis", "transformers",
+             "timm", "flash_attn", "xformers", "mmkernels"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:<17}", getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+    except Exception as exc:
+        print(f"{name:<17} MISSING ({type(exc).__name__}: {str(exc)[:120]})")
+EOF
+    } 2>&1 | tee "$OUT/env.txt"
+fi
+
+# ---- tests --------------------------------------------------------------------------------
+TEST_RC=skipped
+if has_stage tests; then
+    if ! $PY -c "import pytest" 2>/dev/null; then
+        note "pytest is not importable here: skipping tests (carry a pytest wheel in .whl/, see header)" \
+            | tee "$OUT/pytest.log"
+        TEST_RC=no-pytest
+    else
+        budget=${MMK_TEST_TIMEOUT_S:-240}
+        if has_stage bench; then   # leave the benchmark at least ~4 minutes
+            cap=$(( $(remaining) - 240 )); (( cap < budget )) && budget=$cap
+        else
+            cap=$(( $(remaining) - 20 )); (( cap < budget )) && budget=$cap
+        fi
+        (( budget < 30 )) && budget=30
+        args=(tests -q -p no:cacheprovider --durations=15 --junitxml="$OUT/pytest_junit.xml")
+        # one hung test must not eat the whole box: per-test limit when pytest-timeout is there
+        if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout="${MMK_TEST_CASE_TIMEOUT_S:-120}"); fi
+        note "pytest (time box ${budget}s): $PY -m pytest ${args[*]} ${MMK_PYTEST_ARGS:-}"
+        # shellcheck disable=SC2086
+        # MMKERNELS_AUTOTUNE=0: the tests' many small shapes use each kernel's default config
+        # (one compile per specialisation) instead of autotuning every key; the bench tunes.
+        MMKERNELS_AUTOTUNE=${MMKERNELS_AUTOTUNE:-0} TBOX_SIG=INT tbox "$budget" $PY -m pytest "${args[@]}" ${MMK_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
+        TEST_RC=${PIPESTATUS[0]}
+        [[ "$TEST_RC" == 124 || "$TEST_RC" == 137 ]] && note "pytest hit its ${budget}s time box (rc $TEST_RC)" | tee -a "$OUT/pytest.log"
+        note "pytest rc=$TEST_RC"
+    fi
+fi
+
+# ---- bench --------------------------------------------------------------------------------
+BENCH_RC=skipped
+JSON="$OUT/attention_bench.json"
+if has_stage bench; then
+    if [[ -n "${MMK_BENCH_PREV:-}" && -f "${MMK_BENCH_PREV}" ]]; then
+        cp "$MMK_BENCH_PREV" "$JSON" && note "continuing $MMK_BENCH_PREV"
+    fi
+    attempt=0
+    : >>"$OUT/bench.log"
+    while :; do
+        rem=$(remaining)
+        if (( rem < 75 )); then note "bench: only ${rem}s left, not starting" | tee -a "$OUT/bench.log"; break; fi
+        attempt=$((attempt + 1))
+        # the benchmark stops starting cases at --budget-s; the hard box catches a last long case
+        note "bench attempt $attempt (budget $((rem - 60))s, hard box $((rem - 15))s)" | tee -a "$OUT/bench.log"
+        # shellcheck disable=SC2086
+        tbox $((rem - 15)) $PY benchmarks/bench_attention.py --json "$JSON" --resume --budget-s $((rem - 60)) \
+            ${MMK_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+        BENCH_RC=${PIPESTATUS[0]}
+        note "bench rc=$BENCH_RC" | tee -a "$OUT/bench.log"
+        # 0 done; 2 bad arguments: rerunning cannot help. 3 = fatal CUDA error, 1 = watchdog
+        # killed a hung case, 124/137 = hard box: --resume skips the culprit and goes on
+        [[ "$BENCH_RC" == 0 || "$BENCH_RC" == 2 ]] && break
+        (( attempt >= 4 )) && break
+        [[ -f "$JSON" ]] || break
+    done
+fi
+
+# ---- summary (printed last: the device tool returns the end of the output) ----------------
+if has_stage summary; then
+    {
+        echo "================ gpu_check summary (commit ${MMKERNELS_COMMIT:-unknown}, $((SECONDS - T0))s) ================"
+        awk '/^name, driver_version/ { getline; print "gpu: " $0; exit }' "$OUT/env.txt" 2>/dev/null || true
+        grep -m1 "^device " "$OUT/env.txt" 2>/dev/null || true
+        echo "pytest rc=$TEST_RC: $(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest.log" 2>/dev/null | tail -n 1)"
+        if [[ "$TEST_RC" != 0 && "$TEST_RC" != skipped && -f "$OUT/pytest.log" ]]; then
+            fails=$(grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -n 15)
+            [[ -n "$fails" ]] && printf -- "--- first failures:\n%s\n" "$fails"
+        fi
+        echo "bench rc=$BENCH_RC"
+        [[ -f "$JSON" ]] && tbox 60 $PY benchmarks/bench_attention.py --json "$JSON" --summary-only 2>&1
+    } | tee "$OUT/summary.txt"
+fi
+ls -la "$OUT"
+# exit status for the caller: 0 only when the tests passed (or were not asked for) and the
+# benchmark finished; the files under $OUT come back either way
+[[ "$TEST_RC" == 0 || "$TEST_RC" == skipped ]] && [[ "$BENCH_RC" == 0 || "$BENCH_RC" == skipped ]]

@@ -1,0 +1,329 @@
+"""``mmkernels info``: versions, devices, build state and which backend can run each op here.
+
+Every backend of every registered op is shown twice: ``available()`` (holds for every call:
+missing package, missing extension) and ``not_supported_reasons`` for a small representative
+call on the default device (CUDA when present, else CPU).  The probe call goes through the
+op's public function so the inputs are exactly what the dispatcher sees; it is stopped at
+dispatch, so no kernel is compiled or run and the command takes about as long as
+``import torch``.  Never runs nvidia-smi; reads the driver version from torch only when a
+GPU is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["collect", "format_text", "main", "PROBES"]
+
+
+# --------------------------------------------------------------------------------------
+# probe calls: one small call per op, through the op's public function
+# --------------------------------------------------------------------------------------
+def _probe_attention(torch, device, dtype):
+    q, k, v = (torch.randn(1, 2, 16, 64, device=device, dtype=dtype) for _ in range(3))
+    return (q, k, v), {}, f"query/key/value (1, 2, 16, 64) {_dt(dtype)}"
+
+
+def _probe_qformer_cross_attention(torch, device, dtype):
+    hq, hk = 64, 48
+    kw = dict(device=device, dtype=dtype)
+    args = (
+        torch.randn(1, 8, hq, **kw), torch.randn(1, 17, hk, **kw),
+        torch.randn(hq, hq, **kw), torch.randn(hq, **kw),
+        torch.randn(hq, hk, **kw), torch.randn(hq, **kw),
+        torch.randn(hq, hk, **kw), torch.randn(hq, **kw),
+        2,
+    )
+    return args, {}, f"hidden (1, 8, 64), encoder (1, 17, 48), 2 heads {_dt(dtype)}"
+
+
+def _probe_token_pool(torch, device, dtype):
+    x = torch.randn(1, 16, 32, device=device, dtype=dtype)
+    return (x,), {"mode": "avg", "kernel_size": 2}, f"x (1, 16, 32) avg 2x2 {_dt(dtype)}"
+
+
+#: op name (as registered in mmkernels.dispatch) -> builder of (args, kwargs, description)
+PROBES: dict[str, Callable] = {
+    "attention": _probe_attention,
+    "qformer_cross_attention": _probe_qformer_cross_attention,
+    "token_pool": _probe_token_pool,
+}
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _Captured(Exception):
+    def __init__(self, inputs: dict[str, Any]):
+        super().__init__("captured")
+        self.inputs = inputs
+
+
+@contextlib.contextmanager
+def _capture_dispatch(op: str):
+    """Stop the op at ``dispatch.select`` and hand back the inputs it would dispatch on."""
+    from .. import dispatch
+
+    original = dispatch.select
+
+    def capture(name, inputs, backend=None):
+        if name == op:
+            raise _Captured(inputs)
+        return original(name, inputs, backend)
+
+    dispatch.select = capture
+    try:
+        yield
+    finally:
+        dispatch.select = original
+
+
+def _probe_inputs(op: str, device, dtype) -> tuple[dict[str, Any] | None, str]:
+    """(inputs dict as the dispatcher sees it, description) or (None, why not)."""
+    import torch
+
+    import mmkernels
+
+    build = PROBES.get(op)
+    fn = getattr(mmkernels, op, None) or getattr(mmkernels.ops, op, None)
+    if build is None or fn is None:
+        return None, "no probe call is defined for this op"
+    try:
+        args, kwargs, desc = build(torch, device, dtype)
+        with _capture_dispatch(op), mmkernels.use_backend(None):
+            fn(*args, **kwargs)
+    except _Captured as cap:
+        return cap.inputs, f"{desc} on {device}"
+    except Exception as exc:
+        return None, f"probe call failed: {exc.__class__.__name__}: {exc}"
+    return None, "probe call did not reach the dispatcher"
+
+
+# --------------------------------------------------------------------------------------
+# collection
+# --------------------------------------------------------------------------------------
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:
+        return None
+
+
+def _format_cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _driver_version(torch) -> str | None:
+    for owner, name in ((torch.cuda, "driver_version"), (torch._C, "_cuda_getDriverVersion")):
+        fn = getattr(owner, name, None)
+        if callable(fn):
+            try:
+                v = fn()
+            except Exception:
+                continue
+            return _format_cuda_version(v) if isinstance(v, int) else str(v)
+    return None
+
+
+def _nvcc() -> str | None:
+    """nvcc that a csrc/ build would use (same lookup order as torch.utils.cpp_extension)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        return os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    if os.access("/usr/local/cuda/bin/nvcc", os.X_OK):
+        return "/usr/local/cuda/bin/nvcc"
+    return None
+
+
+def _reason_texts(reasons) -> list[str]:
+    return [getattr(r, "text", str(r)) for r in reasons]
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``mmkernels info`` reports, as a JSON-serialisable dict."""
+    import torch
+
+    import mmkernels
+
+    from .. import _ext, dispatch
+    from .._utils import interpreting, triton_import_error
+
+    info: dict[str, Any] = {
+        "mmkernels": mmkernels.__version__,
+        "mmkernels_path": os.path.dirname(os.path.abspath(mmkernels.__file__)),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "triton_import_error": triton_import_error(),
+        "numpy": _version("numpy"),
+    }
+
+    has_cuda = torch.cuda.is_available()
+    devices = []
+    if has_cuda:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({
+                "index": i,
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "sm_count": p.multi_processor_count,
+            })
+    info["cuda"] = {
+        "torch_built_with": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "available": has_cuda,
+        "driver": _driver_version(torch) if has_cuda else None,
+        "device_count": len(devices),
+        "devices": devices,
+        "nvcc": _nvcc(),
+    }
+    info["triton_interpret"] = {"env": os.environ.get("TRITON_INTERPRET"), "enabled": interpreting()}
+    try:
+        forced = dispatch.forced_backend()
+        forced_err = None
+    except ValueError as exc:
+        forced, forced_err = None, str(exc)
+    info["backend_env"] = {"MMKERNELS_BACKEND": os.environ.get("MMKERNELS_BACKEND"), "forced": forced,
+                           "error": forced_err}
+    info["cuda_extension"] = {"available": _ext.available(), "reason": _ext.unavailable_reason()}
+
+    device = torch.device("cuda" if has_cuda else "cpu")
+    dtype = torch.float16 if has_cuda else torch.float32
+    ops: dict[str, Any] = {}
+    for op in sorted(dispatch._registry):
+        inputs, probe_desc = _probe_inputs(op, device, dtype)
+        rows, auto = [], None
+        for b in dispatch.backends(op):
+            try:
+                unavailable = _reason_texts(b.available())
+            except Exception as exc:
+                unavailable = [f"available() raised {exc.__class__.__name__}: {exc}"]
+            row: dict[str, Any] = {
+                "name": b.name,
+                "description": b.description,
+                "available": not unavailable,
+                "unavailable_reasons": unavailable,
+                "probe_ok": None,
+                "probe_reasons": [],
+            }
+            if inputs is not None:
+                try:
+                    reasons = _reason_texts(b.not_supported_reasons(inputs))
+                except Exception as exc:
+                    reasons = [f"not_supported_reasons raised {exc.__class__.__name__}: {exc}"]
+                row["probe_ok"] = not reasons
+                row["probe_reasons"] = reasons
+                if auto is None and not reasons:
+                    auto = b.name
+            rows.append(row)
+        ops[op] = {"probe": probe_desc, "probe_ran": inputs is not None, "auto": auto, "backends": rows}
+    info["ops"] = ops
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# text output
+# --------------------------------------------------------------------------------------
+def format_text(info: dict[str, Any]) -> str:
+    out: list[str] = []
+
+    def kv(key: str, value: Any, indent: int = 2) -> None:
+        out.append(f"{' ' * indent}{key:<22} {value}")
+
+    out.append(f"mmkernels {info['mmkernels']}  ({info['mmkernels_path']})")
+    kv("python", f"{info['python']}  ({info['python_executable']})")
+    kv("platform", info["platform"])
+    kv("torch", info["torch"])
+    triton = info["triton"] or "not installed"
+    if info["triton_import_error"] and info["triton"]:
+        triton += f"  (import fails: {info['triton_import_error']})"
+    kv("triton", triton)
+    kv("numpy", info["numpy"] or "not installed")
+
+    c = info["cuda"]
+    out.append("cuda")
+    if c["torch_built_with"]:
+        kv("CUDA runtime", f"{c['torch_built_with']} (torch build)")
+    elif c["hip"]:
+        kv("HIP runtime", f"{c['hip']} (torch build)")
+    else:
+        kv("CUDA runtime", "none: CPU-only torch build")
+    if c["available"]:
+        kv("driver", c["driver"] or "unknown (not exposed by this torch)")
+        kv("devices", c["device_count"])
+        for d in c["devices"]:
+            kv(f"  cuda:{d['index']}",
+               f"{d['name']}, sm_{d['capability'].replace('.', '')}, {d['memory_gib']} GiB, {d['sm_count']} SMs")
+    else:
+        kv("devices", "no CUDA device")
+    kv("nvcc", c["nvcc"] or "not found")
+
+    ti = info["triton_interpret"]
+    if ti["enabled"]:
+        state = f"on (TRITON_INTERPRET={ti['env']}): Triton kernels run on CPU tensors in the interpreter"
+    elif ti["env"] is None:
+        state = "unset: Triton kernels run on CUDA tensors only"
+    else:
+        state = f"off (TRITON_INTERPRET={ti['env']}): Triton kernels run on CUDA tensors only"
+    kv("TRITON_INTERPRET", state, 0)
+    be = info["backend_env"]
+    if be["error"]:
+        kv("MMKERNELS_BACKEND", f"invalid: {be['error']}", 0)
+    else:
+        kv("MMKERNELS_BACKEND", f"{be['MMKERNELS_BACKEND']} (forces {be['forced']})" if be["forced"]
+           else "unset: auto", 0)
+    ext = info["cuda_extension"]
+    kv("CUDA extension", "built and usable" if ext["available"] else ext["reason"], 0)
+
+    out.append("backends (available: always usable here; probe: the representative call below)")
+    for op, o in info["ops"].items():
+        out.append(f"  {op}  [probe: {o['probe']}]")
+        width = max((len(b["name"]) for b in o["backends"]), default=0)
+        for b in o["backends"]:
+            if not b["available"]:
+                status, why = "unavailable", "; ".join(b["unavailable_reasons"])
+            elif b["probe_ok"] is None:
+                status, why = "available", b["description"]
+            elif b["probe_ok"]:
+                status, why = "yes", b["description"]
+            else:
+                status, why = "no", "; ".join(b["probe_reasons"])
+            out.append(f"    {b['name']:<{width}}  {status:<11}  {why}")
+        if o["probe_ran"]:
+            out.append(f"    -> auto mode picks: {o['auto'] or 'none (the call would raise)'}")
+    if not info["ops"]:
+        out.append("  (no ops registered)")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None, *, as_json: bool | None = None) -> int:
+    """Print the report; ``as_json`` (or ``--json`` in argv) prints JSON instead."""
+    if as_json is None:
+        as_json = "--json" in (argv or [])
+    info = collect()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_text(info))
+    return 0

@@ -2,7 +2,7 @@
 # The one set-up command: torch (CPU or CUDA build), then mmkernels editable with the dev extras.
 #
 #   bash scripts/install.sh                 # PYTHON=python3.11 bash scripts/install.sh for another interpreter
-#   EXTRAS=dev,hf bash scripts/install.sh   # more extras (dev, hf, bench, timm)
+#   EXTRAS=dev,hf,bench bash scripts/install.sh   # extras (default dev,hf; also bench, timm)
 #
 # Idempotent: what is already installed is kept, and a second run takes about a second.
 # Never runs nvidia-smi: a GPU is detected from the driver's device nodes.  The CUDA extension
@@ -12,7 +12,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-dev}"
+EXTRAS="${EXTRAS:-dev,hf}"
 TORCH_VERSION="${MMKERNELS_TORCH_VERSION:-2.13.0}"
 STAMP="$REPO/build/.install-stamp"
 
@@ -82,7 +82,7 @@ import json
 url = json.loads(md.distribution("mmkernels").read_text("direct_url.json") or "{}")
 if not url.get("dir_info", {}).get("editable") or os.path.realpath(url.get("url", "")[len("file://"):]) != repo:
     sys.exit(1)
-extras = [""] + os.environ.get("EXTRAS", "dev").split(",")
+extras = [""] + os.environ.get("EXTRAS", "dev,hf").split(",")
 for line in md.requires("mmkernels") or []:
     req = Requirement(line)
     if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):

@@ -14,16 +14,17 @@ from triton.compiler import ASTSource
 from mmkernels.kernels import attention as A
 
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+QFORMER_POINTERS = {"X", "E", "WQ", "BQ", "WK", "BK", "WV", "BV", "O"}
 
 
-def signature(fn, dtype: str, consts: dict) -> dict:
+def signature(fn, dtype: str, consts: dict, pointers=POINTERS) -> dict:
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in POINTERS:
+        elif name in pointers:
             sig[name] = f"*{dtype}"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "STATS"):
             sig[name] = "*fp32"
         elif name == "MASK":
             sig[name] = "*u8"
@@ -55,6 +56,22 @@ def main() -> int:
             except Exception as exc:  # report every kernel, then fail
                 failed += 1
                 print(f"sm_{arch} {dtype} d={d} {name}: FAILED {exc!r}"[:4000])
+    # the fused Q-Former forward at BLIP-2's shape (d = 64)
+    import torch
+
+    from mmkernels.kernels import qformer as Q
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cfg = Q._configs(tdtype)[0]
+    consts = dict(HEAD_DIM=64, BLOCK_D=64, MASK_KIND=2, HAS_DROPOUT=True, PREC="tf32", UPCAST=False,
+                  BLOCK_M=32, **cfg.kwargs)
+    try:
+        triton.compile(ASTSource(Q._qformer_fwd, signature(Q._qformer_fwd, dtype, consts, QFORMER_POINTERS), consts), target=target,
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        print(f"sm_{arch} {dtype} qformer fwd: ok")
+    except Exception as exc:
+        failed += 1
+        print(f"sm_{arch} {dtype} qformer fwd: FAILED {str(exc)[-3000:]}")
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s backed by mmkernels ops."""
 
 from .attention import MultiheadAttention
+from .qformer import QFormerAttention
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "QFormerAttention"]

@@ -1,0 +1,202 @@
+"""Fused Q-Former cross-attention forward (BLIP-2 / InstructBLIP) in Triton.
+
+One program per (query block, batch, head) — with the Q-Former's 32 queries, one block holds
+every query of its (batch, head).  It projects its head's slice of Q from ``hidden_states``,
+then streams the image tokens in BLOCK_N tiles: each tile of ``encoder_hidden_states`` is read
+once per head and projected to K and V in registers (K = E·Wk_hᵀ + bk_h, V = E·Wv_hᵀ + bv_h,
+the reduction over the 1408 image channels in BLOCK_K steps), followed by the online softmax
+and PV of the attention forward.  K and V are never written to memory.
+
+It stores O and the same per-row softmax statistics as :mod:`mmkernels.kernels.attention`
+(base-2 row max and log2 row sum) with the same Philox dropout stream (seed + (b·H + h)·1000003,
+counter = row·Lk + col), so the backward is that kernel's backward applied to K and V
+recomputed with cuBLAS (see :mod:`mmkernels.ops.qformer`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreting, new_output
+from .attention import _dot, _dot_precision, _dropout_keep, _mask_args
+
+
+@triton.jit
+def _proj_tile(
+    base, rows, row_ok, s_row, s_k, W, s_wo, s_wi, w_row0, offs_d, d_ok, KDIM,
+    BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """[rows, d] = X[rows, :] · W[w_row0 + d, :]ᵀ, reduced over KDIM in BLOCK_K steps (fp32)."""
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KDIM, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < KDIM
+        x = tl.load(base + rows[:, None] * s_row + kk[None, :] * s_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wT = tl.load(W + (w_row0 + offs_d)[None, :] * s_wo + kk[:, None] * s_wi,
+                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += _dot(x, wT, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _qformer_fwd(
+    X, E, WQ, BQ, WK, BK, WV, BV, O, STATS, MASK, SEED,
+    sxb, sxm, sxk,
+    seb, sen, sek,
+    swq_o, swq_i, swk_o, swk_i, swv_o, swv_i,
+    sob, som,
+    smb, smh, smm, smn,
+    H, LQ, LK, DQ, DKV,
+    qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    w_row0 = h * HEAD_DIM
+    dtype = O.dtype.element_ty
+
+    # Q_h = X · Wq_hᵀ + bq_h, rounded to the input dtype as nn.Linear's output would be
+    q = _proj_tile(X + b * sxb, rows, row_ok, sxm, sxk, WQ, swq_o, swq_i, w_row0, offs_d, d_ok, DQ,
+                   BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_D)
+    q = (q + tl.load(BQ + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(dtype)
+    bk = tl.load(BK + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    bv = tl.load(BV + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+
+    e_base = E + b * seb
+    mask_base = MASK + b * smb + h.to(tl.int64) * smh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + pid_bh.to(tl.int64) * 1000003
+
+    offs_k = tl.arange(0, BLOCK_K)
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        # K and V of this tile share every load of the image features
+        k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, DKV, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < DKV
+            e = tl.load(e_base + cols[:, None] * sen + kk[None, :] * sek,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            wkT = tl.load(WK + (w_row0 + offs_d)[None, :] * swk_o + kk[:, None] * swk_i,
+                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            wvT = tl.load(WV + (w_row0 + offs_d)[None, :] * swv_o + kk[:, None] * swv_i,
+                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            k += _dot(e, wkT, PREC, UPCAST)
+            v += _dot(e, wvT, PREC, UPCAST)
+        k = (k + bk[None, :]).to(dtype)
+        v = (v + bv[None, :]).to(dtype)
+
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        allowed = col_ok[None, :] & row_ok[:, None]
+        if MASK_KIND != 0:
+            mval = tl.load(mask_base + rows[:, None] * smm + cols[None, :] * smn,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                allowed = allowed & (mval != 0)
+            else:
+                mval = mval.to(tl.float32)
+                # finfo.min masks: see kernels/attention.py::_logits
+                mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
+                s += mval * 1.4426950408889634
+        s = tl.where(allowed, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(dtype), v, PREC, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    o_ptrs = O + b * sob + rows[:, None] * som + (w_row0 + offs_d)[None, :]
+    tl.store(o_ptrs, (acc * inv_l[:, None]).to(dtype), mask=row_ok[:, None] & d_ok[None, :])
+    stats = STATS + pid_bh.to(tl.int64) * 2 * LQ + rows
+    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
+    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
+
+
+def _configs(dtype: torch.dtype) -> list:
+    """Candidates for a GPU (not yet tuned on one); the first is the untuned default."""
+    fp32 = dtype == torch.float32
+    cands = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 3)] if fp32 else \
+        [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in cands]
+
+
+_TUNED: dict = {}
+
+
+def _kernel(device_type: str, dtype: torch.dtype):
+    if device_type != "cuda":
+        # interpreter: big tiles are fewer Python-level steps
+        return _qformer_fwd, dict(BLOCK_N=64, BLOCK_K=64)
+    if os.environ.get("MMKERNELS_AUTOTUNE", "1") == "0":
+        cfg = _configs(dtype)[0]
+        return _qformer_fwd, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if dtype not in _TUNED:
+        _TUNED[dtype] = triton.autotune(
+            configs=_configs(dtype), key=["HEAD_DIM", "DKV", "MASK_KIND", "HAS_DROPOUT", "PREC", "BLOCK_M"]
+        )(_qformer_fwd)
+    return _TUNED[dtype], {}
+
+
+def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale):
+    """Launch the fused forward.
+
+    x (B, Lq, Dq), enc (B or 1, Lk, Dkv) — batch 1 broadcasts —, weights (Dq, Dq)/(Dq, Dkv),
+    biases (Dq,), mask None or an SDPA mask broadcastable to (B, H, Lq, Lk).
+    Returns out (B, Lq, Dq) contiguous and the softmax statistics (B, H, 2, Lq) fp32.
+    """
+    bx, lq, dq = x.shape
+    b = max(bx, enc.shape[0])
+    lk, dkv = enc.shape[1], enc.shape[2]
+    h = num_heads
+    d = wq.shape[0] // h
+    out = new_output((b, lq, wq.shape[0]), x.dtype, x.device)
+    stats = new_output((b, h, 2, lq), torch.float32, x.device)
+    m, mask_kind, mstr = _mask_args(mask, b, h, lq, lk, x)
+    has_dropout = dropout_p > 0.0
+    seb = 0 if enc.shape[0] == 1 else enc.stride(0)
+    block_m = min(64, max(16, triton.next_power_of_2(lq)))
+    kernel, cfg = _kernel(x.device.type, x.dtype)
+    kernel[(triton.cdiv(lq, block_m), b * h)](
+        x, enc, wq, bq, wk, bk, wv, bv, out, stats, m, seed if has_dropout else x,
+        0 if bx == 1 else x.stride(0), x.stride(1), x.stride(2),
+        seb, enc.stride(1), enc.stride(2),
+        wq.stride(0), wq.stride(1), wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1),
+        out.stride(0), out.stride(1),
+        *mstr,
+        h, lq, lk, dq, dkv,
+        float(scale) * 1.4426950408889634, float(dropout_p),
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, PREC=_dot_precision(x.dtype),
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, **cfg,
+    )
+    return out, stats

@@ -1,0 +1,321 @@
+"""``mmkernels.qformer_cross_attention``: the Q-Former's cross-attention with K/V projected
+inside the attention kernel (BLIP-2 / InstructBLIP).
+
+Forward: one fused Triton kernel (:mod:`mmkernels.kernels.qformer`) — K and V never reach
+memory.  Backward (``mmkernels::qformer_cross_attention_bwd``): Q, K, V are recomputed with
+cuBLAS (three GEMMs are cheaper than storing K/V for every layer), the attention backward
+kernels give dQ, dK, dV, and the weight/input gradients are plain well-shaped GEMMs:
+dW = dYᵀ·X over all B·L rows, db = Σ dY, dX = dY·W.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._utils import describe, triton_device_reason
+from ..reference import qformer as ref
+from ..reference.qformer import normalize_encoder_mask
+
+__all__ = ["qformer_cross_attention"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _heads(t: torch.Tensor, b: int, length: int, num_heads: int) -> torch.Tensor:
+    """(b, L, H·d) → (b, H, L, d) view."""
+    return t.view(b, length, num_heads, -1).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("mmkernels::qformer_cross_attention_fwd", mutates_args=())
+def _qformer_fwd(
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    num_heads: int,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.qformer import qformer_forward
+
+    return qformer_forward(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                           v_weight, v_bias, attn_mask, seed, num_heads, dropout_p, scale)
+
+
+@_qformer_fwd.register_fake
+def _(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+      attn_mask, seed, num_heads, dropout_p, scale):
+    b = max(hidden_states.shape[0], encoder_hidden_states.shape[0])
+    lq = hidden_states.shape[1]
+    out = hidden_states.new_empty(b, lq, q_weight.shape[0])
+    stats = hidden_states.new_empty(b, num_heads, 2, lq, dtype=torch.float32)
+    return out, stats
+
+
+@torch.library.custom_op("mmkernels::qformer_cross_attention_bwd", mutates_args=())
+def _qformer_bwd(
+    grad_out: torch.Tensor,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    num_heads: int,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    from ..kernels.attention import attention_backward
+
+    x, enc = hidden_states, encoder_hidden_states
+    bx, lq, _ = x.shape
+    be, lk, _ = enc.shape
+    b, h = max(bx, be), num_heads
+    q = _heads(F.linear(x, q_weight, q_bias), bx, lq, h).expand(b, -1, -1, -1)
+    k = _heads(F.linear(enc, k_weight, k_bias), be, lk, h).expand(b, -1, -1, -1)
+    v = _heads(F.linear(enc, v_weight, v_bias), be, lk, h).expand(b, -1, -1, -1)
+    dq, dk, dv = attention_backward(_heads(grad_out.reshape(out.shape), b, lq, h), q, k, v,
+                                    _heads(out, b, lq, h), stats, attn_mask, seed, dropout_p, False, scale)
+    a = q_weight.shape[0]
+
+    def rows(g, length, keep_batch):
+        """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""
+        g = g.transpose(1, 2).reshape(b, length, a)
+        if keep_batch == 1 and b > 1:
+            g = g.sum(0, keepdim=True)
+        return g.reshape(-1, a)
+
+    dq2, dk2, dv2 = rows(dq, lq, bx), rows(dk, lk, be), rows(dv, lk, be)
+    x2, e2 = x.reshape(-1, x.shape[-1]), enc.reshape(-1, enc.shape[-1])
+    dx = (dq2 @ q_weight).view(x.shape)
+    de = torch.addmm(dk2 @ k_weight, dv2, v_weight).view(enc.shape)
+    return (dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0))
+
+
+@_qformer_bwd.register_fake
+def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+      out, stats, attn_mask, seed, num_heads, dropout_p, scale):
+    return tuple(torch.empty_like(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                              k_weight, k_bias, v_weight, v_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale = inputs
+    out, stats = output
+    ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed)
+    ctx.num_heads, ctx.dropout_p, ctx.scale = num_heads, dropout_p, scale
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_out, grad_stats):
+    x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed = ctx.saved_tensors
+    grads = _qformer_bwd(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed,
+                         ctx.num_heads, ctx.dropout_p, ctx.scale)
+    return (*grads, None, None, None, None, None)
+
+
+_qformer_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+def _validate(x, enc, wq, bq, wk, bk, wv, bv, num_heads, mask, dropout_p, scale) -> None:
+    named = (("hidden_states", x), ("encoder_hidden_states", enc), ("q_weight", wq), ("k_weight", wk),
+             ("v_weight", wv), ("q_bias", bq), ("k_bias", bk), ("v_bias", bv))
+    for name, t in named:
+        if t is None and name.endswith("_bias"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a floating dtype, got {describe(t)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name}: expected dtype {x.dtype} on {x.device} like hidden_states, got {describe(t)}")
+    if x.dim() != 3:
+        raise ValueError(f"hidden_states: expected (B, Lq, Dq), got {describe(x)}")
+    if enc.dim() != 3:
+        raise ValueError(f"encoder_hidden_states: expected (B, Lk, Dkv), got {describe(enc)}")
+    if x.shape[0] != enc.shape[0] and 1 not in (x.shape[0], enc.shape[0]):
+        raise ValueError(
+            f"encoder_hidden_states: batch must equal hidden_states' batch {x.shape[0]} or be 1, got {describe(enc)}"
+        )
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    if wq.dim() != 2 or wq.shape[1] != x.shape[2]:
+        raise ValueError(f"q_weight: expected (A, Dq) with Dq = hidden_states' width {x.shape[2]}, got {describe(wq)}")
+    a = wq.shape[0]
+    if a % num_heads != 0:
+        raise ValueError(f"num_heads: {num_heads} does not divide the attention width {a} (q_weight {describe(wq)})")
+    for name, w in (("k_weight", wk), ("v_weight", wv)):
+        if w.dim() != 2 or w.shape[0] != a or w.shape[1] != enc.shape[2]:
+            raise ValueError(
+                f"{name}: expected (A, Dkv) = ({a}, {enc.shape[2]}) matching q_weight's rows and "
+                f"encoder_hidden_states' width, got {describe(w)}"
+            )
+    for name, bias in (("q_bias", bq), ("k_bias", bk), ("v_bias", bv)):
+        if bias is not None and tuple(bias.shape) != (a,):
+            raise ValueError(f"{name}: expected shape ({a},), got {describe(bias)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"encoder_attention_mask: expected a tensor or None, got {type(mask).__name__}")
+        if mask.device != x.device:
+            raise ValueError(f"encoder_attention_mask: expected device {x.device}, got {describe(mask)}")
+        b, lq, lk = max(x.shape[0], enc.shape[0]), x.shape[1], enc.shape[1]
+        if mask.dim() == 2:
+            ok = mask.shape[1] == lk and mask.shape[0] in (1, b)
+        else:
+            if mask.dtype != torch.bool and mask.dtype != x.dtype:
+                raise ValueError(
+                    f"encoder_attention_mask: a 3-D/4-D mask must be bool or additive {x.dtype}, got {describe(mask)}"
+                )
+            try:
+                ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, num_heads, lq, lk)) == (
+                    b, num_heads, lq, lk)
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(
+                f"encoder_attention_mask: expected (B, Lk) = ({b}, {lk}) or a mask broadcastable to "
+                f"(B, H, Lq, Lk) = ({b}, {num_heads}, {lq}, {lk}), got {describe(mask)}"
+            )
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------
+def _triton_check(inp) -> list:
+    x, enc = inp["hidden_states"], inp["encoder_hidden_states"]
+    r = triton_device_reason(x)
+    if r is not None:
+        return [r]
+    reasons: list = []
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
+    d = inp["q_weight"].shape[0] // inp["num_heads"]
+    if d % 8 != 0 or d > 128:
+        reasons.append(f"head dim {d} (supported: multiples of 8 up to 128)")
+    mask = inp["encoder_attention_mask"]
+    if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
+        reasons.append("a float encoder_attention_mask that requires grad (mask gradients are not computed)")
+    if 0 in x.shape or 0 in enc.shape:
+        reasons.append("an empty tensor")
+    return reasons
+
+
+def _zeros_if_none(bias, like):
+    return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias
+
+
+def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                num_heads, encoder_attention_mask, dropout_p, scale):
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=hidden_states.device)
+    mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
+    out, _ = _qformer_fwd(hidden_states, encoder_hidden_states, q_weight, _zeros_if_none(q_bias, q_weight),
+                          k_weight, _zeros_if_none(k_bias, k_weight), v_weight, _zeros_if_none(v_bias, v_weight),
+                          mask, seed, num_heads, float(dropout_p), float(scale))
+    return out
+
+
+def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+              num_heads, encoder_attention_mask, dropout_p, scale):
+    x, enc = hidden_states, encoder_hidden_states
+    b, lq, lk = max(x.shape[0], enc.shape[0]), x.shape[1], enc.shape[1]
+    q = _heads(F.linear(x, q_weight, q_bias), x.shape[0], lq, num_heads).expand(b, -1, -1, -1)
+    k = _heads(F.linear(enc, k_weight, k_bias), enc.shape[0], lk, num_heads).expand(b, -1, -1, -1)
+    v = _heads(F.linear(enc, v_weight, v_bias), enc.shape[0], lk, num_heads).expand(b, -1, -1, -1)
+    mask = normalize_encoder_mask(encoder_attention_mask, x.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+def _reference_run(**inp):
+    return ref.qformer_cross_attention(**inp)
+
+
+dispatch.register(dispatch.Backend("triton", "qformer_cross_attention", _triton_check, _triton_run,
+                                   description="fused Triton: K/V projected inside the attention kernel"))
+dispatch.register(dispatch.Backend("sdpa", "qformer_cross_attention", lambda inp: [], _sdpa_run,
+                                   description="cuBLAS projections + torch SDPA"))
+dispatch.register(dispatch.Backend("reference", "qformer_cross_attention", lambda inp: [], _reference_run,
+                                   description="plain PyTorch (mmkernels.reference.qformer)"))
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+def qformer_cross_attention(
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor | None,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    num_heads: int,
+    encoder_attention_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Q-Former cross-attention context, fused: K/V are projected inside the attention kernel.
+
+    Shapes: ``hidden_states`` (B, Lq, Dq) — the learned queries (32 in BLIP-2; 32 + text in
+    InstructBLIP); ``encoder_hidden_states`` (B, Lk, Dkv) — image features (EVA ViT-g: 257 ×
+    1408); a batch of 1 on either side broadcasts over the other (as HF's matmuls do).
+    ``q_weight`` (A, Dq), ``k_weight``/``v_weight`` (A, Dkv), biases (A,) or None; A = H·d
+    (768 = 12·64 in BLIP-2).  Returns (B, Lq, A): the heads merged, before the output dense.
+
+    ``encoder_attention_mask``: (B, Lk) with 1/True = keep (an image padding mask), or any
+    SDPA mask broadcastable to (B, H, Lq, Lk) (bool True = attend, or additive float such as
+    HF's extended (B, 1, 1, Lk) mask).  ``scale`` defaults to d^-½.  ``dropout_p`` drops
+    attention probabilities in-kernel (Philox, seeded from torch's generator).  Rows with no
+    visible key return 0.
+
+    Equivalent PyTorch (HF ``Blip2QFormerMultiHeadAttention`` in cross-attention mode)::
+
+        q = F.linear(hidden_states, q_weight, q_bias).view(B, Lq, H, d).transpose(1, 2)
+        k = F.linear(encoder_hidden_states, k_weight, k_bias).view(B, Lk, H, d).transpose(1, 2)
+        v = F.linear(encoder_hidden_states, v_weight, v_bias).view(B, Lk, H, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale)
+        out.transpose(1, 2).reshape(B, Lq, H * d)
+    """
+    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+              num_heads, encoder_attention_mask, dropout_p, scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_weight.shape[0] // num_heads)
+    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                  q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
+                  v_weight=v_weight, v_bias=v_bias, num_heads=num_heads,
+                  encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p), scale=float(scale))
+    return dispatch.select("qformer_cross_attention", inputs, backend).run(**inputs)

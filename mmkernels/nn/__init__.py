@@ -2,5 +2,17 @@
 
 from .attention import MultiheadAttention
 from .qformer import QFormerAttention
+from .token_pool import (
+    Gemma3MultiModalProjector,
+    Idefics3PixelShuffle,
+    InternVLPixelShuffle,
+    LlavaNextVideoPooler,
+    LlavaOnevisionPooling,
+    Qwen2VLPatchMerger,
+    RMSNorm,
+    TokenPooler,
+)
 
-__all__ = ["MultiheadAttention", "QFormerAttention"]
+__all__ = ["Gemma3MultiModalProjector", "Idefics3PixelShuffle", "InternVLPixelShuffle", "LlavaNextVideoPooler",
+           "LlavaOnevisionPooling", "MultiheadAttention", "QFormerAttention", "Qwen2VLPatchMerger", "RMSNorm",
+           "TokenPooler"]

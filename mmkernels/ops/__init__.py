@@ -2,5 +2,6 @@
 
 from .attention import attention
 from .qformer import qformer_cross_attention
+from .token_pool import token_pool
 
-__all__ = ["attention", "qformer_cross_attention"]
+__all__ = ["attention", "qformer_cross_attention", "token_pool"]

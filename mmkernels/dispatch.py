@@ -129,9 +129,21 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.pop()
 
 
+def _compiling() -> bool:
+    try:
+        import torch
+
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover - torch without torch.compiler
+        return False
+
+
 def _warn_once(op: str, backend: str, reason: Reason, chosen: str) -> None:
     key = f"{op}:{backend}:{reason.text}"
     if reason.expected or key in _warned:
+        return
+    if _compiling():
+        # warnings.warn inside a torch.compile trace is a graph break; the eager call warns
         return
     _warned.add(key)
     warnings.warn(

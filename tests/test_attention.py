@@ -419,3 +419,12 @@ def test_device_mismatch_cuda():
     q = torch.randn(1, 1, 4, 16, device="cuda")
     with pytest.raises(ValueError, match="key: expected dtype torch.float32 on cuda"):
         mk.attention(q, q.cpu(), q)
+
+
+def test_compile_fullgraph_with_fallback():
+    """A fallback inside a compiled graph (head dim 12 → sdpa) must not break the graph."""
+    dispatch._warned.clear()
+    q, k, v = _inputs(1, 2, 2, 5, 7, 12, torch.float32)
+    compiled = torch.compile(lambda q, k, v: mk.attention(q, k, v), fullgraph=True, backend="aot_eager")
+    assert_close_abs("fallback compiled", compiled(q, k, v),
+                     torch.nn.functional.scaled_dot_product_attention(q, k, v), 1e-6)

@@ -47,13 +47,9 @@ import contextlib
 import datetime
 import faulthandler
 import gc
-import inspect
 import json
 import math
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 import traceback
@@ -62,12 +58,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # `python benchmarks/bench_attention.py` from a checkout benchmarks the checkout, installed or not
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+
+# the backends, the timers and the environment description live in mmkernels.bench, shared
+# with the `mmkernels bench` command; this script keeps the issue-2 sweep, --resume, budgets
+from mmkernels.bench import env as _env  # noqa: E402
+from mmkernels.bench import timing as _timing  # noqa: E402
+from mmkernels.bench.cases_attention import (  # noqa: E402,F401  (Backend/Prepared: re-exported)
+    Backend,
+    Prepared,
+    _from_layout,
+    _to_layout,
+    make_backends,
+    ref_out_slice,
+)
 
 SCHEMA = 1
 ALL_BACKENDS = ("eager", "sdpa-flash", "triton", "triton-pad", "sdpa-cudnn", "sdpa-efficient",
@@ -129,16 +137,6 @@ def _finite(x):
     return x
 
 
-def _quantiles(xs, qs):
-    xs = sorted(xs)
-    out = []
-    for q in qs:  # linear interpolation, as torch.quantile / numpy default
-        pos = q * (len(xs) - 1)
-        lo, hi = int(math.floor(pos)), int(math.ceil(pos))
-        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
-    return out
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,277 +168,15 @@ def _exc_text(exc: BaseException, caught: list) -> str:
 # environment description
 # --------------------------------------------------------------------------------------
 def _git_commit() -> tuple[str, bool | None]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
-                             text=True, timeout=10)
-        if sha.returncode == 0 and sha.stdout.strip():
-            st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
-                                capture_output=True, text=True, timeout=10)
-            return sha.stdout.strip(), bool(st.stdout.strip()) if st.returncode == 0 else None
-    except Exception:
-        pass
-    # the device machine gets a copy of the working tree without .git: the caller passes it
-    return os.environ.get("MMKERNELS_COMMIT", "unknown"), None
-
-
-def _module_version(name: str):
-    try:
-        mod = __import__(name)
-        return getattr(mod, "__version__", "unknown")
-    except Exception:
-        return None
+    return _env.git_commit()
 
 
 def _describe_env(device) -> dict:
-    info: dict = {"device": {"type": device.type}, "versions": {}}
-    v = info["versions"]
-    v["python"] = platform.python_version()
-    v["torch"] = torch.__version__
-    v["cuda"] = torch.version.cuda
-    v["triton"] = _module_version("triton")
-    v["mmkernels"] = _module_version("mmkernels")
-    for name in ("flash_attn", "xformers"):
-        ver = _module_version(name)
-        if ver is not None:
-            v[name] = ver
-    try:
-        v["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    except Exception:
-        v["cudnn"] = None
-    d = info["device"]
-    if device.type == "cuda":
-        try:
-            props = torch.cuda.get_device_properties(device)
-            d.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                     sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / GIB, 1))
-        except Exception as exc:
-            d["name"] = f"cuda (properties unavailable: {exc})"
-        try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
-            if q.returncode == 0:
-                d["nvidia_smi"] = q.stdout.strip().splitlines()[0] if q.stdout.strip() else ""
-        except Exception:
-            pass
-    else:
-        d["name"] = platform.processor() or platform.machine() or "cpu"
-        d["threads"] = torch.get_num_threads()
-    info["interpreter"] = os.environ.get("TRITON_INTERPRET", "")
-    return info
+    return _env.describe(device, nvidia_smi=True)
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-# --------------------------------------------------------------------------------------
-# backends
-# --------------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    call: object  # (q, k, v) -> out, all in `layout`
-    layout: str = "bhld"  # or "blhd": inputs/outputs are (B, L, H, D)
-
-
-class Backend:
-    name = ""
-    # L×L bytes per score element held at the peak (None: flash-style, O(L) memory)
-    score_itemsize = None
-
-    def unavailable(self, device, dtype) -> str | None:
-        """Why this backend cannot run at all here (checked once; no cases are planned)."""
-        return None
-
-    def context(self):
-        return contextlib.nullcontext()
-
-    def prepare(self, case, device) -> Prepared:
-        raise NotImplementedError
-
-
-class Eager(Backend):
-    name = "eager"
-
-    def __init__(self, dtype):
-        self.score_itemsize = torch.empty((), dtype=dtype).element_size()
-
-    def unavailable(self, device, dtype):
-        try:
-            from mmkernels.reference.attention import attention  # noqa: F401
-        except Exception as exc:
-            return f"cannot import mmkernels.reference.attention: {exc!r}"
-        return None
-
-    def prepare(self, case, device):
-        from mmkernels.reference.attention import attention
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v: attention(q, k, v, is_causal=causal, scale=scale))
-
-
-class Triton(Backend):
-    name = "triton"
-
-    def unavailable(self, device, dtype):
-        try:
-            import mmkernels  # noqa: F401
-        except Exception as exc:
-            return f"cannot import mmkernels: {exc!r}"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "yes", "on"):
-            return "CPU tensors run Triton kernels only with TRITON_INTERPRET=1"
-        return None
-
-    def prepare(self, case, device):
-        import mmkernels
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v: mmkernels.attention(q, k, v, is_causal=causal, scale=scale,
-                                                            backend="triton"))
-
-
-class TritonPad(Triton):
-    """The Triton kernel with the head dim padded to the next power of two instead of split
-    into power-of-two chunks (88 → 128 rather than 64+32): measures what the split saves."""
-
-    name = "triton-pad"
-
-    def context(self):
-        @contextlib.contextmanager
-        def padded():
-            old = os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM")
-            os.environ["MMKERNELS_ATTN_SPLIT_HEAD_DIM"] = "0"
-            try:
-                yield
-            finally:
-                if old is None:
-                    os.environ.pop("MMKERNELS_ATTN_SPLIT_HEAD_DIM", None)
-                else:
-                    os.environ["MMKERNELS_ATTN_SPLIT_HEAD_DIM"] = old
-
-        return padded()
-
-    def prepare(self, case, device):
-        if case.d & (case.d - 1) == 0:
-            raise RuntimeError(f"d={case.d} is a power of two: nothing to split, same kernel as triton")
-        return super().prepare(case, device)
-
-
-class Sdpa(Backend):
-    def __init__(self, name, member, dtype):
-        self.name, self.member = name, member
-        if member == "MATH":
-            # the math path upcasts fp16/bf16 to fp32 (torch >= 2.5) and materialises L×L
-            self.score_itemsize = max(4, torch.empty((), dtype=dtype).element_size())
-
-    def unavailable(self, device, dtype):
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
-        except Exception as exc:
-            return f"torch.nn.attention.sdpa_kernel unavailable: {exc!r}"
-        if not hasattr(SDPBackend, self.member):
-            return f"SDPBackend.{self.member} does not exist in torch {torch.__version__}"
-        if device.type != "cuda" and self.member in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-            return f"SDPBackend.{self.member} is CUDA-only"
-        return None
-
-    def context(self):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([getattr(SDPBackend, self.member)])
-
-    def prepare(self, case, device):
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale))
-
-
-class Flex(Backend):
-    name = "flex"
-
-    def __init__(self):
-        self._compiled = None
-        self._masks = {}
-
-    def unavailable(self, device, dtype):
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-        except Exception as exc:
-            return f"torch.nn.attention.flex_attention unavailable: {exc!r}"
-        return None
-
-    def prepare(self, case, device):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        if self._compiled is None:
-            # one static compile per shape (fair timings); the default limit of 8 recompiles
-            # would silently fall back to unfused eager flex after the 8th shape
-            import torch._dynamo.config as dcfg
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dcfg, name):
-                    setattr(dcfg, name, max(getattr(dcfg, name), 1024))
-            for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(dcfg, name):
-                    setattr(dcfg, name, max(getattr(dcfg, name), 4096))
-            self._compiled = torch.compile(flex_attention, dynamic=False)
-        block_mask = None
-        if case.causal:
-            key = (case.L, str(device))
-            if key not in self._masks:
-                def causal_mod(b, h, q_idx, kv_idx):
-                    return q_idx >= kv_idx
-                self._masks = {key: create_block_mask(causal_mod, None, None, case.L, case.L, device=device)}
-            block_mask = self._masks[key]
-        fn, scale = self._compiled, case.scale
-        return Prepared(lambda q, k, v: fn(q, k, v, block_mask=block_mask, scale=scale))
-
-
-class FlashAttn(Backend):
-    name = "flash-attn"
-
-    def unavailable(self, device, dtype):
-        if device.type != "cuda":
-            return "flash-attn is CUDA-only"
-        try:
-            from flash_attn import flash_attn_func  # noqa: F401
-        except Exception as exc:
-            return f"flash_attn not importable: {_short(repr(exc), 200)}"
-        return None
-
-    def prepare(self, case, device):
-        from flash_attn import flash_attn_func
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, softmax_scale=scale),
-                        layout="blhd")
-
-
-class Xformers(Backend):
-    name = "xformers"
-
-    def unavailable(self, device, dtype):
-        if device.type != "cuda":
-            return "xformers is benchmarked on CUDA only"
-        try:
-            import xformers.ops  # noqa: F401
-        except Exception as exc:
-            return f"xformers not importable: {_short(repr(exc), 200)}"
-        return None
-
-    def prepare(self, case, device):
-        import xformers.ops as xops
-        bias = xops.LowerTriangularMask() if case.causal else None
-        scale = case.scale
-        return Prepared(lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale),
-                        layout="blhd")
-
-
-def make_backends(dtype) -> dict:
-    return {
-        "eager": Eager(dtype),
-        "sdpa-flash": Sdpa("sdpa-flash", "FLASH_ATTENTION", dtype),
-        "triton": Triton(),
-        "triton-pad": TritonPad(),
-        "sdpa-cudnn": Sdpa("sdpa-cudnn", "CUDNN_ATTENTION", dtype),
-        "sdpa-efficient": Sdpa("sdpa-efficient", "EFFICIENT_ATTENTION", dtype),
-        "flex": Flex(),
-        "flash-attn": FlashAttn(),
-        "xformers": Xformers(),
-        "sdpa-math": Sdpa("sdpa-math", "MATH", dtype),
-    }
+    return _env.slug(name)
 
 
 # --------------------------------------------------------------------------------------
@@ -467,6 +203,11 @@ class Case:
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.d)
+
+    # what the shared backends (mmkernels.bench.cases_attention) read
+    Lq = property(lambda self: self.L)
+    Lk = property(lambda self: self.L)
+    mask = None
 
     def flops(self) -> float:
         fwd = 4.0 * self.B * self.H * self.L * self.L * self.d * (0.5 if self.causal else 1.0)
@@ -498,22 +239,6 @@ def base_record(case: Case, dtype) -> dict:
 # --------------------------------------------------------------------------------------
 # reference (float64 on a slice)
 # --------------------------------------------------------------------------------------
-def ref_out_slice(q, k, v, causal, scale, nh) -> torch.Tensor:
-    """float64 attention of batch 0, heads [0, nh), chunked over query rows (bounded memory)."""
-    qs, ks, vs = (t[0, :nh].double() for t in (q, k, v))
-    L, Lk = qs.shape[1], ks.shape[1]
-    out = torch.empty(nh, L, vs.shape[-1], dtype=torch.float64, device=q.device)
-    rows = max(1, min(L, (256 * MIB) // (nh * Lk * 8)))
-    cols = torch.arange(Lk, device=q.device)
-    for i in range(0, L, rows):
-        s = torch.matmul(qs[:, i:i + rows], ks.transpose(-1, -2)) * scale
-        if causal:
-            r = torch.arange(i, min(i + rows, L), device=q.device)
-            s.masked_fill_(cols[None, :] > r[:, None], float("-inf"))
-        out[:, i:i + rows] = torch.matmul(torch.softmax(s, dim=-1), vs)
-    return out
-
-
 def ref_grads_slice(q, k, v, dout, causal, scale, nh):
     """float64 (dq, dk, dv) of batch 0, heads [0, nh) (full L×L: call for small L only)."""
     qs, ks, vs = (t[0:1, :nh].detach().double().requires_grad_() for t in (q, k, v))
@@ -541,66 +266,9 @@ def _reset_grads(ts):
 
 
 def time_fn(fn, grads, device, warmup_ms, rep_ms, min_reps):
-    """(p50, p20, p80) in ms, and the timer's name."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-            params = inspect.signature(do_bench).parameters
-        except Exception:
-            params, do_bench = {}, None
-        if do_bench is not None and "quantiles" in params:
-            kw = dict(warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            if "grad_to_none" in params:
-                kw["grad_to_none"] = grads or None
-            if "return_mode" in params:
-                kw["return_mode"] = "median"
-            r = do_bench(fn, **kw)
-            return tuple(float(x) for x in r), "triton.testing.do_bench"
-        return _time_events(fn, grads, device, warmup_ms, rep_ms), "cuda-events"
-    return _time_host(fn, grads, warmup_ms, rep_ms, min_reps), "perf_counter"
-
-
-def _time_events(fn, grads, device, warmup_ms, rep_ms):
-    flush = torch.empty(256 * MIB, dtype=torch.int8, device=device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        flush.zero_()
-        _reset_grads(grads)
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    est = max(start.elapsed_time(end) / 5, 1e-3)
-    n_warm, n_rep = max(1, int(warmup_ms / est)), max(5, int(rep_ms / est))
-    for _ in range(n_warm):
-        _reset_grads(grads)
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rep)]
-    for s, e in ev:
-        flush.zero_()
-        _reset_grads(grads)
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize(device)
-    return tuple(_quantiles([s.elapsed_time(e) for s, e in ev], [0.5, 0.2, 0.8]))
-
-
-def _time_host(fn, grads, warmup_ms, rep_ms, min_reps):
-    t_end = time.perf_counter() + warmup_ms / 1e3
-    while True:
-        _reset_grads(grads)
-        fn()
-        if time.perf_counter() >= t_end:
-            break
-    times = []
-    t_end = time.perf_counter() + rep_ms / 1e3
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 1000):
-        _reset_grads(grads)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return tuple(_quantiles(times, [0.5, 0.2, 0.8]))
+    """(p50, p20, p80) in ms, and the timer's name (mmkernels.bench.timing: do_bench on CUDA)."""
+    t = _timing.time_fn(fn, device, grads=grads, warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps)
+    return (t.ms_p50, t.ms_p20, t.ms_p80), t.timer
 
 
 # --------------------------------------------------------------------------------------
@@ -641,14 +309,6 @@ class Inputs:
         if k not in self.refs:
             self.refs[k] = ref_grads_slice(self.q, self.k, self.v, self.dout, causal, scale, nh)
         return self.refs[k]
-
-
-def _to_layout(t, layout):
-    return t.transpose(1, 2).contiguous() if layout == "blhd" else t
-
-
-def _from_layout(t, layout):
-    return t.transpose(1, 2) if layout == "blhd" else t
 
 
 def run_case(case: Case, backend: Backend, inputs: Inputs, args, device, dtype, rec: dict) -> dict:

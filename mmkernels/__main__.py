@@ -1,8 +1,11 @@
 """The ``mmkernels`` command (also ``python -m mmkernels``).
 
 Subcommands:
-  info     versions, devices, CUDA extension state and each op's usable backends
-  (bench   times ops across backends: to come, see DESIGN.md "Benchmarks")
+  info     versions, devices, CUDA extension state, each op's usable backends and the
+           device's measured ceilings (copy GB/s, matmul TFLOP/s; cached per device)
+  bench    times an op across backends on the model shapes of DESIGN.md
+           (``mmkernels bench attention --quick``); ``bench compare A.json B.json`` is the
+           performance gate
 
 Heavy imports (torch, the ops) happen inside the subcommand, so ``--help`` is instant.
 """
@@ -16,7 +19,7 @@ import sys
 def _cmd_info(args: argparse.Namespace) -> int:
     from .bench import info
 
-    return info.main(as_json=args.json)
+    return info.main(as_json=args.json, ceilings=not args.no_ceilings, remeasure=args.remeasure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="print versions, devices, build state and each op's usable backends",
         description="Print versions, CUDA devices, TRITON_INTERPRET state, the CUDA extension's state "
-        "and, for each op, which backend can run a small representative call on the default device.",
+        "for each op, which backend can run a small representative call on the default device, and the "
+        "device's measured ceilings (a large copy in GB/s, a large matmul in TFLOP/s: bf16 on CUDA, float32 "
+        "on the CPU), measured once and cached per device in ~/.cache/mmkernels/ceilings.json "
+        "($MMKERNELS_CACHE_DIR or $XDG_CACHE_HOME move it).",
     )
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_info.add_argument("--remeasure", action="store_true",
+                        help="measure the device ceilings again instead of reading the cache")
+    p_info.add_argument("--no-ceilings", action="store_true", help="leave the device ceilings out")
     p_info.set_defaults(func=_cmd_info)
+
+    from .bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -42,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `mmkernels bench ... | head`: the reader left, nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

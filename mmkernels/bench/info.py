@@ -4,9 +4,12 @@ Every backend of every registered op is shown twice: ``available()`` (holds for 
 missing package, missing extension) and ``not_supported_reasons`` for a small representative
 call on the default device (CUDA when present, else CPU).  The probe call goes through the
 op's public function so the inputs are exactly what the dispatcher sees; it is stopped at
-dispatch, so no kernel is compiled or run and the command takes about as long as
-``import torch``.  Never runs nvidia-smi; reads the driver version from torch only when a
-GPU is present.
+dispatch, so no kernel is compiled or run.  Never runs nvidia-smi; reads the driver version
+from torch only when a GPU is present.
+
+The device's ceilings (:mod:`mmkernels.bench.ceilings`: a large copy in GB/s, a large matmul in
+TFLOP/s) are read from the per-device cache, or measured on first use (~2 s on a GPU, ~0.3 s
+on a CPU) and cached; ``--remeasure`` measures again, ``--no-ceilings`` leaves them out.
 """
 
 from __future__ import annotations
@@ -156,8 +159,11 @@ def _reason_texts(reasons) -> list[str]:
     return [getattr(r, "text", str(r)) for r in reasons]
 
 
-def collect() -> dict[str, Any]:
-    """Everything ``mmkernels info`` reports, as a JSON-serialisable dict."""
+def collect(*, ceilings: bool = False, remeasure: bool = False) -> dict[str, Any]:
+    """Everything ``mmkernels info`` reports, as a JSON-serialisable dict.
+
+    ``ceilings``: add the device's measured ceilings (:mod:`mmkernels.bench.ceilings`: read
+    from the per-device cache, measured on first use — ~2 s on a GPU, ~0.3 s on a CPU)."""
     import torch
 
     import mmkernels
@@ -239,6 +245,10 @@ def collect() -> dict[str, Any]:
             rows.append(row)
         ops[op] = {"probe": probe_desc, "probe_ran": inputs is not None, "auto": auto, "backends": rows}
     info["ops"] = ops
+    if ceilings:
+        from . import ceilings as ceil
+
+        info["ceilings"] = ceil.get(device, remeasure=remeasure)
     return info
 
 
@@ -314,14 +324,27 @@ def format_text(info: dict[str, Any]) -> str:
             out.append(f"    -> auto mode picks: {o['auto'] or 'none (the call would raise)'}")
     if not info["ops"]:
         out.append("  (no ops registered)")
+    c = info.get("ceilings")
+    if c is not None:
+        out.append("ceilings (measured on this device; % of peak in `mmkernels bench` is against these)")
+        if c.get("error"):
+            kv("error", c["error"])
+        else:
+            kv("copy", f"{c['copy_gbps']:.1f} GB/s  (dst.copy_(src), {c['copy_bytes'] / 2**20:.0f} MiB, read + write)")
+            n = c.get("matmul_shape") or ["?"] * 3
+            kv("matmul", f"{c['matmul_tflops']:.4g} TFLOP/s  ({c['matmul_dtype']} {n[0]}x{n[1]}x{n[2]})")
+            kv("measured", f"{c.get('measured')}, torch {c.get('torch')}"
+               + ("  (cached" if c.get("cached") else "  (measured now, cached")
+               + f" in {c.get('cache_file')}; --remeasure to refresh)")
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None, *, as_json: bool | None = None) -> int:
+def main(argv: list[str] | None = None, *, as_json: bool | None = None, ceilings: bool = True,
+         remeasure: bool = False) -> int:
     """Print the report; ``as_json`` (or ``--json`` in argv) prints JSON instead."""
     if as_json is None:
         as_json = "--json" in (argv or [])
-    info = collect()
+    info = collect(ceilings=ceilings, remeasure=remeasure)
     if as_json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -6,10 +6,11 @@ Backends:
 ==========  ===================================================================================
 ``eager``   HF ``Blip2QFormerMultiHeadAttention``'s eager chain: three ``F.linear``, matmul,
             softmax, matmul (K and V go through memory)
-``sdpa``    the same projections + ``F.scaled_dot_product_attention`` (HF's sdpa path)
+``sdpa``    the same projections + ``F.scaled_dot_product_attention`` (HF's sdpa path); also
+            pinned to each SDPA backend: ``sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``
+``mk-attention``  the same projections + ``mmkernels.attention`` (Triton, unfused)
 ``triton``  ``mmkernels.qformer_cross_attention`` forced to its fused Triton kernel (K/V projected
             in-kernel, never written to memory)
-``cuda``    the same forced to the CUDA extension, when it has one
 ==========  ===================================================================================
 
 Runs in float32 by default, as HF keeps the Q-Former (``--dtype`` overrides). Skipped, with the
@@ -49,6 +50,8 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
     "blip2": [
         ShapeSpec("blip2", "cross-b32", "BLIP-2 Q-Former cross-attn, batch 32 (fp32, as HF keeps it)",
                   QFormerShape(B=32, **_BLIP), "float32"),
+        ShapeSpec("blip2", "cross-b64", "BLIP-2 Q-Former cross-attn, batch 64 (fp32)",
+                  QFormerShape(B=64, **_BLIP), "float32"),
         ShapeSpec("blip2", "cross-b256", "BLIP-2 Q-Former cross-attn, batch 256 (training-size batch, fp32)",
                   QFormerShape(B=256, **_BLIP), "float32"),
     ],
@@ -92,6 +95,49 @@ class _Plain(BenchBackend):
         self.name, self.fn, self.description = name, fn, description
 
 
+def projections_mk_attention(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads: int):
+    """cuBLAS projections + ``mmkernels.attention`` (Triton): the unfused mmkernels route."""
+    import mmkernels
+
+    B, Lq, _ = hidden.shape
+    A = qw.shape[0]
+    d = A // num_heads
+    q = F.linear(hidden, qw, qb).view(B, Lq, num_heads, d).transpose(1, 2)
+    k = F.linear(enc, kw, kb).view(B, -1, num_heads, d).transpose(1, 2)
+    v = F.linear(enc, vw, vb).view(B, -1, num_heads, d).transpose(1, 2)
+    return mmkernels.attention(q, k, v, backend="triton").transpose(1, 2).reshape(B, Lq, A)
+
+
+class _SdpaBackend(_Plain):
+    """cuBLAS projections + SDPA pinned to one of torch's backends (flash takes no fp32: it
+    shows as skipped with SDPA's reason)."""
+
+    def __init__(self, name, member):
+        from .cases_attention import Sdpa
+
+        super().__init__(name, hf_sdpa, f"3 x F.linear + SDPA in sdpa_kernel(SDPBackend.{member})")
+        self._sdpa = Sdpa(name, member)
+        self.gpu_kernel = self._sdpa.gpu_kernel
+
+    def unavailable(self, device, dtype=None):
+        return self._sdpa.unavailable(device, dtype)
+
+    def context(self):
+        return self._sdpa.context()
+
+
+class _MkAttention(_Plain):
+    gpu_kernel = True
+
+    def __init__(self):
+        super().__init__("mk-attention", projections_mk_attention, "3 x F.linear + mmkernels.attention (Triton)")
+
+    def unavailable(self, device, dtype=None):
+        from .registry import mk_backend_unavailable
+
+        return mk_backend_unavailable("attention", "triton", device)
+
+
 _ARGS = ("hidden", "enc", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
 
 
@@ -126,8 +172,12 @@ class QFormerBench(OpBench):
         return {
             "eager": _Plain("eager", hf_eager, "HF eager: 3 x F.linear, matmul, softmax, matmul"),
             "sdpa": _Plain("sdpa", hf_sdpa, "HF sdpa: 3 x F.linear + F.scaled_dot_product_attention"),
+            "sdpa-flash": _SdpaBackend("sdpa-flash", "FLASH_ATTENTION"),
+            "sdpa-efficient": _SdpaBackend("sdpa-efficient", "EFFICIENT_ATTENTION"),
+            "sdpa-cudnn": _SdpaBackend("sdpa-cudnn", "CUDNN_ATTENTION"),
+            "sdpa-math": _SdpaBackend("sdpa-math", "MATH"),
+            "mk-attention": _MkAttention(),
             "triton": MkBackend("triton", self.dispatch_op, "mmkernels.qformer_cross_attention, fused Triton kernel"),
-            "cuda": MkBackend("cuda", self.dispatch_op, "mmkernels.qformer_cross_attention, CUDA extension"),
         }
 
     def make_inputs(self, s: QFormerShape, dtype, device, generator):

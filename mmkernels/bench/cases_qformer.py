@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..reference.qformer import merge_heads, project_heads
 from . import flops as fl
 from .registry import BenchBackend, Bound, MkBackend, OpBench, ShapeSpec, parse_kv
 
@@ -69,25 +70,14 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
 
 def hf_eager(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads: int):
     """HF's eager Q-Former cross-attention (before the output dense), K and V materialised."""
-    B, Lq, _ = hidden.shape
-    A = qw.shape[0]
-    d = A // num_heads
-    q = F.linear(hidden, qw, qb).view(B, Lq, num_heads, d).transpose(1, 2)
-    k = F.linear(enc, kw, kb).view(B, -1, num_heads, d).transpose(1, 2)
-    v = F.linear(enc, vw, vb).view(B, -1, num_heads, d).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
-    probs = scores.softmax(dim=-1)
-    return torch.matmul(probs, v).transpose(1, 2).reshape(B, Lq, A)
+    q, k, v = project_heads(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return merge_heads(torch.matmul(scores.softmax(dim=-1), v))
 
 
 def hf_sdpa(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads: int):
-    B, Lq, _ = hidden.shape
-    A = qw.shape[0]
-    d = A // num_heads
-    q = F.linear(hidden, qw, qb).view(B, Lq, num_heads, d).transpose(1, 2)
-    k = F.linear(enc, kw, kb).view(B, -1, num_heads, d).transpose(1, 2)
-    v = F.linear(enc, vw, vb).view(B, -1, num_heads, d).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Lq, A)
+    q, k, v = project_heads(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
 
 class _Plain(BenchBackend):
@@ -99,13 +89,8 @@ def projections_mk_attention(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads: int
     """cuBLAS projections + ``mmkernels.attention`` (Triton): the unfused mmkernels route."""
     import mmkernels
 
-    B, Lq, _ = hidden.shape
-    A = qw.shape[0]
-    d = A // num_heads
-    q = F.linear(hidden, qw, qb).view(B, Lq, num_heads, d).transpose(1, 2)
-    k = F.linear(enc, kw, kb).view(B, -1, num_heads, d).transpose(1, 2)
-    v = F.linear(enc, vw, vb).view(B, -1, num_heads, d).transpose(1, 2)
-    return mmkernels.attention(q, k, v, backend="triton").transpose(1, 2).reshape(B, Lq, A)
+    q, k, v = project_heads(hidden, enc, qw, qb, kw, kb, vw, vb, num_heads)
+    return merge_heads(mmkernels.attention(q, k, v, backend="triton"))
 
 
 class _SdpaBackend(_Plain):

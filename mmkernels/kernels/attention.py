@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # --------------------------------------------------------------------------------------
@@ -70,22 +70,37 @@ def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """The two head-dim chunks [rows, D0] and [rows, D1] of a (L, D) matrix (D1 = 0: the second
+    is the first again, unused)."""
+    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t1 = t0
+    if D1 > 0:
+        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+    return t0, t1
+
+
+@triton.jit
+def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """The two head-dim chunks of a transposed tile: [D0, cols] and [D1, cols]."""
+    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t1 = t0
+    if D1 > 0:
+        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+    return t0, t1
+
+
+@triton.jit
 def _store_rows(base, val, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
     ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
-def _logits(
-    q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+def _mask_logits(
+    s, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    """S = (Q Kᵀ·scale + mask)·log2(e) for one [BLOCK_M, BLOCK_N] tile, -inf where not allowed."""
-    s = _dot(q0, kT0, PREC, UPCAST)
-    if D1 > 0:
-        s += _dot(q1, kT1, PREC, UPCAST)
-    s = s * qk_scale
+    """Apply bounds, causal and user masks to base-2 logits ``s`` (-inf where not allowed)."""
     allowed = col_ok[None, :] & row_ok[:, None]
     if IS_CAUSAL:
         allowed = allowed & (cols[None, :] <= rows[:, None])
@@ -102,6 +117,49 @@ def _logits(
             mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
             s += mval * LOG2E
     return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _logits(
+    q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """S = (Q Kᵀ·scale + mask)·log2(e) for one [BLOCK_M, BLOCK_N] tile, -inf where not allowed."""
+    s = _dot(q0, kT0, PREC, UPCAST)
+    if D1 > 0:
+        s += _dot(q1, kT1, PREC, UPCAST)
+    return _mask_logits(s * qk_scale, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND, IS_CAUSAL)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online-softmax update for one tile of base-2 logits: (P, rescale of the old state, m, l)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _finish_rows(STATS, bh, LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT: tl.constexpr):
+    """Store a block's softmax statistics; return the factor that normalises its accumulator.
+
+    The log-sum-exp is kept as (row max, log2 of the row sum), both base 2: a row whose logits
+    all sit on HF's finfo.min floor has max ~-1.4e30, where max + log2(sum) would round the
+    log2(sum) away and the backward would rebuild P = 1 instead of 1/n.  Rows with no visible
+    key get max = +inf (the backward's P is then 0) and a zero output.
+    """
+    empty = l_i == 0.0
+    stats = STATS + bh * 2 * LQ + rows
+    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
+    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    return inv_l
 
 
 @triton.jit
@@ -144,12 +202,10 @@ def _attn_fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    q1 = q0
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -162,47 +218,56 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
-        kT1 = kT0
-        if D1 > 0:
-            kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
         s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
                     D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
         p = p.to(V.dtype.element_ty)
-        v0 = _load_rows(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
+        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
         if D1 > 0:
-            v1 = _load_rows(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
-    if HAS_DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
+    inv_l = _finish_rows(LSE, pid_bh.to(tl.int64), LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
     o_base = O + b * sob + h * soh
     _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
     if D1 > 0:
         _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, som, offs_d1, sod, HEAD_DIM)
-    # log-sum-exp kept as (row max, log2 of the row sum), both base 2: a row whose logits
-    # all sit on HF's finfo.min floor has max ~-1.4e30, where max + log2(sum) would round
-    # the log2(sum) away and the backward would rebuild P = 1 instead of 1/n.
-    stats = LSE + pid_bh.to(tl.int64) * 2 * LQ + rows
-    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
-    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_tile(
+    q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+    m_row, log2l, delta, seed, LK, dropout_p,
+    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of the backward, shared by the dK/dV and dQ kernels.
+
+    Recomputes P from the forward's row statistics, then returns (P̃, dS): P̃ = P after dropout
+    and 1/(1-p) scaling (dV = P̃ᵀ dO) and dS = P ∘ (dP̃ − delta) with dP̃ = dO Vᵀ masked and
+    scaled like P̃ (dQ = dS K·scale, dK = dSᵀ Q·scale).  delta = rowsum(dO ∘ O).
+    """
+    s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
+                D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
+    p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])  # m = +inf (no visible key) → p = 0
+    dp = _dot(do0, vT0, PREC, UPCAST)
+    if D1 > 0:
+        dp += _dot(do1, vT1, PREC, UPCAST)
+    pd = p
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        pd = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    return pd, p * (dp - delta[:, None])
+
+
 @triton.jit
 def _attn_bwd_preprocess(
     O, DO, DELTA,
@@ -249,21 +314,17 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
-    vT0 = _load_cols(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
+    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
+    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    kT1 = kT0
-    vT1 = vT0
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
-        vT1 = _load_cols(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    seed0 = 0
     if HAS_DROPOUT:
         seed0 = tl.load(SEED)
-        inv_keep = 1.0 / (1.0 - dropout_p)
 
     lo = 0
     if IS_CAUSAL:
@@ -275,40 +336,24 @@ def _attn_bwd_dkdv(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         mask_base = MASK + b * smb + h * smh
-        if HAS_DROPOUT:
-            seed = seed0 + bh * 1000003
+        seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
         for start_m in range(lo, LQ, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < LQ
-            q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
-            do0 = _load_rows(do_base, rows, row_ok, sdm, offs_d0, sdd, HEAD_DIM)
-            q1 = q0
-            do1 = do0
-            if D1 > 0:
-                q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
-                do1 = _load_rows(do_base, rows, row_ok, sdm, offs_d1, sdd, HEAD_DIM)
-            s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-                        D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
+            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
+            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
             m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
             log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
-            p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])  # m = +inf (no visible key) → p = 0
-            dp = _dot(do0, vT0, PREC, UPCAST)
-            if D1 > 0:
-                dp += _dot(do1, vT1, PREC, UPCAST)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
-                pd = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                pd = p
-            pdT = tl.trans(pd.to(DO.dtype.element_ty))
-            dv0 += _dot(pdT, do0, PREC, UPCAST)
-            if D1 > 0:
-                dv1 += _dot(pdT, do1, PREC, UPCAST)
             delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
-            dsT = tl.trans((p * (dp - delta[:, None])).to(Q.dtype.element_ty))
+            pd, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
+                               qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                               D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+            pdT = tl.trans(pd.to(DO.dtype.element_ty))
+            dsT = tl.trans(ds.to(Q.dtype.element_ty))
+            dv0 += _dot(pdT, do0, PREC, UPCAST)
             dk0 += _dot(dsT, q0, PREC, UPCAST)
             if D1 > 0:
+                dv1 += _dot(pdT, do1, PREC, UPCAST)
                 dk1 += _dot(dsT, q1, PREC, UPCAST)
 
     dk_base = DK + pid_bhk.to(tl.int64) * LK * HEAD_DIM
@@ -351,22 +396,18 @@ def _attn_bwd_dq(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0 = _load_rows(q_base, rows, row_ok, sqm, offs_d0, sqd, HEAD_DIM)
-    do0 = _load_rows(do_base, rows, row_ok, sdm, offs_d0, sdd, HEAD_DIM)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
+    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    q1 = q0
-    do1 = do0
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load_rows(q_base, rows, row_ok, sqm, offs_d1, sqd, HEAD_DIM)
-        do1 = _load_rows(do_base, rows, row_ok, sdm, offs_d1, sdd, HEAD_DIM)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
     log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + bh * 1000003
-        inv_keep = 1.0 / (1.0 - dropout_p)
 
     hi = LK
     if IS_CAUSAL:
@@ -374,23 +415,12 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0 = _load_cols(k_base, cols, col_ok, skn, offs_d0, skd, HEAD_DIM)
-        vT0 = _load_cols(v_base, cols, col_ok, svn, offs_d0, svd, HEAD_DIM)
-        kT1 = kT0
-        vT1 = vT0
-        if D1 > 0:
-            kT1 = _load_cols(k_base, cols, col_ok, skn, offs_d1, skd, HEAD_DIM)
-            vT1 = _load_cols(v_base, cols, col_ok, svn, offs_d1, svd, HEAD_DIM)
-        s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-                    D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
-        p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])
-        dp = _dot(do0, vT0, PREC, UPCAST)
-        if D1 > 0:
-            dp += _dot(do1, vT1, PREC, UPCAST)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
+        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+        _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
+                          qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                          D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+        ds = ds.to(Q.dtype.element_ty)
         dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
         if D1 > 0:
             dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)

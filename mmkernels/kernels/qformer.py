@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from .attention import _dot, _dot_precision, _dropout_keep, _mask_args
+from .attention import _dot, _dot_precision, _dropout_keep, _finish_rows, _mask_args, _mask_logits, _softmax_step
 
 
 @triton.jit
@@ -107,39 +107,16 @@ def _qformer_fwd(
         k = (k + bk[None, :]).to(dtype)
         v = (v + bv[None, :]).to(dtype)
 
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        allowed = col_ok[None, :] & row_ok[:, None]
-        if MASK_KIND != 0:
-            mval = tl.load(mask_base + rows[:, None] * smm + cols[None, :] * smn,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                allowed = allowed & (mval != 0)
-            else:
-                mval = mval.to(tl.float32)
-                # finfo.min masks: see kernels/attention.py::_logits
-                mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
-                s += mval * 1.4426950408889634
-        s = tl.where(allowed, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = _mask_logits(_dot(q, tl.trans(k), PREC, UPCAST) * qk_scale, rows, cols, row_ok, col_ok,
+                         mask_base, smm, smn, MASK_KIND, False)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(dtype), v, PREC, UPCAST)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
-    if HAS_DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
+    inv_l = _finish_rows(STATS, pid_bh.to(tl.int64), LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
     o_ptrs = O + b * sob + rows[:, None] * som + (w_row0 + offs_d)[None, :]
     tl.store(o_ptrs, (acc * inv_l[:, None]).to(dtype), mask=row_ok[:, None] & d_ok[None, :])
-    stats = STATS + pid_bh.to(tl.int64) * 2 * LQ + rows
-    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
-    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
 
 
 def _configs(dtype: torch.dtype) -> list:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from .._utils import describe, triton_device_reason
 from ..reference import qformer as ref
-from ..reference.qformer import normalize_encoder_mask
+from ..reference.qformer import merge_heads, normalize_encoder_mask, project_heads
 
 __all__ = ["qformer_cross_attention"]
 
@@ -93,9 +93,7 @@ def _qformer_bwd(
     bx, lq, _ = x.shape
     be, lk, _ = enc.shape
     b, h = max(bx, be), num_heads
-    q = _heads(F.linear(x, q_weight, q_bias), bx, lq, h).expand(b, -1, -1, -1)
-    k = _heads(F.linear(enc, k_weight, k_bias), be, lk, h).expand(b, -1, -1, -1)
-    v = _heads(F.linear(enc, v_weight, v_bias), be, lk, h).expand(b, -1, -1, -1)
+    q, k, v = project_heads(x, enc, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, h)
     dq, dk, dv = attention_backward(_heads(grad_out.reshape(out.shape), b, lq, h), q, k, v,
                                     _heads(out, b, lq, h), stats, attn_mask, seed, dropout_p, False, scale)
     a = q_weight.shape[0]
@@ -247,14 +245,10 @@ def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight
 
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
-    x, enc = hidden_states, encoder_hidden_states
-    b, lq, lk = max(x.shape[0], enc.shape[0]), x.shape[1], enc.shape[1]
-    q = _heads(F.linear(x, q_weight, q_bias), x.shape[0], lq, num_heads).expand(b, -1, -1, -1)
-    k = _heads(F.linear(enc, k_weight, k_bias), enc.shape[0], lk, num_heads).expand(b, -1, -1, -1)
-    v = _heads(F.linear(enc, v_weight, v_bias), enc.shape[0], lk, num_heads).expand(b, -1, -1, -1)
-    mask = normalize_encoder_mask(encoder_attention_mask, x.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(b, lq, -1)
+    q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                            v_weight, v_bias, num_heads)
+    mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale))
 
 
 def _reference_run(**inp):

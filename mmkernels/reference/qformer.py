@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 
-__all__ = ["normalize_encoder_mask", "qformer_cross_attention"]
+__all__ = ["merge_heads", "normalize_encoder_mask", "project_heads", "qformer_cross_attention"]
 
 
 def normalize_encoder_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -30,6 +30,28 @@ def normalize_encoder_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> tor
     if mask.dtype == torch.bool:
         return mask
     return mask.to(dtype)
+
+
+def project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                  num_heads: int):
+    """Q, K, V as (B, H, L, d) views of three ``F.linear`` projections, each expanded to the
+    broadcast batch (a batch of 1 on either side broadcasts over the other)."""
+    bq, lq = hidden_states.shape[:2]
+    bk, lk = encoder_hidden_states.shape[:2]
+    b = max(bq, bk)
+
+    def heads(t, batch, length):
+        return t.view(batch, length, num_heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+
+    return (heads(F.linear(hidden_states, q_weight, q_bias), bq, lq),
+            heads(F.linear(encoder_hidden_states, k_weight, k_bias), bk, lk),
+            heads(F.linear(encoder_hidden_states, v_weight, v_bias), bk, lk))
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) → (B, L, H·d)."""
+    b, h, length, d = out.shape
+    return out.transpose(1, 2).reshape(b, length, h * d)
 
 
 def qformer_cross_attention(
@@ -51,14 +73,8 @@ def qformer_cross_attention(
 
     ``dropout_mask`` (bool (B, H, Lq, Lk), True = keep) replays a kernel's dropout draw.
     """
-    b, lq, dq = hidden_states.shape
-    d = dq // num_heads
-    q = F.linear(hidden_states, q_weight, q_bias).view(b, lq, num_heads, d).transpose(1, 2)
-    bk, lk = encoder_hidden_states.shape[:2]
-    k = F.linear(encoder_hidden_states, k_weight, k_bias).view(bk, lk, num_heads, d).transpose(1, 2)
-    v = F.linear(encoder_hidden_states, v_weight, v_bias).view(bk, lk, num_heads, d).transpose(1, 2)
-    bo = max(b, bk)
-    q, k, v = q.expand(bo, -1, -1, -1), k.expand(bo, -1, -1, -1), v.expand(bo, -1, -1, -1)
+    q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                            v_weight, v_bias, num_heads)
     mask = normalize_encoder_mask(encoder_attention_mask, q.dtype)
     out = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, dropout_mask=dropout_mask)
-    return out.transpose(1, 2).reshape(bo, lq, num_heads * d)
+    return merge_heads(out)

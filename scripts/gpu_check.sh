@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
 # gpu_check.sh — the one script every GPU-lent session runs on the device machine.
 #
-# Stages (MMK_STAGES, default "env tests bench summary"), each time-boxed so the whole script
+# Stages (MMK_STAGES, default "env build tests bench summary"), each time-boxed so the whole script
 # ends inside the device tool's 10-minute command limit (MMK_TOTAL_S, default 560 s):
 #   env      nvidia-smi summary, python/torch/triton/CUDA versions, optional packages  -> env.txt
+#   build    the CUDA extension mmkernels._C from csrc/ (JIT, torch.utils.cpp_extension + ninja,
+#            cached for the later stages, which then load it with MMKERNELS_JIT_BUILD=1 and
+#            fail rather than skip its GPU tests: MMKERNELS_REQUIRE_CUDA_EXT=1); skipped when
+#            csrc/ has no sources, nvcc is missing, or MMK_INSTALL=1 built it  -> appended to env.txt
 #   tests    python -m pytest tests -q -x on CUDA (junit xml + log)                     -> pytest_junit.xml, pytest.log
 #   bench    benchmarks/bench_attention.py, resumed after a fatal CUDA error or a hang  -> attention_bench.json, bench.log
 #   summary  pytest tail + the benchmark's TFLOP/s table, printed last                  -> summary.txt
+# Not in the default, for a call of their own (issue 6: baselines and the CLI's results):
+#   suite    pytest-benchmark suite at real sizes, gated against benchmarks/baselines/<device>.json
+#            when one exists (scripts/perf_gate.sh)                                 -> perf_<device>.json, bench.log
+#   cli      `mmkernels bench <op> --mode fwd,fwd+bwd` for MMK_CLI_OPS (default attention qformer
+#            token_pool; args MMK_CLI_ARGS, default "--exclude flex"), attention plotted -> cli_<op>.json, cli_attention.png, bench.log
+#   poolbench  benchmarks/bench_token_pool.py (issue 4: the four VLM reducers, eager / compile /
+#            triton / cuda, fwd and fwd+bwd, GB/s vs measured copy bandwidth), resumed after a
+#            fatal CUDA error; time box MMK_POOL_BENCH_S (default: what is left, less 3 minutes
+#            when bench follows); knobs MMK_POOL_MODELS / MMK_POOL_BACKENDS / MMK_POOL_EXCLUDE /
+#            MMK_POOL_MODES, MMK_POOL_ARGS (e.g. "--quick")      -> token_pool_bench.json, bench.log
+#            A token-pool call of its own (7 files):
+#   command:   MMKERNELS_COMMIT=<sha> MMK_STAGES="env build tests poolbench summary" MMK_PYTEST_ARGS="-k token_pool" bash scripts/gpu_check.sh
 # Everything goes flat under $OUT (at most 8 files come back): env.txt, install.log (only with
-# MMK_INSTALL=1), pytest.log, pytest_junit.xml, attention_bench.json, bench.log, summary.txt.
+# MMK_INSTALL=1), pytest.log, pytest_junit.xml, attention_bench.json, bench.log, summary.txt
+# (+ token_pool_bench.json with poolbench: with bench too, that is 8 only without MMK_INSTALL);
+# so suite and cli go in a call without tests and bench:
+#   command:   MMKERNELS_COMMIT=<sha> MMK_STAGES="env suite cli summary" bash scripts/gpu_check.sh
+#   -> env.txt, perf_<device>.json (commit as benchmarks/baselines/<device>.json when it is the
+#      first baseline or a deliberate new one), cli_attention.json, cli_qformer.json,
+#      cli_token_pool.json, cli_attention.png (README results), bench.log (both stages log there), summary.txt
 #
 # How to call it from the device tool (`run`, from the repo root; the copy there has no .git,
 # so pass the commit in):
@@ -45,7 +67,7 @@ set -uo pipefail
 
 T0=$SECONDS
 TOTAL=${MMK_TOTAL_S:-560}
-STAGES=" ${MMK_STAGES:-env tests bench summary} "
+STAGES=" ${MMK_STAGES:-env build tests bench summary} "
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -110,6 +132,41 @@ EOF
     } 2>&1 | tee "$OUT/env.txt"
 fi
 
+# ---- build: the CUDA extension (csrc/), once, for every later stage ------------------------
+BUILD_RC=skipped
+if has_stage build; then
+    shopt -s nullglob
+    csrc=(csrc/*.cu csrc/*.cpp)
+    shopt -u nullglob
+    if (( ${#csrc[@]} == 0 )); then
+        note "build: csrc/ has no sources" | tee -a "$OUT/env.txt"
+    elif $PY -c "import mmkernels._C" 2>/dev/null; then
+        note "build: mmkernels._C is already importable (MMK_INSTALL=1 / setup.py build)" | tee -a "$OUT/env.txt"
+        export MMKERNELS_REQUIRE_CUDA_EXT=1
+        BUILD_RC=0
+    elif ! command -v nvcc >/dev/null 2>&1 && [[ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
+        note "build: no nvcc on this machine: the CUDA backend stays unavailable" | tee -a "$OUT/env.txt"
+    elif ! $PY -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+        note "build: this torch is built without CUDA: the CUDA backend stays unavailable" | tee -a "$OUT/env.txt"
+    else
+        export MMKERNELS_JIT_BUILD=1
+        note "build: JIT-building mmkernels._C from ${csrc[*]} (time box 300s)" | tee -a "$OUT/env.txt"
+        t_build=$SECONDS
+        MMKERNELS_JIT_VERBOSE=${MMKERNELS_JIT_VERBOSE:-1} tbox 300 $PY - <<'EOF' 2>&1 | tail -n 60 | tee -a "$OUT/env.txt"
+import sys
+from mmkernels import _ext
+mod = _ext.load()
+print("mmkernels._C:", mod.__file__ if mod is not None else None, "|", _ext.unavailable_reason() or "usable")
+sys.exit(0 if mod is not None else 1)
+EOF
+        BUILD_RC=${PIPESTATUS[0]}
+        note "build rc=$BUILD_RC in $((SECONDS - t_build))s" | tee -a "$OUT/env.txt"
+        # later processes load the cached build (same sources: no rebuild); a build that worked
+        # here and cannot load there is a failure, not a skip
+        [[ "$BUILD_RC" == 0 ]] && export MMKERNELS_REQUIRE_CUDA_EXT=1
+    fi
+fi
+
 # ---- tests --------------------------------------------------------------------------------
 TEST_RC=skipped
 if has_stage tests; then
@@ -119,7 +176,7 @@ if has_stage tests; then
         TEST_RC=no-pytest
     else
         budget=${MMK_TEST_TIMEOUT_S:-240}
-        if has_stage bench; then   # leave the benchmark at least ~4 minutes
+        if has_stage bench || has_stage poolbench; then   # leave the benchmark at least ~4 minutes
             cap=$(( $(remaining) - 240 )); (( cap < budget )) && budget=$cap
         else
             cap=$(( $(remaining) - 20 )); (( cap < budget )) && budget=$cap
@@ -137,6 +194,33 @@ if has_stage tests; then
         [[ "$TEST_RC" == 124 || "$TEST_RC" == 137 ]] && note "pytest hit its ${budget}s time box (rc $TEST_RC)" | tee -a "$OUT/pytest.log"
         note "pytest rc=$TEST_RC"
     fi
+fi
+
+# ---- poolbench: the token-pool benchmark (issue 4) -----------------------------------------
+POOL_RC=skipped
+POOL_JSON="$OUT/token_pool_bench.json"
+if has_stage poolbench; then
+    box=$(( $(remaining) - 20 ))
+    has_stage bench && box=$(( box - 180 ))
+    [[ -n "${MMK_POOL_BENCH_S:-}" ]] && (( MMK_POOL_BENCH_S < box )) && box=$MMK_POOL_BENCH_S
+    t_end=$(( SECONDS + box ))
+    attempt=0
+    : >>"$OUT/bench.log"
+    while :; do
+        left=$(( t_end - SECONDS ))
+        if (( left < 45 )); then note "poolbench: only ${left}s left, not starting" | tee -a "$OUT/bench.log"; break; fi
+        attempt=$((attempt + 1))
+        note "poolbench attempt $attempt (budget $((left - 30))s, hard box ${left}s)" | tee -a "$OUT/bench.log"
+        # shellcheck disable=SC2086
+        tbox "$left" $PY benchmarks/bench_token_pool.py --json "$POOL_JSON" --resume --budget-s $((left - 30)) \
+            ${MMK_POOL_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+        POOL_RC=${PIPESTATUS[0]}
+        note "poolbench rc=$POOL_RC" | tee -a "$OUT/bench.log"
+        # 3 = fatal CUDA error (the backend is recorded; --resume skips it), 124/137 = hard box
+        [[ "$POOL_RC" == 3 || "$POOL_RC" == 124 || "$POOL_RC" == 137 ]] || break
+        (( attempt >= 3 )) && break
+        [[ -f "$POOL_JSON" ]] || break
+    done
 fi
 
 # ---- bench --------------------------------------------------------------------------------
@@ -167,12 +251,43 @@ if has_stage bench; then
     done
 fi
 
+# ---- suite: the pytest-benchmark suite and the regression gate ----------------------------
+SUITE_RC=skipped
+if has_stage suite; then
+    rem=$(remaining)
+    note "suite: scripts/perf_gate.sh (time box $((rem - 30))s; log bench.log)" | tee -a "$OUT/bench.log"
+    OUT="$OUT" PYTHON="$PY" tbox $((rem - 30)) bash scripts/perf_gate.sh >>"$OUT/bench.log" 2>&1
+    SUITE_RC=$?
+    note "suite rc=$SUITE_RC" | tee -a "$OUT/bench.log"
+fi
+
+# ---- cli: every op across every backend, with the mmkernels command ------------------------
+CLI_RC=skipped
+if has_stage cli; then
+    CLI_RC=0
+    for op in ${MMK_CLI_OPS:-attention qformer token_pool}; do
+        rem=$(remaining)
+        if (( rem < 45 )); then note "cli: only ${rem}s left, not starting $op" | tee -a "$OUT/bench.log"; break; fi
+        plot=()
+        [[ "$op" == attention ]] && plot=(--plot "$OUT/cli_attention.png")
+        note "cli: mmkernels bench $op (time box $((rem - 20))s)" | tee -a "$OUT/bench.log"
+        # shellcheck disable=SC2086
+        tbox $((rem - 20)) $PY -m mmkernels bench "$op" --mode fwd,fwd+bwd ${MMK_CLI_ARGS:---exclude flex} \
+            --json "$OUT/cli_$op.json" --plain "${plot[@]}" >>"$OUT/bench.log" 2>&1 || CLI_RC=$?
+    done
+    note "cli rc=$CLI_RC" | tee -a "$OUT/bench.log"
+fi
+
 # ---- summary (printed last: the device tool returns the end of the output) ----------------
 if has_stage summary; then
     {
         echo "================ gpu_check summary (commit ${MMKERNELS_COMMIT:-unknown}, $((SECONDS - T0))s) ================"
         awk '/^name, driver_version/ { getline; print "gpu: " $0; exit }' "$OUT/env.txt" 2>/dev/null || true
         grep -m1 "^device " "$OUT/env.txt" 2>/dev/null || true
+        if [[ "$BUILD_RC" != skipped ]]; then
+            echo "cuda extension build rc=$BUILD_RC: $(grep -m1 '^mmkernels._C:' "$OUT/env.txt" 2>/dev/null)"
+            [[ "$BUILD_RC" != 0 ]] && grep -iE "error|failed" "$OUT/env.txt" | tail -n 12
+        fi
         echo "pytest rc=$TEST_RC: $(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest.log" 2>/dev/null | tail -n 1)"
         if [[ "$TEST_RC" != 0 && "$TEST_RC" != skipped && -f "$OUT/pytest.log" ]]; then
             fails=$(grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -n 15)
@@ -180,9 +295,25 @@ if has_stage summary; then
         fi
         echo "bench rc=$BENCH_RC"
         [[ -f "$JSON" ]] && tbox 60 $PY benchmarks/bench_attention.py --json "$JSON" --summary-only 2>&1
+        if [[ "$POOL_RC" != skipped ]]; then
+            echo "poolbench rc=$POOL_RC"
+            [[ -f "$POOL_JSON" ]] && tbox 60 $PY benchmarks/bench_token_pool.py --json "$POOL_JSON" --summary-only 2>&1
+        fi
+        if [[ "$SUITE_RC" != skipped ]]; then
+            echo "suite rc=$SUITE_RC: $(grep -E '(passed|failed|error)' "$OUT/bench.log" | tail -n 1)"
+            grep -E "^(== no baseline|.*case\(s\):.*-> (PASS|FAIL))" "$OUT/bench.log" || true
+        fi
+        if [[ "$CLI_RC" != skipped ]]; then
+            echo "cli rc=$CLI_RC"
+            for f in "$OUT"/cli_*.json; do
+                [[ -f "$f" ]] && tbox 60 $PY -m mmkernels bench show "$f" --brief 2>&1 | head -n 80
+            done
+        fi
     } | tee "$OUT/summary.txt"
 fi
 ls -la "$OUT"
 # exit status for the caller: 0 only when the tests passed (or were not asked for) and the
-# benchmark finished; the files under $OUT come back either way
-[[ "$TEST_RC" == 0 || "$TEST_RC" == skipped ]] && [[ "$BENCH_RC" == 0 || "$BENCH_RC" == skipped ]]
+# benchmark, suite and cli stages finished; the files under $OUT come back either way
+[[ "$TEST_RC" == 0 || "$TEST_RC" == skipped ]] && [[ "$BENCH_RC" == 0 || "$BENCH_RC" == skipped ]] \
+    && [[ "$SUITE_RC" == 0 || "$SUITE_RC" == skipped ]] && [[ "$CLI_RC" == 0 || "$CLI_RC" == skipped ]] \
+    && [[ "$BUILD_RC" == 0 || "$BUILD_RC" == skipped ]] && [[ "$POOL_RC" == 0 || "$POOL_RC" == skipped ]]

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._utils import describe, triton_device_reason
-from ..dispatch import Reason
 from ..reference import attention as ref
 
 __all__ = ["attention"]
@@ -108,7 +107,9 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor (B, H, L, D), got {describe(t)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}")
+            raise ValueError(
+                f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}"
+            )
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype or t.device != query.device:
             raise ValueError(
@@ -123,7 +124,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         raise ValueError(f"key: head dim must equal query's head dim {d}, got {describe(key)}")
     if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
         raise ValueError(
-            f"value: expected (B, Hkv, Lk, Dv) with Hkv={key.shape[1]} and Lk={key.shape[2]} as key, got {describe(value)}"
+            f"value: expected (B, Hkv, Lk, Dv) with Hkv={key.shape[1]} and Lk={key.shape[2]} as key, "
+            f"got {describe(value)}"
         )
     hkv = key.shape[1]
     if hkv != hq:
@@ -139,7 +141,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(f"attn_mask: expected a tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise ValueError(
-                f"attn_mask: expected dtype torch.bool or {query.dtype} (additive, like query), got {describe(attn_mask)}"
+                f"attn_mask: expected dtype torch.bool or {query.dtype} (additive, like query), "
+                f"got {describe(attn_mask)}"
             )
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: expected device {query.device}, got {describe(attn_mask)}")
@@ -151,7 +154,9 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             except RuntimeError:
                 ok = False
         if not ok:
-            raise ValueError(f"attn_mask: expected a shape broadcastable to (B, H, Lq, Lk) = {target}, got {describe(attn_mask)}")
+            raise ValueError(
+                f"attn_mask: expected a shape broadcastable to (B, H, Lq, Lk) = {target}, got {describe(attn_mask)}"
+            )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     if scale is not None and not isinstance(scale, (int, float)):

@@ -273,6 +273,56 @@ def test_qformer_and_token_pool_cases_run_on_cpu():
         assert rows and all(r["status"] == "ok" and r["check"]["ok"] for r in rows), rows
 
 
+def test_bench_token_pool_quick_on_cpu(tmp_path):
+    """`mmkernels bench token_pool --quick` (what gpu_check.sh's poolbench stage runs at full size):
+    the issue's four reducers, fwd and fwd+bwd by default, GB/s and % of the copy bandwidth."""
+    out = tmp_path / "tp.json"
+    res = _run(["-m", "mmkernels", "bench", "token_pool", "--quick", "--json", str(out), "--plain"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(out.read_text())
+    cases = doc["cases"]
+    assert {c["preset"] for c in cases} == {"llava-ov", "gemma3", "internvl", "llava-video"}
+    assert {c["mode"] for c in cases} == {"fwd", "fwd+bwd"} and {c["backend"] for c in cases} == {"eager"}
+    assert all(c["status"] == "ok" and c["check"]["ok"] and c["gbps"] > 0 and c["pct_of_ceiling"] > 0
+               for c in cases), cases
+    assert {c["scaled_from"] for c in cases} == {  # the issue's shapes, shrunk for the CPU
+        "B=64 27x27 C=1152 bilinear ->14x14", "B=8 64x64 C=1152 avg k=4 rmsnorm",
+        "B=16 cls+32x32 C=1024 merge k=2 layernorm", "B=64 24x24 C=1024 avg k=2"}
+    assert "CUDA only" in doc["not_timed"]["compile"] and "triton" in doc["not_timed"]
+    assert not any("PARTIAL" in n for n in doc["notes"])  # the per-case rewrites end with the full file
+
+
+def test_token_pool_chains_bytes_budget_and_fused_note():
+    """Each preset's eager chain (transformers' code) equals the float64 reference to float32
+    rounding; the byte model is x + out (fwd) plus dout + dx (bwd); --budget-s stops starting
+    cases; the faster fused backend is named per case."""
+    try:
+        op = registry.load("token_pool")
+    except registry.OpUnavailable as exc:
+        pytest.skip(str(exc))
+    specs, _ = runner.plan(op, op.model_presets(), [], "cpu", quick=True)
+    eager = op.make_backends()["eager"]
+    for spec in specs:
+        assert spec.shape.model == spec.preset  # the model's own chain, not the generic one
+        # float32: Gemma3RMSNorm's .float() would round a float64 input to it anyway
+        inp = op.make_inputs(spec.shape, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        got = op.bind(eager, spec.shape, inp, "cpu", False).fn()[0].double()
+        torch.testing.assert_close(got, op.reference(spec.shape, inp), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, p=spec.preset: f"{p}: {m}")
+    video = op.presets["llava-video"][0].shape
+    x, y = 64 * 576 * 1024, 64 * 144 * 1024
+    assert op.bytes(video, 2, "fwd") == 2 * (x + y) and op.bytes(video, 2, "fwd+bwd") == 4 * (x + y)
+
+    cfg = runner.RunConfig(device="cpu", backends=["eager"], quick=True, budget_s=1e-9)
+    rows, _, _ = runner.run(op, specs[:1], cfg)
+    assert rows and all("time budget" in r["reason"] for r in rows)
+
+    row = {"preset": "gemma3", "case": "c", "dtype": "bfloat16", "mode": "fwd", "status": "ok", "check": {"ok": True}}
+    (note,) = op.summary_notes([{**row, "backend": "triton", "ms_p50": 2.0}, {**row, "backend": "cuda", "ms_p50": 1.0},
+                                {**row, "backend": "eager", "ms_p50": 0.5}])
+    assert "gemma3/c bfloat16 fwd: cuda (1 ms vs triton 2 ms)" in note
+
+
 def test_suite_params_skip_cleanly_when_the_op_is_absent(monkeypatch):
     import mmkernels
 

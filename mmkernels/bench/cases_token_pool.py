@@ -1,24 +1,50 @@
 """Benchmark cases of ``mmkernels.token_pool``: the visual-token reducer in front of the LLM.
 
-A memory-bound op, so the report's throughput is GB/s (the minimum traffic: x read once, the
-output written once) against the device's measured copy bandwidth.
+The shapes are issue 4's, each model's reducer at the batch it runs (bf16 on CUDA):
+
+===========  ==================  ==========================================================
+preset       x (B, N, C)         the model's chain (``eager``), as transformers writes it
+===========  ==================  ==========================================================
+llava-ov     (64, 729, 1152)     ``LlavaOnevisionModel.apply_pooling``: B = batch·frames,
+                                 27×27 → bilinear 14×14
+gemma3       (8, 4096, 1152)     ``Gemma3MultiModalProjector``: AvgPool2d(4) 64×64 → 16×16,
+                                 then ``Gemma3RMSNorm`` (× (1 + w) in fp32)
+internvl     (16, 1 + 1024,      InternVL: drop CLS, ``pixel_shuffle(0.5)`` 32×32 → 16×16 of
+             1024)               4C, then the projector's ``LayerNorm(4C)`` (eps 1e-5)
+llava-video  (64, 576, 1024)     ``LlavaNextVideoPooler``: AvgPool2d(2) 24×24 → 12×12
+===========  ==================  ==========================================================
+
+A memory-bound op, so the report's throughput is GB/s against the device's measured copy
+bandwidth (``ceilings.py``). Bytes (``flops.token_pool_bytes``): x read once + the output
+written once (+ the norm's parameters); ``fwd+bwd`` adds dout read once + dx written once
+(+ the parameters' grads). Saved tensors and workspaces are not counted: they are the
+implementation's cost, so a kernel that reads x twice shows as slower. Modes: ``fwd`` and
+``fwd+bwd`` by default (``--mode``).
 
 Backends:
 
-==========  ===================================================================================
-``eager``   the models' own chain: view as (B, C, h, w), ``F.avg_pool2d`` / ``F.interpolate`` /
-            the pixel-shuffle view-permute-reshape, back to tokens, then the norm (in fp32, as
-            Gemma 3 and InternVL compute it)
-``triton``  ``mmkernels.token_pool`` forced to its Triton kernel (one pass, norm fused)
-``cuda``    the same forced to the CUDA extension (``csrc/``), when built
-==========  ===================================================================================
+===========  ==================================================================================
+``eager``    the model's own chain (above); a ``--shape`` case runs the generic chain: view as
+             (B, C, h, w), ``F.avg_pool2d`` / ``F.max_pool2d`` / ``F.interpolate`` / the pixel
+             shuffle's view-permute-reshape, back to tokens, the norm in fp32
+``compile``  ``torch.compile`` of that chain (static shapes; CUDA only unless
+             ``MMK_BENCH_COMPILE_CPU=1``): does the compiler already fuse it?
+``triton``   ``mmkernels.token_pool`` forced to its Triton kernel (one pass, norm fused)
+``cuda``     the same forced to the CUDA extension (``csrc/token_pool.cu``), when built
+===========  ==================================================================================
 
-Skipped, with the reason, when ``mmkernels.token_pool`` is not in the build.
+Every backend's first output is checked against the float64 reference
+(``mmkernels.reference.token_pool``, batch element 0); the chains themselves equal it
+(``tests/test_bench_cli.py``). When both fused backends ran, the notes say which was faster per
+case and mode (the issue: the benchmark decides the default per mode). Skipped, with the reason,
+when ``mmkernels.token_pool`` is not in the build.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,16 +53,18 @@ import torch.nn.functional as F
 from . import flops as fl
 from .registry import BenchBackend, Bound, MkBackend, OpBench, ShapeSpec, as_bool, parse_kv
 
-__all__ = ["BENCH", "PoolShape", "eager_pool"]
+__all__ = ["BENCH", "CHAINS", "PoolShape", "eager_pool"]
 
 MODES = ("avg", "max", "bilinear", "merge")
 NORMS = (None, "layernorm", "rmsnorm")
+FUSED = ("triton", "cuda")
 
 
 @dataclass(frozen=True)
 class PoolShape:
     """(B, [CLS +] h·w, C) tokens pooled by ``mode`` with ``k`` (avg/max/merge; stride = k) or to
-    ``out`` (bilinear: (h', w')), then ``norm``; ``cls``: token 0 is a CLS token, dropped."""
+    ``out`` (bilinear: (h', w')), then ``norm`` with ``eps``; ``cls``: token 0 is a CLS token,
+    dropped. ``model``: whose eager chain (a key of :data:`CHAINS`; None: the generic one)."""
 
     B: int
     h: int
@@ -47,6 +75,8 @@ class PoolShape:
     out: tuple[int, int] | None = None
     cls: bool = False
     norm: str | None = None
+    eps: float = 1e-6
+    model: str | None = None
 
     @property
     def n_in(self) -> int:
@@ -69,27 +99,16 @@ class PoolShape:
     def c_out(self) -> int:
         return self.C * self.k * self.k if self.mode == "merge" else self.C
 
-
-PRESETS: dict[str, list[ShapeSpec] | str] = {
-    "llava-ov": [ShapeSpec("llava-ov", "bilinear-27to14", "LLaVA-OneVision: SigLIP 27x27 tokens -> bilinear 14x14",
-                           PoolShape(16, 27, 27, 1152, "bilinear", out=(14, 14)))],
-    "gemma3": [ShapeSpec("gemma3", "avg4-rmsnorm", "Gemma 3: SigLIP 64x64 tokens -> AvgPool2d(4) 16x16 + RMSNorm",
-                         PoolShape(4, 64, 64, 1152, "avg", k=4, norm="rmsnorm"))],
-    "internvl": [ShapeSpec("internvl", "merge2-layernorm", "InternVL 2.5: drop CLS, 32x32 -> pixel shuffle 2x2 "
-                           "(16x16 of 4C) + LayerNorm(4C)", PoolShape(8, 32, 32, 1024, "merge", k=2, cls=True,
-                                                                      norm="layernorm"))],
-    "llava-video": [ShapeSpec("llava-video", "avg2", "LLaVA-NeXT-Video pooler: 16 frames of 24x24 CLIP tokens -> "
-                              "avg 2x2 12x12", PoolShape(16, 24, 24, 1024, "avg", k=2))],
-    "qwen2vl": "Qwen2-VL's PatchMerger gets its tokens pre-grouped, so its 2x2 merge is a view (nothing to fuse; "
-               "its LayerNorm runs per token before the merge)",
-    "llava15": "LLaVA-1.5 feeds all 576 CLIP tokens to its MLP projector: no pooling",
-    "blip2": "BLIP-2 reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
-    "instructblip": "InstructBLIP reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
-}
+    @property
+    def norm_params(self) -> int:
+        return 0 if self.norm is None else self.c_out * (2 if self.norm == "layernorm" else 1)
 
 
-def eager_pool(x, s: PoolShape, norm_weight=None, norm_bias=None, eps: float = 1e-6):
-    """The models' eager chain for ``s`` (norm statistics in fp32, one rounding)."""
+# --------------------------------------------------------------------------------------
+# the models' chains: f(x, s, weight, bias) with the norm's parameters as the model stores them
+# --------------------------------------------------------------------------------------
+def _generic(x, s: PoolShape, weight=None, bias=None):
+    """Any ``--shape``: the view/pool/permute chain of the reference, the norm in fp32, one rounding."""
     if s.cls:
         x = x[:, 1:]
     B, _, C = x.shape
@@ -109,14 +128,103 @@ def eager_pool(x, s: PoolShape, norm_weight=None, norm_bias=None, eps: float = 1
         return y
     yf = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
     if s.norm == "layernorm":
-        out = F.layer_norm(yf, (yf.shape[-1],), norm_weight.to(yf.dtype), norm_bias.to(yf.dtype), eps)
+        out = F.layer_norm(yf, (yf.shape[-1],), weight.to(yf.dtype), bias.to(yf.dtype), s.eps)
     else:
-        out = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(yf.dtype)
+        out = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + s.eps) * weight.to(yf.dtype)
     return out.to(y.dtype)
 
 
+def _llava_ov(x, s: PoolShape, weight=None, bias=None):
+    """``LlavaOnevisionModel.apply_pooling`` (a permuted copy, then interpolate; the result is a view)."""
+    b, _, dim = x.shape
+    t = x.view(b, s.h, s.w, -1).permute(0, 3, 1, 2).contiguous()
+    t = F.interpolate(t, size=list(s.grid_out), mode="bilinear")
+    return t.permute(0, 2, 3, 1).view(b, -1, dim)
+
+
+def _gemma3(x, s: PoolShape, weight, bias=None):
+    """``Gemma3MultiModalProjector.forward`` up to ``mm_soft_emb_norm`` (the projection is a matmul)."""
+    b, _, c = x.shape
+    t = x.transpose(1, 2).reshape(b, c, s.h, s.w).contiguous()
+    t = F.avg_pool2d(t, kernel_size=s.k, stride=s.k).flatten(2).transpose(1, 2)
+    tf = t.float()  # Gemma3RMSNorm
+    out = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + s.eps)
+    return (out * (1.0 + weight.float())).type_as(t)
+
+
+def _internvl(x, s: PoolShape, weight, bias):
+    """InternVL's ``extract_feature``: ``[:, 1:]``, ``pixel_shuffle`` (two permuted copies), the
+    projector's ``LayerNorm`` (``mlp1[0]``; HF: ``multi_modal_projector.layer_norm``)."""
+    if s.cls:
+        x = x[:, 1:, :]
+    t = x.reshape(x.shape[0], s.h, s.w, -1)
+    n, w, h, c = t.size()  # InternVL's names
+    t = t.view(n, w, h // s.k, c * s.k).permute(0, 2, 1, 3).contiguous()
+    t = t.view(n, h // s.k, w // s.k, c * s.k * s.k).permute(0, 2, 1, 3).contiguous()
+    t = t.reshape(n, -1, t.shape[-1])
+    return F.layer_norm(t, (t.shape[-1],), weight, bias, s.eps)
+
+
+def _llava_video(x, s: PoolShape, weight=None, bias=None):
+    """``LlavaNextVideoPooler.forward`` with ``spatial_pool_mode="average"`` (``nn.AvgPool2d(k, k)``)."""
+    b, _, dim = x.shape
+    t = x.view(b, s.h, s.w, dim).permute(0, 3, 1, 2)
+    t = F.avg_pool2d(t, kernel_size=s.k, stride=s.k)
+    return t.flatten(2).transpose(1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A model's eager chain; ``weight_offset``: its norm scales by (offset + w), w stored near 0
+    (Gemma3RMSNorm: 1 + w in fp32), which mmkernels takes as ``norm_weight = 1 + w.float()``."""
+
+    fn: Callable
+    weight_offset: float = 0.0
+
+
+CHAINS: dict[str | None, Chain] = {
+    None: Chain(_generic),
+    "llava-ov": Chain(_llava_ov),
+    "gemma3": Chain(_gemma3, weight_offset=1.0),
+    "internvl": Chain(_internvl),
+    "llava-video": Chain(_llava_video),
+}
+
+
+def eager_pool(x, s: PoolShape, norm_weight=None, norm_bias=None):
+    """The eager chain of ``s`` (its model's, or the generic one)."""
+    return CHAINS[s.model].fn(x, s, norm_weight, norm_bias)
+
+
+def _fused_weight(s: PoolShape, weight, dtype):
+    """The model's stored norm weight as ``token_pool``'s ``norm_weight`` (offset added in ``dtype``)."""
+    off = CHAINS[s.model].weight_offset
+    return weight if weight is None or not off else off + weight.to(dtype)
+
+
+PRESETS: dict[str, list[ShapeSpec] | str] = {
+    "llava-ov": [ShapeSpec("llava-ov", "bilinear-27to14", "LLaVA-OneVision apply_pooling: SigLIP 27x27 tokens of "
+                           "64 images/frames -> bilinear 14x14",
+                           PoolShape(64, 27, 27, 1152, "bilinear", out=(14, 14), model="llava-ov"))],
+    "gemma3": [ShapeSpec("gemma3", "avg4-rmsnorm", "Gemma 3 projector: SigLIP 64x64 tokens -> AvgPool2d(4) 16x16 + "
+                         "Gemma3RMSNorm (1 + w)",
+                         PoolShape(8, 64, 64, 1152, "avg", k=4, norm="rmsnorm", model="gemma3"))],
+    "internvl": [ShapeSpec("internvl", "merge2-layernorm", "InternVL 2.5: drop CLS, 32x32 -> pixel shuffle 2x2 "
+                           "(16x16 of 4C) + LayerNorm(4C)",
+                           PoolShape(16, 32, 32, 1024, "merge", k=2, cls=True, norm="layernorm", eps=1e-5,
+                                     model="internvl"))],
+    "llava-video": [ShapeSpec("llava-video", "avg2", "LLaVA-NeXT-Video pooler: 64 frames of 24x24 CLIP tokens -> "
+                              "AvgPool2d(2) 12x12", PoolShape(64, 24, 24, 1024, "avg", k=2, model="llava-video"))],
+    "qwen2vl": "Qwen2-VL's PatchMerger gets its tokens pre-grouped, so its 2x2 merge is a view (nothing to fuse; "
+               "its LayerNorm runs per token before the merge)",
+    "llava15": "LLaVA-1.5 feeds all 576 CLIP tokens to its MLP projector: no pooling",
+    "blip2": "BLIP-2 reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
+    "instructblip": "InstructBLIP reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
+}
+
+
 def _mk_kwargs(s: PoolShape) -> dict:
-    kw = dict(grid=(s.h, s.w), mode=s.mode, has_cls=s.cls, norm=s.norm)
+    kw = dict(grid=(s.h, s.w), mode=s.mode, has_cls=s.cls, norm=s.norm, eps=s.eps)
     if s.mode == "bilinear":
         kw["output_size"] = s.grid_out
     else:
@@ -124,9 +232,46 @@ def _mk_kwargs(s: PoolShape) -> dict:
     return kw
 
 
+# --------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------
 class _Eager(BenchBackend):
     name = "eager"
-    description = "the models' chain: view, F.avg_pool2d / F.interpolate / pixel shuffle, norm in fp32"
+    description = "the model's chain as transformers writes it (view/permute/contiguous, pool, norm)"
+
+    def chain(self, s: PoolShape):
+        return CHAINS[s.model].fn
+
+
+class _Compile(_Eager):
+    name = "compile"
+    description = "torch.compile of the eager chain (static shapes)"
+
+    def __init__(self):
+        self._compiled: dict = {}
+
+    def unavailable(self, device, dtype=None):
+        if not hasattr(torch, "compile"):
+            return "torch.compile is missing from this torch"
+        if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_COMPILE_CPU"):
+            # measured on the 2-core CI box: inductor's C++ build took 8.6 s for the first graph and
+            # ~5 s for each later one, a minute for the presets against a few seconds for the rest
+            return ("torch.compile is timed on CUDA only: on the CPU inductor builds C++ for ~5 s per shape "
+                    "and mode (MMK_BENCH_COMPILE_CPU=1 runs it)")
+        return None
+
+    def chain(self, s: PoolShape):
+        fn = CHAINS[s.model].fn
+        if fn not in self._compiled:
+            import torch._dynamo.config as dcfg
+
+            # one static graph per shape and grad mode: past the default limit of 8 (custom
+            # shapes) dynamo would silently run the chain eagerly
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dcfg, limit):
+                    setattr(dcfg, limit, max(getattr(dcfg, limit), 256))
+            self._compiled[fn] = torch.compile(fn, dynamic=False)
+        return self._compiled[fn]
 
 
 def _out_size(text: str) -> tuple[int, int]:
@@ -135,7 +280,7 @@ def _out_size(text: str) -> tuple[int, int]:
 
 
 _SHAPE_KEYS = {"B": int, "h": int, "w": int, "C": int, "mode": str, "k": int, "out": _out_size, "cls": as_bool,
-               "norm": str}
+               "norm": str, "eps": float}
 
 
 class TokenPoolBench(OpBench):
@@ -146,6 +291,7 @@ class TokenPoolBench(OpBench):
     metric = "gbps"
     convention = fl.BYTES_CONVENTION
     presets = PRESETS
+    default_modes = ("fwd", "fwd+bwd")
     suite_backends = {"cpu": ("eager",), "cuda": ("eager", "triton", "cuda")}
 
     def model_presets(self):
@@ -184,54 +330,68 @@ class TokenPoolBench(OpBench):
     def make_backends(self):
         return {
             "eager": _Eager(),
+            "compile": _Compile(),
             "triton": MkBackend("triton", self.dispatch_op, "mmkernels.token_pool, Triton kernel (norm fused)"),
             "cuda": MkBackend("cuda", self.dispatch_op, "mmkernels.token_pool, CUDA extension (csrc/)"),
         }
 
     def make_inputs(self, s: PoolShape, dtype, device, generator):
-        def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
-            return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale + shift).to(dt)
+        def rnd(*shape, scale=1.0, shift=0.0):
+            t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+            return (t * scale + shift).to(dtype)
 
         inp = {"x": rnd(s.B, s.n_in, s.C), "dout": rnd(s.B, s.n_out, s.c_out)}
-        if s.norm is not None:  # near-1 weights, as trained norms have (fp32: Gemma computes 1 + w in fp32)
-            inp["norm_weight"] = rnd(s.c_out, scale=0.1, shift=1.0, dt=torch.float32)
+        if s.norm is not None:  # random, as trained norms are, in the model's dtype, as it stores them
+            shift = 0.0 if CHAINS[s.model].weight_offset else 1.0
+            inp["norm_weight"] = rnd(s.c_out, scale=0.1, shift=shift)
             if s.norm == "layernorm":
-                inp["norm_bias"] = rnd(s.c_out, scale=0.1, dt=torch.float32)
+                inp["norm_bias"] = rnd(s.c_out, scale=0.1)
         return inp
 
     def bind(self, backend, s: PoolShape, inputs, device, grad):
         x = inputs["x"].detach().requires_grad_(grad)
-        nw, nb = inputs.get("norm_weight"), inputs.get("norm_bias")
-        if grad:
-            nw = None if nw is None else nw.detach().requires_grad_()
-            nb = None if nb is None else nb.detach().requires_grad_()
+        nw, nb = (None if inputs.get(n) is None else inputs[n].detach().requires_grad_(grad)
+                  for n in ("norm_weight", "norm_bias"))
         leaves = [t for t in (x, nw, nb) if t is not None] if grad else []
         if isinstance(backend, MkBackend):
             import mmkernels
 
             kw = _mk_kwargs(s)
-            fn = lambda: mmkernels.token_pool(x, **kw, norm_weight=nw, norm_bias=nb)  # noqa: E731
+            # the weight's offset is added per call, as the drop-in module does (mk.nn.Gemma3MultiModalProjector)
+            fn = lambda: mmkernels.token_pool(  # noqa: E731
+                x, **kw, norm_weight=_fused_weight(s, nw, torch.float32), norm_bias=nb)
         else:
-            fn = lambda: eager_pool(x, s, nw, nb)  # noqa: E731
+            chain = backend.chain(s)
+            fn = lambda: chain(x, s, nw, nb)  # noqa: E731
         return Bound(fn, leaves, inputs["dout"] if grad else None)
 
     def reference(self, s: PoolShape, inputs):
+        from mmkernels.reference.token_pool import token_pool as ref
+
         x = inputs["x"][0:1].double()
         nw, nb = (None if inputs.get(n) is None else inputs[n].double() for n in ("norm_weight", "norm_bias"))
-        try:
-            from mmkernels.reference.token_pool import token_pool as ref
-
-            return ref(x, **_mk_kwargs(s), norm_weight=nw, norm_bias=nb)[0]
-        except ImportError:
-            return eager_pool(x, s, nw, nb)[0]
+        return ref(x, **_mk_kwargs(s), norm_weight=_fused_weight(s, nw, torch.float64), norm_bias=nb)[0]
 
     def flops(self, s, mode):
         return None
 
     def bytes(self, s: PoolShape, itemsize, mode):
-        params = 0 if s.norm is None else s.c_out * (2 if s.norm == "layernorm" else 1)
         return fl.token_pool_bytes(s.B, s.n_in, s.C, s.n_out, s.c_out, itemsize=itemsize, mode=mode,
-                                   needs_input_in_bwd=s.mode == "max" or s.norm is not None, norm_params=params)
+                                   norm_params=s.norm_params)
+
+    def summary_notes(self, rows):
+        """Which fused backend was faster, per case and mode (both timed, both outputs correct)."""
+        fused: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["backend"] in FUSED and r["status"] == "ok" and (r.get("check") or {}).get("ok"):
+                fused.setdefault((r["preset"], r["case"], r["dtype"], r["mode"]), []).append(r)
+        parts = []
+        for (preset, case, dtype, mode), rs in fused.items():
+            if len(rs) > 1:
+                fast, slow = sorted(rs, key=lambda r: r["ms_p50"])[:2]
+                parts.append(f"{preset}/{case} {dtype} {mode}: {fast['backend']} "
+                             f"({fast['ms_p50']:.4g} ms vs {slow['backend']} {slow['ms_p50']:.4g} ms)")
+        return ["faster fused backend: " + "; ".join(parts)] if parts else []
 
 
 BENCH = TokenPoolBench()

@@ -88,7 +88,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "on CUDA and float32 on the CPU")
     g.add_argument("--backends", default=None, help="comma-separated backends (default: all that apply; --list)")
     g.add_argument("--exclude", default="", help="comma-separated backends to leave out")
-    g.add_argument("--mode", default="fwd", help="fwd | bwd | fwd+bwd, or a comma-separated list (default fwd)")
+    g.add_argument("--mode", default=None,
+                   help="fwd | bwd | fwd+bwd, or a comma-separated list (default: the op's: fwd; token_pool: "
+                        "fwd,fwd+bwd)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     g.add_argument("--quick", action="store_true",
                    help="fewer shapes and repetitions (CPU: tiny shapes, a few seconds in all)")
@@ -98,6 +100,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-ms", type=float, default=None)
     t.add_argument("--rep-ms", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="start no case after S seconds (the rest is reported as not run): fits a run in a time box")
     t.add_argument("--no-rotate", action="store_true", help="one input set instead of rotating sets > 2x L2")
     t.add_argument("--no-ceilings", action="store_true", help="do not measure/read the device ceilings")
     t.add_argument("--threads", type=int, default=None,
@@ -206,18 +210,42 @@ def _cmd_run(args) -> int:
         return 2
     names = [b for b in names if b not in set(_csv(args.exclude))]
     try:
-        cfg = runner.RunConfig(device=device, modes=_csv(args.mode) or ["fwd"], backends=names, dtype=args.dtype,
-                               quick=args.quick, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed,
-                               rotate=not args.no_rotate, verbose=args.verbose)
+        cfg = runner.RunConfig(device=device, modes=_csv(args.mode) or list(op.default_modes), backends=names,
+                               dtype=args.dtype, quick=args.quick, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                               seed=args.seed, rotate=not args.no_rotate, verbose=args.verbose,
+                               budget_s=args.budget_s)
     except ValueError as exc:
         print(f"mmkernels bench {op.name}: {exc}", file=sys.stderr)
         return 2
     specs, skipped_presets = runner.plan(op, presets, custom, device, quick=args.quick, full_size=args.full_size)
     cfg.ceilings = None if args.no_ceilings else ceil.get(device)
 
+    commit, dirty = env.git_commit()
+    env_info = env.describe(device, nvidia_smi=True)
+    config = {"argv": sys.argv[1:], "presets": presets, "shapes": args.shape, "backends": names,
+              "modes": cfg.modes, "dtype": args.dtype, "quick": args.quick, "full_size": args.full_size,
+              "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms, "seed": cfg.seed, "rotate": cfg.rotate,
+              "budget_s": cfg.budget_s, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+    def make_doc(rows, not_timed, notes, left_out):
+        return report.build_doc(
+            op=op.name, title=f"mmkernels bench {op.name}: {op.title}", env_info=env_info, commit=commit, dirty=dirty,
+            ceilings=cfg.ceilings, config=config, metric=op.metric, convention=op.convention, rows=rows,
+            not_timed=not_timed, skipped_presets=skipped_presets, notes=notes, date=env.now_iso(), left_out=left_out)
+
     # ---- run --------------------------------------------------------------------------
+    so_far: list[dict] = []
+
+    def step(done, total, row):
+        progress(done, total, row)
+        if args.json:  # rewritten after every case: a run killed by a time box keeps what it measured
+            so_far.append(row)
+            report.write_json(args.json, make_doc(so_far, {}, [f"PARTIAL: {done} of {total} cases so far, no derived "
+                                                                  "columns (the finished run rewrites this file)"], {}))
+
     with report.Progress(f"bench {op.name}", enabled=not args.quiet) as progress:
-        rows, not_timed, notes = runner.run(op, specs, cfg, progress)
+        rows, not_timed, notes = runner.run(op, specs, cfg, step)
     left_out = {} if args.backends else {n: w for n, w in left_out.items() if n not in names}
     if device.type == "cpu":
         gpu = [n for n, b in known.items() if b.gpu_kernel]
@@ -225,17 +253,7 @@ def _cmd_run(args) -> int:
         notes.append("No CUDA device: the GPU kernels (" + ", ".join(gpu) + ") were not timed. The CPU numbers "
                      f"({', '.join(timed) or 'none'}) are a smoke test of the benchmark"
                      + (" at CPU-scaled sizes" if not args.full_size else "") + ", not performance results.")
-    commit, dirty = env.git_commit()
-    doc = report.build_doc(
-        op=op.name, title=f"mmkernels bench {op.name}: {op.title}", env_info=env.describe(device, nvidia_smi=True),
-        commit=commit, dirty=dirty, ceilings=cfg.ceilings,
-        config={"argv": sys.argv[1:], "presets": presets, "shapes": args.shape, "backends": names,
-                "modes": cfg.modes, "dtype": args.dtype, "quick": args.quick, "full_size": args.full_size,
-                "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms, "seed": cfg.seed, "rotate": cfg.rotate,
-                "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                "float32_matmul_precision": torch.get_float32_matmul_precision()},
-        metric=op.metric, convention=op.convention, rows=rows, not_timed=not_timed,
-        skipped_presets=skipped_presets, notes=notes, date=env.now_iso(), left_out=left_out)
+    doc = make_doc(rows, not_timed, notes, left_out)
     report.print_table(doc, plain=args.plain)
     if args.json:
         report.write_json(args.json, doc)

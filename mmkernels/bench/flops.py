@@ -11,6 +11,8 @@ Conventions (stated in every results file under ``flop_convention``):
   + 2.5 × attention.
 - bytes: the minimum traffic of an ideal fused kernel — every input read once, every output
   written once (the pooling's GB/s is against this; a kernel that reads twice shows as slower).
+  Token pooling's backward adds its gradients: dout read once, dx (and the norm's dweight/dbias)
+  written once; what a kernel saves for its backward is its own cost, not counted.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ QFORMER_CONVENTION = (
     "bwd = 2 * projections + 2.5 * attention; fwd+bwd = the sum"
 )
 BYTES_CONVENTION = (
-    "minimum traffic: fwd reads every input once and writes the output once; bwd reads dout "
-    "(and x when the op needs it: max pooling, a fused norm) and writes dx"
+    "minimum traffic: fwd reads x once and writes the output once (+ the norm's weight/bias read once); "
+    "bwd reads dout once and writes dx once (+ dweight/dbias written once); fwd+bwd = the sum; "
+    "saved tensors and workspaces are not counted (they are the implementation's cost)"
 )
 
 
@@ -92,11 +95,11 @@ def qformer_bytes(B: int, Lq: int, Lk: int, Dq: int, Dk: int, *, itemsize: int, 
 
 
 def token_pool_bytes(B: int, n_in: int, c_in: int, n_out: int, c_out: int, *, itemsize: int,
-                     mode: str = "fwd", needs_input_in_bwd: bool = False, norm_params: int = 0) -> float:
-    """fwd: x (B, n_in, c_in) read once, out (B, n_out, c_out) written once, norm params read.
-    bwd: dout read, dx written, x read again when ``needs_input_in_bwd`` (max pooling, a norm)."""
+                     mode: str = "fwd", norm_params: int = 0) -> float:
+    """fwd: x (B, n_in, c_in) read once, out (B, n_out, c_out) written once, ``norm_params``
+    elements read. bwd: dout read once, dx written once, the parameters' grads written once."""
     _check_mode(mode)
     x, out = B * n_in * c_in, B * n_out * c_out
     fwd = x + out + norm_params
-    bwd = out + x + (x if needs_input_in_bwd else 0) + 2 * norm_params
+    bwd = out + x + norm_params
     return float(itemsize * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode])

@@ -191,6 +191,8 @@ class OpBench:
     #: test of the CPU backends at CPU-scaled sizes, on CUDA the real sizes
     suite_backends = {"cpu": ("eager", "sdpa"), "cuda": ("eager", "sdpa", "triton")}
     suite_modes = {"cpu": ("fwd",), "cuda": ("fwd", "fwd+bwd")}
+    #: what ``mmkernels bench <op>`` times without ``--mode``
+    default_modes: tuple[str, ...] = ("fwd",)
 
     # ---- availability ------------------------------------------------------------------
     def unavailable(self) -> str | None:
@@ -282,6 +284,10 @@ class OpBench:
 
     def bytes(self, shape, itemsize: int, mode: str) -> float | None:
         return None
+
+    def summary_notes(self, rows: list[dict]) -> list[str]:
+        """Lines for the report's notes drawn from the finished rows (e.g. which backend won)."""
+        return []
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class RunConfig:
     rotate: bool = True
     ceilings: dict | None = None
     verbose: bool = False
+    #: start no case after this many seconds of the run (None: no limit); the rest is "not run"
+    budget_s: float | None = None
 
     def __post_init__(self):
         import torch
@@ -209,6 +211,7 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig,
     total = len(specs) * len(cfg.modes) * len(usable)
     done = 0
     fatal: str | None = None
+    t_start = time.perf_counter()
     for i, spec in enumerate(specs):
         dtype_name = cfg.dtype or spec.dtype or cfg.default_dtype()
         dtype = getattr(torch, dtype_name)
@@ -242,6 +245,8 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig,
                     row["reason"] = f"not run: {fatal}"
                 elif setup_error:
                     row["reason"] = setup_error
+                elif cfg.budget_s and time.perf_counter() - t_start > cfg.budget_s:
+                    row["reason"] = f"not run: the time budget of {cfg.budget_s:g} s was used up"
                 else:
                     _run_one(op, backend, spec, input_sets, ref, dtype_name, mode, cfg, row)
                     if row["status"] != "ok" and not _cuda_alive(device):
@@ -255,6 +260,7 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig,
             gc.collect()
             torch.cuda.empty_cache()
     add_derived(rows, op, cfg.ceilings)
+    notes.extend(op.summary_notes(rows))
     return rows, not_timed, notes
 
 

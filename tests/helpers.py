@@ -55,3 +55,13 @@ def poisoned():
             del os.environ["MMKERNELS_POISON"]
         else:
             os.environ["MMKERNELS_POISON"] = old
+
+
+def triton_has_cuda_backend() -> bool:
+    """Whether triton can compile for NVIDIA GPUs here (no GPU needed: ptxas ships with triton)."""
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except Exception:
+        return False

@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import triton_has_cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
-@pytest.mark.parametrize("arch,dtype,dims", [(90, "bf16", ["88"]), (90, "fp32", ["128"]), (80, "fp16", ["72"])], ids=["sm90-bf16-d88", "sm90-fp32-d128", "sm80-fp16-d72"])
+@pytest.mark.skipif(not triton_has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
+@pytest.mark.parametrize("arch,dtype,dims", [(90, "bf16", ["88"]), (90, "fp32", ["128"]), (80, "fp16", ["72"])],
+                         ids=["sm90-bf16-d88", "sm90-fp32-d128", "sm80-fp16-d72"])
 def test_kernels_compile_for_cuda(arch, dtype, dims):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

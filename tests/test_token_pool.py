@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close_abs, assert_close_rule, poisoned
+from helpers import assert_close_abs, assert_close_rule, poisoned, triton_has_cuda_backend
 
 import mmkernels as mk
 from mmkernels.kernels.token_pool import TokenPoolSpec, saved_like
@@ -380,16 +380,7 @@ sys.exit(1 if failed else 0)
 '''
 
 
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
+@pytest.mark.skipif(not triton_has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
 @pytest.mark.parametrize("arch,dtype", [(90, "bf16"), (80, "fp32")], ids=["sm90-bf16", "sm80-fp32"])
 def test_kernels_compile_for_cuda(arch, dtype):
     root = Path(__file__).resolve().parents[1]

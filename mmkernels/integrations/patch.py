@@ -1,0 +1,370 @@
+"""``mmkernels.patch(model)``: make a Hugging Face VLM (or any model holding
+``torch.nn.MultiheadAttention``) use mmkernels in place, and ``mmkernels.unpatch(model)``.
+
+What is patched (each switch of :func:`patch` turns one group off):
+
+``attention``
+  * every ``transformers.PreTrainedModel`` inside ``model`` that routes attention through HF's
+    ``AttentionInterface`` gets ``attn_implementation="mmkernels"`` (see
+    :mod:`mmkernels.integrations.hf`) on its config and sub-configs: CLIP / SigLIP / EVA-style
+    BLIP-2 vision towers, Qwen2-VL vision attention (one call per packed image), the LMs (LLaMA,
+    Qwen2, Gemma 3, OPT, ...), and the Q-Former when ``qformer=False``.  No module changes class.
+  * ``torch.nn.MultiheadAttention`` → :class:`mmkernels.nn.MultiheadAttention` (shared
+    parameters).  Inside SigLIP's attention-pooling head, whose caller discards the weights, the
+    replacement never forms them (:class:`WeightlessMultiheadAttention`), so the fused path runs.
+  * timm's ``Attention`` (``VisionTransformer`` blocks): its ``forward`` is overridden on the
+    instance to run :func:`mmkernels.attention` (``AttentionRope`` is left alone for now).
+``qformer``
+  BLIP-2 / InstructBLIP(-Video) Q-Former attention modules (self and cross) →
+  :class:`mmkernels.nn.QFormerAttention` (fused cross-attention: K/V never written to memory).
+``pooling``
+  Gemma 3 projector, LLaVA-NeXT-Video pooler, Qwen2-VL / Qwen2.5-VL patch mergers →
+  the :mod:`mmkernels.nn.token_pool` drop-ins; the methods ``LlavaOnevisionModel.apply_pooling``,
+  ``InternVLModel.pixel_shuffle`` (the merge only: the projector's LayerNorm is not fused yet) and
+  ``Idefics3Connector.pixel_shuffle`` / ``SmolVLMConnector.pixel_shuffle`` are overridden on the
+  instance.
+
+Parameters, buffers and ``state_dict`` keys do not change (the drop-ins share the original
+``Parameter`` objects).  :func:`unpatch` puts every original module object, method and config
+value back.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from ..nn import token_pool as tp
+from ..nn.attention import MultiheadAttention
+from ..nn.qformer import QFormerAttention
+from .timm import attention_forward as timm_attention_forward
+from .timm import is_timm_attention
+
+__all__ = ["PatchReport", "WeightlessMultiheadAttention", "is_patched", "patch", "unpatch"]
+
+_STATE_ATTR = "_mmkernels_patch_state"
+
+_QFORMER_CLASSES = ("Blip2QFormerMultiHeadAttention", "InstructBlipQFormerMultiHeadAttention",
+                    "InstructBlipVideoQFormerMultiHeadAttention")
+_POOL_CLASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "Gemma3MultiModalProjector": tp.Gemma3MultiModalProjector.from_hf,
+    "LlavaNextVideoPooler": tp.LlavaNextVideoPooler.from_hf,
+    "PatchMerger": tp.Qwen2VLPatchMerger.from_hf,             # Qwen2-VL
+    "Qwen2_5_VLPatchMerger": tp.Qwen2VLPatchMerger.from_hf,
+}
+# parents whose caller discards nn.MultiheadAttention's weights (``self.attention(...)[0]``)
+_WEIGHTS_DISCARDED_BY = ("SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead")
+
+
+class WeightlessMultiheadAttention(MultiheadAttention):
+    """:class:`mmkernels.nn.MultiheadAttention` that always takes the fused path
+    (``need_weights`` is ignored and the weights returned are ``None``).  :func:`patch` uses it
+    only where the caller discards the weights (SigLIP's attention-pooling head)."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        return super().forward(query, key, value, key_padding_mask, False, attn_mask, average_attn_weights,
+                               is_causal)
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did.  ``replaced``: (module path, old class, new class);
+    ``configs``: (path of the model owning the config, config class, old implementation, new);
+    ``methods``: (module path, method, replacement); ``skipped``: (path, class, why)."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    configs: list[tuple[str, str, str, str]] = field(default_factory=list)
+    methods: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.replaced) + len(self.configs) + len(self.methods)
+
+    def __str__(self) -> str:
+        lines = [f"mmkernels.patch: {len(self.replaced)} module(s) replaced, {len(self.configs)} attention "
+                 f"config(s) switched, {len(self.methods)} method(s) overridden, {len(self.skipped)} left alone"]
+        if self.configs:
+            lines.append("  attention implementation (HF AttentionInterface):")
+            for path, cls, old, new in self.configs:
+                lines.append(f"    {path or '<root>'} [{cls}]: {old!r} -> {new!r}")
+        if self.replaced:
+            lines.append("  modules:")
+            for path, old, new in self.replaced:
+                lines.append(f"    {path}: {old} -> {new}")
+        if self.methods:
+            lines.append("  methods:")
+            for path, meth, new in self.methods:
+                lines.append(f"    {path or '<root>'}.{meth} -> {new}")
+        if self.skipped:
+            lines.append("  left alone:")
+            for path, cls, why in self.skipped:
+                lines.append(f"    {path or '<root>'} [{cls}]: {why}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+@dataclass
+class _State:
+    modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)   # (parent, name, original)
+    configs: list[tuple[Any, Any]] = field(default_factory=list)                     # (config, old internal value)
+    methods: list[tuple[nn.Module, str]] = field(default_factory=list)               # (owner, name)
+    report: PatchReport | None = None
+
+
+def _pretrained_model_class():
+    import sys
+
+    if "transformers" not in sys.modules:  # a model holding HF modules has imported it already
+        return None
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # transformers broken: nothing HF to patch
+        return None
+    return PreTrainedModel
+
+
+def _all_configs(config) -> list:
+    """``config`` and its sub-configs at any depth (configs are unhashable: dedupe by id)."""
+    out, seen, todo = [], set(), [config]
+    while todo:
+        c = todo.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        for key in getattr(c, "sub_configs", {}) or {}:
+            todo.append(getattr(c, key, None))
+    return out
+
+
+def _patch_hf_attention(model: nn.Module, state: _State, report: PatchReport) -> None:
+    PreTrainedModel = _pretrained_model_class()
+    if PreTrainedModel is None:
+        return
+    from .hf import ATTN_IMPLEMENTATION, register_hf
+
+    # the outermost PreTrainedModels: set_attn_implementation recurses into the rest
+    roots, covered = [], set()
+    for path, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(r == "" or path.startswith(r + ".") for r in covered):
+            roots.append((path, m))
+            covered.add(path)
+    if not roots:
+        return
+    register_hf()
+    seen: set[int] = set()
+    for root_path, root in roots:
+        configs: list[tuple[Any, Any]] = []  # this root's configs, with their value before
+        for path, m in root.named_modules():
+            if isinstance(m, PreTrainedModel):
+                for c in _all_configs(m.config):
+                    if id(c) not in seen:
+                        seen.add(id(c))
+                        configs.append((c, c._attn_implementation_internal))
+                if not m._can_set_attn_implementation():
+                    full = ".".join(p for p in (root_path, path) if p)
+                    report.skipped.append((full, type(m).__name__,
+                                           "does not use HF's AttentionInterface (attention left as is)"))
+        try:
+            root.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except (ValueError, KeyError, ImportError, NotImplementedError) as e:
+            for c, old in configs:
+                c._attn_implementation_internal = old
+            report.skipped.append((root_path, type(root).__name__, f"set_attn_implementation refused: {e}"))
+            continue
+        owners: dict[int, str] = {}
+        for path, m in root.named_modules():
+            if isinstance(m, PreTrainedModel):
+                owners.setdefault(id(m.config), ".".join(p for p in (root_path, path) if p))
+        for c, old in configs:
+            state.configs.append((c, old))
+            new = c._attn_implementation_internal
+            if new != old:
+                report.configs.append((owners.get(id(c), f"{root_path or '<root>'} (sub-config)"),
+                                       type(c).__name__, old, new))
+
+
+def _class_name(cls: type) -> str:
+    """The shortest public dotted name of ``cls`` (``torch.nn.MultiheadAttention``,
+    ``mmkernels.nn.QFormerAttention``), else its full module path."""
+    import sys
+
+    top = cls.__module__.split(".")[0]
+    for public in ("torch.nn", "mmkernels.nn", "mmkernels.integrations", top):
+        mod = sys.modules.get(public)
+        if public.split(".")[0] == top and mod is not None and getattr(mod, cls.__name__, None) is cls:
+            return f"{public}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module, state: _State, report: PatchReport) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = parent._modules[name]
+    parent._modules[name] = new
+    state.modules.append((parent, name, old))
+    report.replaced.append((path, _class_name(type(old)), _class_name(type(new))))
+
+
+def _override(owner: nn.Module, name: str, fn: Callable, path: str, state: _State, report: PatchReport,
+              what: str) -> None:
+    # an instance attribute wins over the class's method; a bound method survives copy.deepcopy
+    owner.__dict__[name] = types.MethodType(fn, owner)
+    state.methods.append((owner, name))
+    report.methods.append((path, name, what))
+
+
+def _pool_layout_mismatch(cls: str, m: nn.Module) -> str:
+    """Why ``m`` (matched by class name) does not have the layout its drop-in expects ("" = fine)."""
+    if cls == "Gemma3MultiModalProjector":
+        needed = ("mm_soft_emb_norm", "mm_input_projection_weight", "patches_per_image", "tokens_per_side")
+    elif cls in ("PatchMerger", "Qwen2_5_VLPatchMerger"):
+        needed = ("ln_q", "mlp", "hidden_size")
+        if "qwen2" not in type(m).__module__:
+            return f"a {cls} outside Qwen2-VL / Qwen2.5-VL"
+        if not isinstance(getattr(m, "mlp", None), nn.Sequential):
+            return "mlp is not an nn.Sequential"
+    else:  # LlavaNextVideoPooler
+        needed = ("pool",)
+    missing = [a for a in needed if not hasattr(m, a)]
+    return f"no {', '.join(missing)}" if missing else ""
+
+
+def _onevision_apply_pooling(self, image_features):
+    vc = self.config.vision_config
+    side = vc.image_size // vc.patch_size
+    return tp.LlavaOnevisionPooling(side, side)(image_features)
+
+
+def _idefics3_pixel_shuffle(self, x, scale_factor=2):
+    b, n, c = x.shape
+    side = math.isqrt(n)
+    if side * side != n or side % scale_factor:
+        raise ValueError(f"pixel_shuffle: expected a square token grid divisible by {scale_factor}, got {n} tokens")
+    return tp.Idefics3PixelShuffle(scale_factor)(x)
+
+
+def _internvl_pixel_shuffle(self, vision_features, scale_factor=0.5):
+    b, w, h, c = vision_features.shape
+    if w != h:  # the fused merge reads a square grid; HF's tiles always are
+        return type(self).pixel_shuffle(self, vision_features, scale_factor)
+    out = tp.InternVLPixelShuffle(scale_factor)(vision_features.reshape(b, w * h, c))
+    return out.view(b, round(w * scale_factor), round(h * scale_factor), out.shape[-1])
+
+
+def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True) -> PatchReport:
+    """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
+    ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
+    MultiheadAttention`, Q-Former attention → :class:`mmkernels.nn.QFormerAttention`, token
+    poolers → :mod:`mmkernels.nn.token_pool` drop-ins (see the module docstring for the list).
+
+    Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
+    unchanged.  Patching a patched model raises; :func:`unpatch` first.
+
+    Example::
+
+        model = Blip2ForConditionalGeneration.from_pretrained(...)
+        print(mmkernels.patch(model))
+        ...
+        mmkernels.unpatch(model)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError("patch: this model is already patched; call mmkernels.unpatch(model) first")
+    state, report = _State(), PatchReport()
+    try:
+        if attention:
+            _patch_hf_attention(model, state, report)
+        for path, m in list(model.named_modules()):
+            cls = type(m).__name__
+            if not path:
+                if cls in _QFORMER_CLASSES or cls in _POOL_CLASSES or isinstance(m, nn.MultiheadAttention):
+                    report.skipped.append(("", cls, "the root module cannot be replaced in place: use the "
+                                           "mmkernels.nn drop-in's from_hf / from_torch"))
+                    continue
+            if cls in _QFORMER_CLASSES:
+                if not qformer:
+                    report.skipped.append((path, cls, "qformer=False" + (
+                        " (runs through the attention interface)" if attention else "")))
+                    continue
+                _replace(model, path, QFormerAttention.from_hf(m), state, report)
+            elif cls in _POOL_CLASSES:
+                if not pooling:
+                    report.skipped.append((path, cls, "pooling=False"))
+                    continue
+                why = _pool_layout_mismatch(cls, m)
+                if why:
+                    report.skipped.append((path, cls, f"unexpected layout ({why})"))
+                    continue
+                _replace(model, path, _POOL_CLASSES[cls](m), state, report)
+            elif is_timm_attention(m):
+                if not attention:
+                    report.skipped.append((path, cls, "attention=False"))
+                    continue
+                _override(m, "forward", timm_attention_forward, path, state, report,
+                          "mmkernels.integrations.timm.attention_forward (timm Attention on mk.attention)")
+            elif cls == "AttentionRope" and type(m).__module__.startswith("timm."):
+                report.skipped.append((path, cls, "timm attention with RoPE: not patched yet"))
+            elif isinstance(m, nn.MultiheadAttention) and not isinstance(m, MultiheadAttention):
+                if not attention:
+                    report.skipped.append((path, cls, "attention=False"))
+                    continue
+                parent_path = path.rpartition(".")[0]
+                parent = model.get_submodule(parent_path) if parent_path else model
+                new_cls = (WeightlessMultiheadAttention if type(parent).__name__ in _WEIGHTS_DISCARDED_BY
+                           else MultiheadAttention)
+                _replace(model, path, new_cls.from_torch(m), state, report)
+        if pooling:
+            for path, m in model.named_modules():
+                cls = type(m).__name__
+                if cls in ("LlavaOnevisionModel",) and hasattr(m, "apply_pooling"):
+                    _override(m, "apply_pooling", _onevision_apply_pooling, path, state, report,
+                              "mmkernels.nn.LlavaOnevisionPooling (bilinear, fused)")
+                elif cls in ("Idefics3Connector", "SmolVLMConnector") and hasattr(m, "pixel_shuffle"):
+                    _override(m, "pixel_shuffle", _idefics3_pixel_shuffle, path, state, report,
+                              "mmkernels.nn.Idefics3PixelShuffle (merge, fused)")
+                elif cls == "InternVLModel" and hasattr(m, "pixel_shuffle"):
+                    _override(m, "pixel_shuffle", _internvl_pixel_shuffle, path, state, report,
+                              "mmkernels.nn.InternVLPixelShuffle (merge; the projector's LayerNorm stays unfused)")
+    except BaseException:
+        _restore(state)
+        raise
+    if not report.num_patched:
+        report.skipped.append(("", type(model).__name__, "nothing mmkernels knows how to patch"))
+    state.report = report
+    model.__dict__[_STATE_ATTR] = state
+    return report
+
+
+def _restore(state: _State) -> None:
+    for parent, name, old in reversed(state.modules):
+        parent._modules[name] = old
+    for owner, name in reversed(state.methods):
+        owner.__dict__.pop(name, None)
+    for config, old in reversed(state.configs):
+        config._attn_implementation_internal = old
+
+
+def unpatch(model: nn.Module) -> PatchReport | None:
+    """Undo :func:`patch` on ``model``: the original module objects, methods and attention
+    implementations come back.  Returns the report of the patch undone (``None`` when the model
+    was not patched)."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        return None
+    _restore(state)
+    return state.report
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` was applied to ``model`` (and not undone)."""
+    return getattr(model, _STATE_ATTR, None) is not None
+

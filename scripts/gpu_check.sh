@@ -25,6 +25,13 @@
 #                                                                -> token_pool_bench.json, bench.log
 #            A token-pool call of its own (6 files; 7 with MMK_INSTALL=1):
 #   command:   MMKERNELS_COMMIT=<sha> MMK_STAGES="env build tests poolbench summary" MMK_PYTEST_ARGS="-k token_pool" bash scripts/gpu_check.sh
+#   e2e      examples/blip2_e2e.py (issue 5: BLIP-2 image -> Q-Former features, fwd and Q-Former fwd+bwd,
+#            and the LLaVA-OneVision vision tower + pooling, real sizes with random weights; patched vs
+#            HF eager vs HF sdpa, median ms and speedups); time box MMK_E2E_S (default: what is left,
+#            less 30 s); extra arguments in MMK_E2E_ARGS (e.g. "--models blip2")  -> e2e.json, bench.log
+#            An end-to-end call of its own (4 files):
+#   command:   MMKERNELS_COMMIT=<sha> MMK_STAGES="env e2e summary" bash scripts/gpu_check.sh
+#   then here: cp <files_at>/e2e.json benchmarks/results/<device-slug>/e2e_<yyyymmdd>_<commit7>.json
 # Everything goes flat under $OUT (at most 8 files come back): env.txt, install.log (only with
 # MMK_INSTALL=1), pytest.log, pytest_junit.xml, attention_bench.json, bench.log, summary.txt
 # (+ token_pool_bench.json with poolbench: with bench too, that is 8 only without MMK_INSTALL);
@@ -275,6 +282,21 @@ if has_stage cli; then
     note "cli rc=$CLI_RC" | tee -a "$OUT/bench.log"
 fi
 
+# ---- e2e: the end-to-end example (issue 5) -------------------------------------------------
+E2E_RC=skipped
+if has_stage e2e; then
+    box=${MMK_E2E_S:-$(( $(remaining) - 30 ))}
+    if (( box < 60 )); then
+        note "e2e: only ${box}s left, not starting" | tee -a "$OUT/bench.log"
+    else
+        note "e2e: examples/blip2_e2e.py (hard box ${box}s)" | tee -a "$OUT/bench.log"
+        # shellcheck disable=SC2086
+        tbox "$box" $PY examples/blip2_e2e.py --json "$OUT/e2e.json" ${MMK_E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+        E2E_RC=${PIPESTATUS[0]}
+        note "e2e rc=$E2E_RC" | tee -a "$OUT/bench.log"
+    fi
+fi
+
 # ---- summary (printed last: the device tool returns the end of the output) ----------------
 if has_stage summary; then
     {
@@ -300,6 +322,10 @@ if has_stage summary; then
             echo "suite rc=$SUITE_RC: $(grep -E '(passed|failed|error)' "$OUT/bench.log" | tail -n 1)"
             grep -E "^(== no baseline|.*case\(s\):.*-> (PASS|FAIL))" "$OUT/bench.log" || true
         fi
+        if [[ "$E2E_RC" != skipped ]]; then
+            echo "e2e rc=$E2E_RC"
+            [[ -f "$OUT/bench.log" ]] && grep -E "^(== |  [a-z]|    (patched|eager|sdpa) |             mmkernels)" "$OUT/bench.log" | tail -n 40
+        fi
         if [[ "$CLI_RC" != skipped ]]; then
             echo "cli rc=$CLI_RC"
             for f in "$OUT"/cli_*.json; do
@@ -313,4 +339,5 @@ ls -la "$OUT"
 # benchmark, suite and cli stages finished; the files under $OUT come back either way
 [[ "$TEST_RC" == 0 || "$TEST_RC" == skipped ]] && [[ "$BENCH_RC" == 0 || "$BENCH_RC" == skipped ]] \
     && [[ "$SUITE_RC" == 0 || "$SUITE_RC" == skipped ]] && [[ "$CLI_RC" == 0 || "$CLI_RC" == skipped ]] \
-    && [[ "$BUILD_RC" == 0 || "$BUILD_RC" == skipped ]] && [[ "$POOL_RC" == 0 || "$POOL_RC" == skipped ]]
+    && [[ "$BUILD_RC" == 0 || "$BUILD_RC" == skipped ]] && [[ "$POOL_RC" == 0 || "$POOL_RC" == skipped ]] \
+    && [[ "$E2E_RC" == 0 || "$E2E_RC" == skipped ]]

@@ -507,6 +507,62 @@ def test_internvl_pixel_shuffle():
     assert "pixel_shuffle" not in model.model.__dict__
 
 
+def test_internvl_image_features_fused_layernorm():
+    """get_image_features: pixel shuffle + the projector's LayerNorm(4C) run as one token_pool call
+    (norm fused, the projector's weights), outputs and gradients equal HF's, unpatch exact."""
+    Config = _cls("InternVLConfig")
+    cfg = Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=[16, 16], patch_size=[2, 2]),
+                 text_config=dict(TINY_LLAMA, model_type="qwen2"))  # "default": CLS dropped, read past
+    torch.manual_seed(0)
+    model = _cls("InternVLForConditionalGeneration")(cfg).to(DEVICE).eval()
+    ln = model.model.multi_modal_projector.layer_norm
+    with torch.no_grad():  # non-trivial norm weights, so a skipped or doubled LayerNorm shows
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    pixels = torch.randn(2, 3, 16, 16, device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(backward=False):
+        out = model.get_image_features(pixel_values=pixels).pooler_output
+        if not backward:
+            return out.detach(), None
+        grads = torch.autograd.grad((out * out).sum(), params, allow_unused=True)
+        return out.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    keys, ref_fwd = list(model.state_dict()), run()[0]
+    ref_out, ref_grads = run(backward=True)
+    report = mk.patch(model, attention=False)
+    assert [m for _, m, _ in report.methods] == ["pixel_shuffle", "get_image_features"], str(report)
+    assert list(model.state_dict()) == keys
+    seen, select = [], dispatch.select
+
+    def recording_select(op, inputs, backend=None):  # the fused call's arguments
+        seen.append((inputs["spec"].mode, inputs["spec"].norm, inputs["spec"].has_cls,
+                     inputs["norm_weight"] is ln.weight, inputs["norm_bias"] is ln.bias))
+        return select(op, inputs, backend)
+
+    dispatch.select = recording_select
+    try:
+        with on_triton() as calls:
+            out, grads = run(backward=True)
+    finally:
+        dispatch.select = select
+    assert calls == [("token_pool", "triton")], calls
+    assert seen == [("merge", "layernorm", True, True, True)], seen
+    assert_close_abs("image features", out, ref_out, ATOL)
+    for p, g, r in zip(params, grads, ref_grads):
+        assert_close_abs("grad", g, r, 1e-4)
+    with spy_backends() as calls, torch.no_grad():
+        assert_close_abs("image features (auto)", run()[0], ref_fwd, ATOL)
+    assert len(calls) == 1, calls
+    mk.unpatch(model)
+    assert "get_image_features" not in model.model.__dict__ and "pixel_shuffle" not in model.model.__dict__
+    with spy_backends() as calls, torch.no_grad():
+        assert torch.equal(run()[0], ref_fwd)
+    assert calls == []
+
+
 class _TimmLikeAttention(torch.nn.Module):
     """timm 1.0's ``timm.layers.attention.Attention`` (its non-fused path), for machines without
     timm: same attributes, so ``patch`` recognises it; checked against the real class on a

@@ -20,9 +20,10 @@ What is patched (each switch of :func:`patch` turns one group off):
 ``pooling``
   Gemma 3 projector, LLaVA-NeXT-Video pooler, Qwen2-VL / Qwen2.5-VL patch mergers →
   the :mod:`mmkernels.nn.token_pool` drop-ins; the methods ``LlavaOnevisionModel.apply_pooling``,
-  ``InternVLModel.pixel_shuffle`` (the merge only: the projector's LayerNorm is not fused yet) and
-  ``Idefics3Connector.pixel_shuffle`` / ``SmolVLMConnector.pixel_shuffle`` are overridden on the
-  instance.
+  ``InternVLModel.pixel_shuffle`` (merge) and ``InternVLModel.get_image_features`` (pixel shuffle
+  + the projector's LayerNorm(4C) in one :func:`mmkernels.token_pool` call with the projector's
+  own weights, then its Linear → act → Linear in torch), and ``Idefics3Connector.pixel_shuffle`` /
+  ``SmolVLMConnector.pixel_shuffle`` are overridden on the instance.
 
 Parameters, buffers and ``state_dict`` keys do not change (the drop-ins share the original
 ``Parameter`` objects).  :func:`unpatch` puts every original module object, method and config
@@ -259,6 +260,69 @@ def _internvl_pixel_shuffle(self, vision_features, scale_factor=0.5):
     return out.view(b, round(w * scale_factor), round(h * scale_factor), out.shape[-1])
 
 
+def _internvl_image_features_body(self, pixel_values, vision_feature_layer=None,
+                                  vision_feature_select_strategy=None, **kwargs):
+    """transformers' ``InternVLModel.get_image_features`` body with ``pixel_shuffle`` + the
+    projector's ``layer_norm`` fused into one token_pool call (the CLS drop of the "default"
+    strategy is read past, not copied); the projector's Linear → act → Linear run as HF's."""
+    pixel_values = pixel_values.to(dtype=self.dtype)
+    vision_outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+    if vision_feature_layer == -1:
+        vision_features = vision_outputs.last_hidden_state
+    else:
+        vision_features = vision_outputs.hidden_states[vision_feature_layer]
+    proj = self.multi_modal_projector
+    merged = tp.InternVLPixelShuffle(self.config.downsample_ratio, proj.layer_norm,
+                                     has_cls=vision_feature_select_strategy == "default")(vision_features)
+    vision_outputs.pooler_output = proj.linear_2(proj.act(proj.linear_1(merged)))
+    return vision_outputs
+
+
+_INTERNVL_GET_IMAGE_FEATURES = None
+
+
+def _internvl_get_image_features_fn():
+    """The fused body wrapped in the decorators transformers puts on ``get_image_features``
+    (config defaults, ``return_dict``, hidden-state selection); ``None`` when this transformers
+    lacks them (then only ``pixel_shuffle`` is overridden)."""
+    global _INTERNVL_GET_IMAGE_FEATURES
+    if _INTERNVL_GET_IMAGE_FEATURES is None:
+        try:
+            from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+            from transformers.utils.output_capturing import select_hidden_states
+        except ImportError:
+            return None
+        fn = merge_with_config_defaults(can_return_tuple(select_hidden_states("vision_feature_layer")(
+            _internvl_image_features_body)))
+        fn.__name__ = fn.__qualname__ = "get_image_features"
+        _INTERNVL_GET_IMAGE_FEATURES = fn
+    return _INTERNVL_GET_IMAGE_FEATURES
+
+
+def _internvl_fusion_mismatch(m: nn.Module) -> str:
+    """Why ``InternVLModel`` ``m`` cannot take the fused pixel-shuffle + LayerNorm ("" = it can)."""
+    proj = getattr(m, "multi_modal_projector", None)
+    if proj is None or not all(hasattr(proj, a) for a in ("layer_norm", "linear_1", "act", "linear_2")):
+        return "multi_modal_projector without layer_norm / linear_1 / act / linear_2"
+    if type(proj).__name__ != "InternVLMultiModalProjector":
+        return f"projector {type(proj).__name__} is not transformers' InternVLMultiModalProjector"
+    if not isinstance(proj.layer_norm, nn.LayerNorm) or not proj.layer_norm.elementwise_affine:
+        return "the projector's layer_norm is not an affine nn.LayerNorm"
+    if proj.linear_1.in_features != proj.layer_norm.normalized_shape[0]:
+        return "the projector's layer_norm width differs from linear_1's input"
+    if proj._forward_hooks or proj._forward_pre_hooks:
+        return "the projector has forward hooks (they would be bypassed)"
+    hf_cls = next((c for c in type(m).__mro__ if c.__name__ == "InternVLModel"), None)
+    if hf_cls is None or type(m).get_image_features is not hf_cls.get_image_features:
+        return "get_image_features is overridden by a subclass"
+    ratio = getattr(m.config, "downsample_ratio", None)
+    if not ratio or abs(round(1 / ratio) * ratio - 1) > 1e-6:
+        return f"downsample_ratio {ratio!r} is not 1/k"
+    if _internvl_get_image_features_fn() is None:
+        return "this transformers lacks the get_image_features decorators"
+    return ""
+
+
 def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True) -> PatchReport:
     """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
     ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
@@ -333,7 +397,14 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
                               "mmkernels.nn.Idefics3PixelShuffle (merge, fused)")
                 elif cls == "InternVLModel" and hasattr(m, "pixel_shuffle"):
                     _override(m, "pixel_shuffle", _internvl_pixel_shuffle, path, state, report,
-                              "mmkernels.nn.InternVLPixelShuffle (merge; the projector's LayerNorm stays unfused)")
+                              "mmkernels.nn.InternVLPixelShuffle (merge, fused)")
+                    why = _internvl_fusion_mismatch(m)
+                    if why:
+                        report.skipped.append((path, cls, f"pixel shuffle + projector LayerNorm not fused ({why})"))
+                    else:
+                        _override(m, "get_image_features", _internvl_get_image_features_fn(), path, state, report,
+                                  "pixel shuffle + multi_modal_projector.layer_norm in one mk.token_pool call "
+                                  "(mmkernels.nn.InternVLPixelShuffle), projector MLP in torch")
     except BaseException:
         _restore(state)
         raise

@@ -76,6 +76,8 @@ from mmkernels.bench.cases_attention import (  # noqa: E402,F401  (Backend/Prepa
     make_backends,
     ref_out_slice,
 )
+from mmkernels.bench.report import json_safe, short_text  # noqa: E402
+from mmkernels.bench.runner import cuda_alive, exc_text, peak_memory, warning_messages  # noqa: E402
 
 SCHEMA = 1
 ALL_BACKENDS = ("eager", "sdpa-flash", "triton", "triton-pad", "sdpa-cudnn", "sdpa-efficient",
@@ -106,7 +108,6 @@ OUT_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-3}
 GRAD_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1.5e-2, torch.float32: 5e-3}
 CHECK_HEADS = 2
 GIB = 1 << 30
-MIB = 1 << 20
 EXIT_FATAL = 3
 
 
@@ -121,64 +122,9 @@ def _csv(s, cast=str):
     return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
 
 
-def _short(text: str, n: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _finite(x):
-    """JSON has no NaN/Infinity: non-finite floats become strings."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cuda_alive(device) -> bool:
-    if device.type != "cuda":
-        return True
-    try:
-        torch.cuda.synchronize(device)
-        return torch.ones(1, device=device).add_(1).item() == 2.0
-    except Exception:
-        return False
-
-
-def _exc_text(exc: BaseException, caught: list) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    msgs = []
-    for w in caught:  # SDPA explains "No available kernel" only through warnings
-        m = _short(str(w.message), 400)
-        if m not in msgs:
-            msgs.append(m)
-    if msgs:
-        text += " | warnings: " + " / ".join(msgs[:6])
-    return _short(text, 2000)
-
-
 # --------------------------------------------------------------------------------------
 # environment description
 # --------------------------------------------------------------------------------------
-def _git_commit() -> tuple[str, bool | None]:
-    return _env.git_commit()
-
-
-def _describe_env(device) -> dict:
-    return _env.describe(device, nvidia_smi=True)
-
-
-def _slug(name: str) -> str:
-    return _env.slug(name)
-
-
 # --------------------------------------------------------------------------------------
 # cases
 # --------------------------------------------------------------------------------------
@@ -260,17 +206,6 @@ def _err(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------
-def _reset_grads(ts):
-    for t in ts:
-        t.grad = None
-
-
-def time_fn(fn, grads, device, warmup_ms, rep_ms, min_reps):
-    """(p50, p20, p80) in ms, and the timer's name (mmkernels.bench.timing: do_bench on CUDA)."""
-    t = _timing.time_fn(fn, device, grads=grads, warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps)
-    return (t.ms_p50, t.ms_p20, t.ms_p80), t.timer
-
-
 # --------------------------------------------------------------------------------------
 # running one case
 # --------------------------------------------------------------------------------------
@@ -358,7 +293,7 @@ def run_case(case: Case, backend: Backend, inputs: Inputs, args, device, dtype, 
             out = call(*leaves)
             if grad:
                 out.backward(dout)
-            _sync(device)
+            _timing.sync(device)
             rec["first_call_s"] = round(time.perf_counter() - t0, 3)
             warnings.simplefilter("ignore")
 
@@ -383,41 +318,31 @@ def run_case(case: Case, backend: Backend, inputs: Inputs, args, device, dtype, 
             rec["check"] = chk
             del o
             out = None
-            _reset_grads(leaves)
+            _timing.reset_grads(leaves)
 
             # 3) timing
-            (p50, p20, p80), timer = time_fn(fn, leaves if grad else [], device, args.warmup_ms,
-                                             args.rep_ms, args.min_reps)
-            rec.update(ms_p50=p50, ms_p20=p20, ms_p80=p80, timer=timer,
+            t = _timing.time_fn(fn, device, grads=leaves if grad else [], warmup_ms=args.warmup_ms,
+                                rep_ms=args.rep_ms, min_reps=args.min_reps)
+            p50 = t.ms_p50
+            rec.update(ms_p50=p50, ms_p20=t.ms_p20, ms_p80=t.ms_p80, timer=t.timer,
                        tflops=case.flops() / (p50 * 1e-3) / 1e12 if p50 > 0 else None)
 
             # 4) peak memory of one call
             if device.type == "cuda":
-                _reset_grads(leaves)
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                r = fn()
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device)
-                del r
-                rec.update(peak_mem_mib=round(peak / MIB, 1), extra_mem_mib=round((peak - before) / MIB, 1))
+                rec["peak_mem_mib"], rec["extra_mem_mib"] = peak_memory(fn, leaves, device)
             rec["status"] = "ok"
-            ws = []
-            for w in caught:
-                m = _short(str(w.message), 300)
-                if m not in ws:
-                    ws.append(m)
+            ws = warning_messages(caught, 300)
             if ws:
                 rec["warnings"] = ws[:5]
     except Exception as exc:
-        rec.update(status="skipped", reason=_exc_text(exc, caught), error_type=type(exc).__name__)
+        reason = exc_text(exc, caught, per_warning=400, max_warnings=6, limit=2000)
+        rec.update(status="skipped", reason=reason, error_type=type(exc).__name__)
         if args.verbose:
             traceback.print_exc()
     finally:
         out = prepared = dout = None
         if leaves is not None:
-            _reset_grads(leaves)
+            _timing.reset_grads(leaves)
         leaves = None
         if rec.get("status") != "ok" and device.type == "cuda":
             gc.collect()
@@ -449,7 +374,7 @@ def row_text(r: dict) -> str:
     head = (f"{r['backend']:<15}{r['d']:>4}{r['H']:>4}{r['B']:>5}{r['L']:>7} "
             f"{'causal' if r['causal'] else 'full':<7}{r['mode']:<8}")
     if r.get("status") != "ok":
-        return head + f"{r.get('status')}: {_short(r.get('reason') or '', 110)}"
+        return head + f"{r.get('status')}: {short_text(r.get('reason') or '', 110)}"
     chk = r.get("check") or {}
     err = chk.get("out_max_abs_err")
     flag = "ok" if chk.get("ok", True) else "WRONG (rel err " + _fmt_e(chk.get("out_rel_err")) + ")"
@@ -507,10 +432,10 @@ def summary_text(doc: dict) -> str:
     lines.append(f"cases: {n['ok']} ok, {n['skipped']} skipped, {n['not_run']} not run; "
                  f"{len(wrong)} failed the correctness check" + (f": {', '.join(wrong[:12])}" if wrong else ""))
     for name, why in (doc.get("fatal_backends") or {}).items():
-        lines.append(f"fatal: {name}: {_short(why, 200)}")
+        lines.append(f"fatal: {name}: {short_text(why, 200)}")
     for name, info in (doc.get("backends") or {}).items():
         if not info.get("available", True):
-            lines.append(f"unavailable: {name}: {_short(info.get('reason', ''), 150)}")
+            lines.append(f"unavailable: {name}: {short_text(info.get('reason', ''), 150)}")
     return "\n".join(lines)
 
 
@@ -518,7 +443,7 @@ def write_json(path: Path, doc: dict) -> None:
     add_speedups(doc["cases"])
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(_finite(doc), f, indent=1)
+        json.dump(json_safe(doc), f, indent=1)
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous version
 
 
@@ -612,8 +537,8 @@ def main(argv=None) -> int:
         return 2
 
     backends = make_backends(dtype)
-    env_info = _describe_env(device)
-    commit, dirty = _git_commit()
+    env_info = _env.describe(device, nvidia_smi=True)
+    commit, dirty = _env.git_commit()
     now = datetime.datetime.now(datetime.timezone.utc)
     dev_name = env_info["device"].get("name", device.type)
     doc = {
@@ -631,7 +556,7 @@ def main(argv=None) -> int:
         "flop_convention": FLOP_CONVENTION,
         "columns": COLUMNS,
         "notes": [],
-        "suggested_result_path": (f"benchmarks/results/{_slug(dev_name)}/attention_"
+        "suggested_result_path": (f"benchmarks/results/{_env.slug(dev_name)}/attention_"
                                   f"{now.strftime('%Y%m%d')}_{commit[:7]}.json"),
         "backends": {},
         "fatal_backends": {},
@@ -743,9 +668,9 @@ def main(argv=None) -> int:
             if args.case_timeout_s > 0:
                 faulthandler.cancel_dump_traceback_later()
         doc["running"] = None
-        if rec["status"] != "ok" and not _cuda_alive(device):
+        if rec["status"] != "ok" and not cuda_alive(device):
             doc["fatal_backends"][case.backend] = (f"CUDA context unusable after {case.key}: "
-                                                   f"{_short(rec['reason'], 600)}")
+                                                   f"{short_text(rec['reason'], 600)}")
             print(row_text(rec), flush=True)
             print(f"# FATAL: the CUDA context is unusable after {case.key}; rerun with --resume "
                   f"(backend {case.backend} will be skipped)", flush=True)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import flops as fl
 from .registry import BenchBackend, Bound, OpBench, ShapeSpec, Skip, as_bool, mk_backend_unavailable, parse_kv
+from .report import short_text
 
 __all__ = ["AttnShape", "BENCH", "Prepared", "make_backends", "ref_out_slice"]
 
@@ -116,11 +117,6 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
 class Prepared:
     call: object  # (q, k, v[, attn_mask=]) -> out, all in `layout`
     layout: str = "bhld"  # or "blhd": inputs/outputs are (B, L, H, D)
-
-
-def _short(text: str, n: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _no_mask(case, who: str) -> None:
@@ -317,7 +313,7 @@ class FlashAttn(Backend):
         try:
             from flash_attn import flash_attn_func  # noqa: F401
         except Exception as exc:
-            return f"flash_attn not importable: {_short(repr(exc), 200)}"
+            return f"flash_attn not importable: {short_text(repr(exc), 200)}"
         return None
 
     def prepare(self, case, device):
@@ -341,7 +337,7 @@ class Xformers(Backend):
         try:
             import xformers.ops  # noqa: F401
         except Exception as exc:
-            return f"xformers not importable: {_short(repr(exc), 200)}"
+            return f"xformers not importable: {short_text(repr(exc), 200)}"
         return None
 
     def prepare(self, case, device):

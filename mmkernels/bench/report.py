@@ -48,18 +48,19 @@ CSV_FIELDS = ["key", "op", "preset", "case", "shape", "scaled_from", "dtype", "m
               "peak_mem_mib", "check_ok", "check_rel_err", "reason", "device", "torch", "triton", "commit", "date"]
 
 
-def _finite(x):
+def json_safe(x):
     """JSON has no NaN/Infinity: non-finite floats become strings."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
-def _short(text: str, n: int) -> str:
+def short_text(text: str, n: int) -> str:
+    """One line of at most ``n`` characters (whitespace folded, "..." where cut)."""
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -86,7 +87,7 @@ def write_json(path: str | os.PathLike, doc: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(_finite(doc), f, indent=1)
+        json.dump(json_safe(doc), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous version
 
@@ -143,7 +144,7 @@ def table_rows(doc: dict, *, brief: bool = False) -> tuple[list[str], list[list[
         last = group
         lead = [r["preset"], r["case"], r["shape"], r["dtype"], r["mode"]] if first else ["", "", "", "", ""]
         if r.get("status") != "ok":
-            out.append(lead + [r["backend"], "skip", _short(r.get("reason") or "", 90), "", "", "", "", ""])
+            out.append(lead + [r["backend"], "skip", short_text(r.get("reason") or "", 90), "", "", "", "", ""])
             continue
         chk = r.get("check") or {}
         ok = chk.get("ok", True)
@@ -407,5 +408,5 @@ def plot(docs: list[dict], path: str | os.PathLike) -> str:
 
 def dumps(doc: dict) -> str:
     buf = io.StringIO()
-    json.dump(_finite(doc), buf, indent=1)
+    json.dump(json_safe(doc), buf, indent=1)
     return buf.getvalue()

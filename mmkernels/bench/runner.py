@@ -21,6 +21,7 @@ from . import timing
 from .ceilings import percent_of
 from .flops import MODES
 from .registry import OpBench, ShapeSpec
+from .report import short_text
 
 __all__ = ["RunConfig", "case_key", "plan", "run", "setup_case"]
 
@@ -100,24 +101,29 @@ def plan(op: OpBench, presets: list[str], custom: list[ShapeSpec], device, *, qu
 # --------------------------------------------------------------------------------------
 # one case
 # --------------------------------------------------------------------------------------
-def _short(text: str, n: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _exc_text(exc: BaseException, caught: list) -> str:
-    text = f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "Skip" else str(exc)
+def warning_messages(caught: list, n: int) -> list[str]:
+    """The distinct messages of recorded warnings, each cut to ``n`` characters, in order."""
     msgs: list[str] = []
     for w in caught:
-        m = _short(str(w.message), 300)
+        m = short_text(str(w.message), n)
         if m not in msgs:
             msgs.append(m)
+    return msgs
+
+
+def exc_text(exc: BaseException, caught: list, *, per_warning: int = 300, max_warnings: int = 4,
+             limit: int = 1500) -> str:
+    """An exception as one line, followed by the warnings recorded with it (SDPA explains a
+    refusal such as "No available kernel" only through warnings)."""
+    text = f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "Skip" else str(exc)
+    msgs = warning_messages(caught, per_warning)
     if msgs:
-        text += " | warnings: " + " / ".join(msgs[:4])
-    return _short(text, 1500)
+        text += " | warnings: " + " / ".join(msgs[:max_warnings])
+    return short_text(text, limit)
 
 
-def _cuda_alive(device) -> bool:
+def cuda_alive(device) -> bool:
+    """False once a CUDA error has left the context unusable."""
     import torch
 
     if device.type != "cuda":
@@ -170,11 +176,11 @@ def setup_case(op: OpBench, backend, spec: ShapeSpec, input_sets: list[dict], re
     return CaseRun(timing.cycle(fns), grads, check, first, len(bounds))
 
 
-def _peak_memory(fn, grads, device) -> tuple[float, float]:
+def peak_memory(fn, grads, device) -> tuple[float, float]:
+    """(peak, extra over what was allocated before) MiB of one call of ``fn`` on CUDA."""
     import torch
 
-    for t in grads:
-        t.grad = None
+    timing.reset_grads(grads)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -227,7 +233,7 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig,
             input_sets += [op.make_inputs(spec.shape, dtype, device, g) for _ in range(n_sets - 1)]
             ref = op.reference(spec.shape, input_sets[0])
         except Exception as exc:
-            setup_error = f"inputs/reference failed: {type(exc).__name__}: {_short(str(exc), 600)}"
+            setup_error = f"inputs/reference failed: {type(exc).__name__}: {short_text(str(exc), 600)}"
         for mode in cfg.modes:
             for name in usable:
                 backend = backends[name]
@@ -249,7 +255,7 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig,
                     row["reason"] = f"not run: the time budget of {cfg.budget_s:g} s was used up"
                 else:
                     _run_one(op, backend, spec, input_sets, ref, dtype_name, mode, cfg, row)
-                    if row["status"] != "ok" and not _cuda_alive(device):
+                    if row["status"] != "ok" and not cuda_alive(device):
                         fatal = f"the CUDA context is unusable after {row['key']}"
                         notes.append(f"FATAL: {fatal}: {row['reason']}")
                 if progress:
@@ -288,18 +294,14 @@ def _run_one(op, backend, spec, input_sets, ref, dtype_name, mode, cfg, row) -> 
                                min_reps=cfg.min_reps)
             row.update(ms_p50=t.ms_p50, ms_p20=t.ms_p20, ms_p80=t.ms_p80, timer=t.timer, reps=t.reps)
             if device.type == "cuda":
-                row["peak_mem_mib"], row["extra_mem_mib"] = _peak_memory(cr.fn, cr.grads, device)
+                row["peak_mem_mib"], row["extra_mem_mib"] = peak_memory(cr.fn, cr.grads, device)
             row["status"] = "ok"
-            ws = []
-            for w in caught:
-                m = _short(str(w.message), 200)
-                if m not in ws:
-                    ws.append(m)
+            ws = warning_messages(caught, 200)
             if ws:
                 row["warnings"] = ws[:4]
     except Exception as exc:
         row["status"] = "skipped"
-        row["reason"] = _exc_text(exc, caught)
+        row["reason"] = exc_text(exc, caught)
         if cfg.verbose:
             traceback.print_exc()
     finally:

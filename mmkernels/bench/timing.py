@@ -62,7 +62,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_grads(ts) -> None:
+def reset_grads(ts) -> None:
     for t in ts:
         t.grad = None
 
@@ -101,7 +101,7 @@ def _time_events(fn, grads, device, warmup_ms, rep_ms, min_reps, max_reps) -> Ti
     start.record()
     for _ in range(5):
         flush.zero_()
-        _reset_grads(grads)
+        reset_grads(grads)
         fn()
     end.record()
     torch.cuda.synchronize(device)
@@ -109,12 +109,12 @@ def _time_events(fn, grads, device, warmup_ms, rep_ms, min_reps, max_reps) -> Ti
     n_warm = max(1, int(warmup_ms / est))
     n_rep = min(max_reps, max(min_reps, int(rep_ms / est)))
     for _ in range(n_warm):
-        _reset_grads(grads)
+        reset_grads(grads)
         fn()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rep)]
     for s, e in ev:
         flush.zero_()
-        _reset_grads(grads)
+        reset_grads(grads)
         s.record()
         fn()
         e.record()
@@ -126,14 +126,14 @@ def _time_events(fn, grads, device, warmup_ms, rep_ms, min_reps, max_reps) -> Ti
 def _time_host(fn, grads, warmup_ms, rep_ms, min_reps, max_reps) -> Timing:
     t_end = time.perf_counter() + warmup_ms / 1e3
     while True:  # at least one warm-up call, whatever warmup_ms
-        _reset_grads(grads)
+        reset_grads(grads)
         fn()
         if time.perf_counter() >= t_end:
             break
     times: list[float] = []
     t_end = time.perf_counter() + rep_ms / 1e3
     while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
-        _reset_grads(grads)
+        reset_grads(grads)
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)

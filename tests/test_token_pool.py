@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from helpers import assert_close_abs, assert_close_rule, poisoned, triton_has_cuda_backend
+from token_pool_helpers import norm_params, reference, tokens
 
 import mmkernels as mk
 from mmkernels.kernels.token_pool import TokenPoolSpec, saved_like
@@ -26,30 +27,6 @@ from mmkernels.reference.token_pool import token_pool as ref_token_pool
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _tokens(b, n, c, dtype=torch.float32, layout="contiguous"):
-    """(B, N, C) tokens; ``slice``: a window of wider rows; ``transposed``: a (B, C, N) buffer's view."""
-    if layout == "slice":
-        x = torch.randn(b, n, c + 13, device=DEVICE, dtype=dtype)[..., 5:5 + c]
-    elif layout == "transposed":
-        x = torch.randn(b, c, n, device=DEVICE, dtype=dtype).transpose(1, 2)
-    else:
-        x = torch.randn(b, n, c, device=DEVICE, dtype=dtype)
-    return x.requires_grad_()
-
-
-def _norm_params(width, dtype, weight=True, bias=True):
-    w = (1 + 0.5 * torch.randn(width, device=DEVICE, dtype=dtype)).requires_grad_() if weight else None
-    b = (0.5 * torch.randn(width, device=DEVICE, dtype=dtype)).requires_grad_() if bias else None
-    return w, b
-
-
-def _reference(x, w, b, do, cast, kw):
-    leaves = [t.detach().to(cast).requires_grad_() if t is not None else None for t in (x, w, b)]
-    out = ref_token_pool(leaves[0], norm_weight=leaves[1], norm_bias=leaves[2], **kw)
-    wrt = [t for t in leaves if t is not None]
-    return out, torch.autograd.grad(out, wrt, do.to(cast))
-
-
 def check(x, w=None, b=None, factor=2.0, **kw):
     """Forced Triton vs float64 reference: output and the gradients of x, weight, bias."""
     with poisoned(), mk.use_backend("triton"):
@@ -57,8 +34,8 @@ def check(x, w=None, b=None, factor=2.0, **kw):
         do = torch.randn_like(out)
         wrt = [t for t in (x, w, b) if t is not None]
         grads = torch.autograd.grad(out, wrt, do)
-    out64, grads64 = _reference(x, w, b, do, torch.float64, kw)
-    outlp, gradslp = _reference(x, w, b, do, x.dtype, kw)
+    out64, grads64 = reference(x, w, b, do, torch.float64, kw)
+    outlp, gradslp = reference(x, w, b, do, x.dtype, kw)
     assert out.dtype == x.dtype and out.is_contiguous()
     assert_close_rule("out", out, out64, outlp, factor)
     for name, g, g64, glp in zip(("dx", "dweight", "dbias"), grads, grads64, gradslp):
@@ -92,7 +69,7 @@ def _case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_modes_fp32(case):
     mode, (h, w), kw = case
-    x = _tokens(2, h * w, 24)
+    x = tokens(2, h * w, 24)
     check(x, grid=(h, w), mode=mode, **kw)
 
 
@@ -108,16 +85,16 @@ def test_modes_fp32(case):
 )
 def test_fused_norm(mode, norm, kw):
     (h, w), c = ((12, 10) if mode == "merge" else (12, 9)), 40
-    x = _tokens(2, h * w, c)
+    x = tokens(2, h * w, c)
     width = c * 4 if mode == "merge" else c
-    wt, bs = _norm_params(width, torch.float32)
+    wt, bs = norm_params(width, torch.float32)
     check(x, wt, bs, grid=(h, w), mode=mode, norm=norm, eps=1e-5, **kw)
 
 
 def test_norm_without_affine_params():
-    x = _tokens(2, 81, 33)
+    x = tokens(2, 81, 33)
     check(x, mode="avg", kernel_size=2, stride=1, norm="layernorm")
-    w, _ = _norm_params(33, torch.float32, bias=False)
+    w, _ = norm_params(33, torch.float32, bias=False)
     check(x, w, mode="bilinear", output_size=(5, 4), norm="rmsnorm")
 
 
@@ -131,17 +108,17 @@ def test_norm_without_affine_params():
 )
 def test_cls(mode, kw):
     (h, w), c = ((10, 8) if mode == "merge" else (9, 10)), 24
-    x = _tokens(2, 1 + h * w, c)
+    x = tokens(2, 1 + h * w, c)
     wt = bs = None
     if kw.get("norm"):
-        wt, bs = _norm_params(4 * c if mode == "merge" else c, torch.float32)
+        wt, bs = norm_params(4 * c if mode == "merge" else c, torch.float32)
     out, grads = check(x, wt, bs, grid=(h, w), mode=mode, **kw)
     if not kw.get("keep_cls"):
         assert (grads[0][:, 0] == 0).all(), "the dropped CLS token gets a zero gradient"
 
 
 def test_keep_cls_row_is_the_cls_token():
-    x = _tokens(1, 1 + 36, 24)
+    x = tokens(1, 1 + 36, 24)
     with mk.use_backend("triton"):
         out = mk.token_pool(x, mode="avg", has_cls=True, keep_cls=True)
     assert out.shape == (1, 1 + 9, 24)
@@ -152,14 +129,14 @@ def test_keep_cls_row_is_the_cls_token():
 @pytest.mark.parametrize("mode,norm", [("avg", None), ("bilinear", "rmsnorm"), ("merge", "layernorm")],
                          ids=["avg", "bilinear-rms", "merge-ln"])
 def test_non_contiguous_input(layout, mode, norm):
-    x = _tokens(2, 1 + 100, 24, layout=layout)
+    x = tokens(2, 1 + 100, 24, layout=layout)
     assert not x.is_contiguous()
-    wt, bs = _norm_params(96 if mode == "merge" else 24, torch.float32) if norm else (None, None)
+    wt, bs = norm_params(96 if mode == "merge" else 24, torch.float32) if norm else (None, None)
     check(x, wt, bs, mode=mode, has_cls=True, norm=norm)
 
 
 def test_non_contiguous_grad_output():
-    x = _tokens(2, 64, 24)
+    x = tokens(2, 64, 24)
     with poisoned(), mk.use_backend("triton"):
         out = mk.token_pool(x, mode="max", kernel_size=3, stride=2)
         do = torch.randn(out.shape[2], out.shape[1], 2, device=DEVICE).permute(2, 1, 0)
@@ -180,19 +157,19 @@ def test_bilinear_size_sweep():
     """Bilinear gather vs reference over down/up/mixed ratios (taps recomputed exactly)."""
     for (h, w), size in [((7, 5), (3, 11)), ((27, 13), (14, 1)), ((1, 6), (4, 3)), ((16, 10), (5, 10)),
                          ((5, 3), (17, 2))]:
-        x = _tokens(1, h * w, 5)
+        x = tokens(1, h * w, 5)
         check(x, grid=(h, w), mode="bilinear", output_size=size)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision(dtype):
     if dtype == torch.bfloat16:  # Gemma-3-like: avg 4x4 + RMSNorm with (1 + w) weights in fp32
-        x = _tokens(2, 16 * 16, 48, dtype)
-        wt, _ = _norm_params(48, torch.float32, bias=False)
+        x = tokens(2, 16 * 16, 48, dtype)
+        wt, _ = norm_params(48, torch.float32, bias=False)
         check(x, wt, mode="avg", kernel_size=4, norm="rmsnorm", factor=2.0)
     else:  # InternVL-like: merge 2x2 + LayerNorm(4C) in the model's dtype; and bilinear
-        x = _tokens(2, 1 + 14 * 14, 24, dtype)
-        wt, bs = _norm_params(96, dtype)
+        x = tokens(2, 1 + 14 * 14, 24, dtype)
+        wt, bs = norm_params(96, dtype)
         check(x, wt, bs, mode="merge", has_cls=True, norm="layernorm", eps=1e-5)
         check(x, mode="bilinear", has_cls=True)
 
@@ -200,7 +177,7 @@ def test_low_precision(dtype):
 def test_inference_saves_nothing():
     """Without autograd the forward writes no argmax / pre-norm rows, and the output is unchanged."""
     x = torch.randn(2, 81, 24, device=DEVICE)
-    w, b = _norm_params(24, torch.float32)
+    w, b = norm_params(24, torch.float32)
     spec = make_spec(x, mode="max", kernel_size=3, stride=2, norm="layernorm")
     with poisoned(), torch.no_grad():
         out, saved = torch.ops.mmkernels.token_pool_fwd(x, w, b, "triton", *_spec_args(spec), False)
@@ -267,7 +244,7 @@ def test_compile_fullgraph_aot_eager():
 
 
 # ---------------------------------------------------------------- dispatch
-def test_auto_uses_triton_and_float64_goes_to_reference():
+def test_auto_uses_triton_and_float64_goes_toreference():
     from mmkernels import dispatch
 
     x = torch.randn(1, 16, 8, device=DEVICE)

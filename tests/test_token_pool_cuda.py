@@ -21,6 +21,7 @@ weight, norm bias) against the float64 reference by the 2x-PyTorch rule (tests/h
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -30,11 +31,11 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
 from helpers import assert_close_rule, poisoned
+from token_pool_helpers import norm_params, reference, tokens
 
 import mmkernels as mk
 from mmkernels.kernels import token_pool_cuda as tpc
 from mmkernels.ops.token_pool import make_spec
-from mmkernels.reference.token_pool import token_pool as ref_token_pool
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -45,34 +46,14 @@ SPEC_KEYS = ("grid", "mode", "kernel_size", "stride", "output_size", "has_cls", 
 # --------------------------------------------------------------------------------------
 # inputs, reference, comparison
 # --------------------------------------------------------------------------------------
-def _tokens(b, n, c, dtype=torch.float32, layout="contiguous", device="cpu"):
-    """(B, N, C) tokens; ``slice``: a misaligned window of wider rows; ``transposed``: a (B, C, N)
-    buffer's view (channel stride N)."""
-    if layout == "slice":
-        x = torch.randn(b, n, c + 13, device=device, dtype=dtype)[..., 5:5 + c]
-    elif layout == "transposed":
-        x = torch.randn(b, c, n, device=device, dtype=dtype).transpose(1, 2)
-    else:
-        x = torch.randn(b, n, c, device=device, dtype=dtype)
-    return x.requires_grad_()
-
-
-def _norm_params(width, dtype, weight=True, bias=True, device="cpu"):
-    w = (1 + 0.5 * torch.randn(width, device=device, dtype=dtype)).requires_grad_() if weight else None
-    b = (0.5 * torch.randn(width, device=device, dtype=dtype)).requires_grad_() if bias else None
-    return w, b
-
-
-def _reference(x, w, b, do, cast, kw):
-    leaves = [t.detach().to(cast).requires_grad_() if t is not None else None for t in (x, w, b)]
-    out = ref_token_pool(leaves[0], norm_weight=leaves[1], norm_bias=leaves[2], **kw)
-    wrt = [t for t in leaves if t is not None]
-    return out, torch.autograd.grad(out, wrt, do.to(cast))
+# the CUDA-emulation tests build their inputs on the CPU; GPU cases pass device= explicitly
+_tokens = functools.partial(tokens, device="cpu")
+_norm_params = functools.partial(norm_params, device="cpu")
 
 
 def _compare(out, grads, x, w, b, do, factor, kw):
-    out64, grads64 = _reference(x, w, b, do, torch.float64, kw)
-    outlp, gradslp = _reference(x, w, b, do, x.dtype, kw)
+    out64, grads64 = reference(x, w, b, do, torch.float64, kw)
+    outlp, gradslp = reference(x, w, b, do, x.dtype, kw)
     assert out.dtype == x.dtype and out.is_contiguous()
     assert_close_rule("out", out, out64, outlp, factor)
     assert len(grads) == len(grads64)
@@ -194,7 +175,7 @@ def _inputs(p, device):
     kw = p["kw"]
     h, w = kw["grid"]
     n = h * w + int(kw.get("has_cls", False))
-    x = _tokens(p["b"], n, p["c"], p["dtype"], p["layout"], device)
+    x = _tokens(p["b"], n, p["c"], p["dtype"], p["layout"], device=device)
     wt = bs = None
     if kw.get("norm"):
         s = kw.get("kernel_size", 2) if kw["mode"] == "merge" else 1

@@ -13,6 +13,24 @@ def describe(t: torch.Tensor) -> str:
     return f"shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}"
 
 
+def broadcasts_to(mask: torch.Tensor, target: tuple) -> bool:
+    """True when ``mask`` (at most 4-D) broadcasts to exactly ``target`` (B, H, Lq, Lk)."""
+    if mask.dim() > 4:
+        return False
+    try:
+        return torch.broadcast_shapes(mask.shape, target) == torch.Size(target)
+    except RuntimeError:
+        return False
+
+
+def check_dropout_and_scale(dropout_p, scale) -> None:
+    """The SDPA-style ``dropout_p`` in [0, 1) and ``scale`` float-or-None arguments."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._utils import describe, triton_device_reason
+from .._utils import broadcasts_to, check_dropout_and_scale, describe, triton_device_reason
 from ..reference import attention as ref
 
 __all__ = ["attention"]
@@ -147,20 +147,11 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: expected device {query.device}, got {describe(attn_mask)}")
         target = (b, hq, lq, key.shape[2])
-        ok = attn_mask.dim() <= 4
-        if ok:
-            try:
-                ok = torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
-            except RuntimeError:
-                ok = False
-        if not ok:
+        if not broadcasts_to(attn_mask, target):
             raise ValueError(
                 f"attn_mask: expected a shape broadcastable to (B, H, Lq, Lk) = {target}, got {describe(attn_mask)}"
             )
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
+    check_dropout_and_scale(dropout_p, scale)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._utils import describe, triton_device_reason
+from .._utils import broadcasts_to, check_dropout_and_scale, describe, triton_device_reason
 from ..reference import qformer as ref
 from ..reference.qformer import merge_heads, normalize_encoder_mask, project_heads
 
@@ -189,20 +189,13 @@ def _validate(x, enc, wq, bq, wk, bk, wv, bv, num_heads, mask, dropout_p, scale)
                 raise ValueError(
                     f"encoder_attention_mask: a 3-D/4-D mask must be bool or additive {x.dtype}, got {describe(mask)}"
                 )
-            try:
-                ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, num_heads, lq, lk)) == (
-                    b, num_heads, lq, lk)
-            except RuntimeError:
-                ok = False
+            ok = broadcasts_to(mask, (b, num_heads, lq, lk))
         if not ok:
             raise ValueError(
                 f"encoder_attention_mask: expected (B, Lk) = ({b}, {lk}) or a mask broadcastable to "
                 f"(B, H, Lq, Lk) = ({b}, {num_heads}, {lq}, {lk}), got {describe(mask)}"
             )
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
+    check_dropout_and_scale(dropout_p, scale)
 
 
 # --------------------------------------------------------------------------------------

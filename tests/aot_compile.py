@@ -1,8 +1,9 @@
-"""Compile the attention kernels for a CUDA target without a GPU (ptxas ships with triton).
+"""Compile the Triton kernels for a CUDA target without a GPU (ptxas ships with triton).
 
 Run as a script in a process where TRITON_INTERPRET is unset (the interpreter replaces
 ``@triton.jit`` functions); prints one line per kernel and exits 1 on any failure.
-Usage: python tests/aot_compile.py ARCH DTYPE HEAD_DIM [HEAD_DIM ...]
+Usage: python tests/aot_compile.py ARCH DTYPE HEAD_DIM [HEAD_DIM ...]   (attention + Q-Former)
+       python tests/aot_compile.py ARCH DTYPE token_pool                (token pooling)
 """
 
 import sys
@@ -12,38 +13,28 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmkernels.kernels import attention as A
-
-POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QFORMER_POINTERS = {"X", "E", "WQ", "BQ", "WK", "BK", "WV", "BV", "O"}
+# argument types that are not the kernel's data dtype ("x") nor i32 (the default)
+ATTENTION_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "STATS": "*fp32", "MASK": "*u8", "SEED": "*i64",
+                   "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32"}
 
 
-def signature(fn, dtype: str, consts: dict, pointers=POINTERS) -> dict:
+def signature(fn, dtype: str, consts: dict, types: dict) -> dict:
+    """Triton signature of ``fn``: constexprs, ``types`` (where "x" means the data dtype), else i32."""
     sig = {}
     for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = f"*{dtype}"
-        elif name in ("LSE", "DELTA", "STATS"):
-            sig[name] = "*fp32"
-        elif name == "MASK":
-            sig[name] = "*u8"
-        elif name == "SEED":
-            sig[name] = "*i64"
-        elif name in ("qk_scale", "sm_scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
+        t = "constexpr" if name in consts else types.get(name, "i32")
+        sig[name] = f"*{dtype}" if t == "x" else t
     return sig
 
 
-def compile_one(label: str, fn, dtype: str, consts: dict, cfg, target, pointers=POINTERS) -> bool:
+def compile_one(label: str, fn, dtype: str, consts: dict, types: dict, target, num_warps=4, num_stages=None) -> bool:
     """Compile one specialisation; print ok or the error (its tail: where triton names the cause)."""
+    options = dict(num_warps=num_warps)
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     try:
-        triton.compile(ASTSource(fn, signature(fn, dtype, consts, pointers), consts), target=target,
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        triton.compile(ASTSource(fn, signature(fn, dtype, consts, types), consts), target=target, options=options)
         print(f"{label}: ok")
         return True
     except Exception as exc:  # report every kernel, then fail
@@ -51,24 +42,63 @@ def compile_one(label: str, fn, dtype: str, consts: dict, cfg, target, pointers=
         return False
 
 
-def main() -> int:
+def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> bool:
+    from mmkernels.kernels import attention as A
     from mmkernels.kernels import qformer as Q
 
-    arch, dtype, dims = int(sys.argv[1]), sys.argv[2], [int(x) for x in sys.argv[3:]]
-    target = GPUTarget("cuda", arch, 32)
     ok = True
+    types = dict(ATTENTION_TYPES, **{n: "x" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")})
     for d in dims:
         d0, d1 = A.split_head_dim(d)
         for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
             cfg = A._gpu_configs(name, d, TORCH_DTYPES[dtype])[0]
             consts = dict(HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=1, IS_CAUSAL=True, HAS_DROPOUT=True,
                           PREC="tf32", UPCAST=False, **cfg.kwargs)
-            ok &= compile_one(f"sm_{arch} {dtype} d={d} {name}", fn, dtype, consts, cfg, target)
+            ok &= compile_one(f"sm_{arch} {dtype} d={d} {name}", fn, dtype, consts, types, target,
+                              cfg.num_warps, cfg.num_stages)
     # the fused Q-Former forward at BLIP-2's shape (d = 64)
     cfg = Q._configs(TORCH_DTYPES[dtype])[0]
     consts = dict(HEAD_DIM=64, BLOCK_D=64, MASK_KIND=2, HAS_DROPOUT=True, PREC="tf32", UPCAST=False,
                   BLOCK_M=32, **cfg.kwargs)
-    ok &= compile_one(f"sm_{arch} {dtype} qformer fwd", Q._qformer_fwd, dtype, consts, cfg, target, QFORMER_POINTERS)
+    types = dict(ATTENTION_TYPES, **{n: "x" for n in ("X", "E", "WQ", "BQ", "WK", "BK", "WV", "BV", "O")})
+    ok &= compile_one(f"sm_{arch} {dtype} qformer fwd", Q._qformer_fwd, dtype, consts, types, target,
+                      cfg.num_warps, cfg.num_stages)
+    return ok
+
+
+def token_pool(arch: int, dtype: str, target) -> bool:
+    from mmkernels.kernels import token_pool as T
+
+    ok = True
+    scalars = {"scale_h": "fp32", "scale_w": "fp32", "eps": "fp32"}
+    for mode, norm in [(0, 2), (1, 0), (2, 1), (3, 1)]:
+        consts = dict(MODE=mode, KH=2, KW=2, SH=2, SW=2, HAS_CLS=True, KEEP_CLS=mode != 3, NORM=norm,
+                      HAS_WEIGHT=norm > 0, HAS_BIAS=norm == 1, SAVE_IDX=mode == 1, SAVE_Y=norm > 0 and mode != 3,
+                      BLOCK_R=4, BLOCK_C=1024 if norm else 256)
+        types = dict(scalars, X="x", NW="*fp32", NB="*fp32", OUT="x", IDX="*i16", Y="x")
+        ok &= compile_one(f"sm_{arch} {dtype} fwd mode={mode} norm={norm}", T._token_pool_fwd, dtype, consts,
+                          types, target, num_warps=8 if norm else 4)
+    for mode in (0, 3):
+        consts = dict(MODE=mode, KH=2, KW=2, HAS_CLS=True, NORM=1, HAS_WEIGHT=True, RECOMPUTE=mode == 3,
+                      BLOCK_R=2, BLOCK_C=2048)
+        types = dict(scalars, G="x", X="x", Y="x", NW="x", DY="*fp32", DX="x", DW_PART="*fp32", DB_PART="*fp32")
+        ok &= compile_one(f"sm_{arch} {dtype} norm_bwd mode={mode}", T._token_pool_norm_bwd, dtype, consts, types,
+                          target, num_warps=8)
+    for mode in range(4):
+        consts = dict(MODE=mode, KH=3, KW=3, SH=2, SW=2, NTH=4, NTW=4, HAS_CLS=True, KEEP_CLS=mode != 3,
+                      BLOCK_T=8, BLOCK_C=256)
+        types = dict(scalars, G="*fp32", IDX="*i16", DX="x")
+        ok &= compile_one(f"sm_{arch} {dtype} bwd mode={mode}", T._token_pool_bwd, dtype, consts, types, target)
+    return ok
+
+
+def main() -> int:
+    arch, dtype, rest = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    target = GPUTarget("cuda", arch, 32)
+    if rest == ["token_pool"]:
+        ok = token_pool(arch, dtype, target)
+    else:
+        ok = attention_and_qformer(arch, dtype, [int(x) for x in rest], target)
     return 0 if ok else 1
 
 

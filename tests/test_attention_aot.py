@@ -2,23 +2,13 @@
 kernel that only compiles in the interpreter would pass every other test here and still
 fail on the first CUDA launch.  Triton compiles for a CUDA target without a GPU."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import triton_has_cuda_backend
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_aot_compile, triton_has_cuda_backend
 
 
 @pytest.mark.skipif(not triton_has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
 @pytest.mark.parametrize("arch,dtype,dims", [(90, "bf16", ["88"]), (90, "fp32", ["128"]), (80, "fp16", ["72"])],
                          ids=["sm90-bf16-d88", "sm90-fp32-d128", "sm80-fp16-d72"])
 def test_kernels_compile_for_cuda(arch, dtype, dims):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "aot_compile.py"), str(arch), dtype, *dims],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = run_aot_compile(str(arch), dtype, *dims)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -8,15 +8,10 @@ models run (F.avg_pool2d / F.max_pool2d / F.interpolate / view-permute, F.layer_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close_abs, assert_close_rule, poisoned, triton_has_cuda_backend
+from helpers import assert_close_abs, assert_close_rule, poisoned, run_aot_compile, triton_has_cuda_backend
 from token_pool_helpers import norm_params, reference, tokens
 
 import mmkernels as mk
@@ -312,57 +307,8 @@ def test_bad_tensors():
 # ---------------------------------------------------------------- GPU code generation
 # The interpreter never lowers to PTX: compile every kernel for a CUDA target (ptxas ships
 # with triton; no GPU needed) in a child process without TRITON_INTERPRET.
-_AOT_SCRIPT = r'''
-import sys
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from mmkernels.kernels import token_pool as T
-
-arch, dtype = int(sys.argv[1]), sys.argv[2]
-x = f"*{dtype}"
-failed = 0
-
-
-def build(name, fn, consts, pointers, warps=4):
-    global failed
-    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in ("scale_h", "scale_w", "eps") else "i32")
-           for n in fn.arg_names}
-    try:
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-        print(f"sm_{arch} {dtype} {name}: ok")
-    except Exception as exc:  # report every kernel, then fail
-        failed += 1
-        print(f"sm_{arch} {dtype} {name}: FAILED {str(exc)[-3000:]}")
-
-
-for mode, norm in [(0, 2), (1, 0), (2, 1), (3, 1)]:
-    consts = dict(MODE=mode, KH=2, KW=2, SH=2, SW=2, HAS_CLS=True, KEEP_CLS=mode != 3, NORM=norm,
-                  HAS_WEIGHT=norm > 0, HAS_BIAS=norm == 1, SAVE_IDX=mode == 1, SAVE_Y=norm > 0 and mode != 3,
-                  BLOCK_R=4, BLOCK_C=1024 if norm else 256)
-    build(f"fwd mode={mode} norm={norm}", T._token_pool_fwd, consts,
-          dict(X=x, NW="*fp32", NB="*fp32", OUT=x, IDX="*i16", Y=x), warps=8 if norm else 4)
-for mode in (0, 3):
-    consts = dict(MODE=mode, KH=2, KW=2, HAS_CLS=True, NORM=1, HAS_WEIGHT=True, RECOMPUTE=mode == 3,
-                  BLOCK_R=2, BLOCK_C=2048)
-    build(f"norm_bwd mode={mode}", T._token_pool_norm_bwd, consts,
-          dict(G=x, X=x, Y=x, NW=x, DY="*fp32", DX=x, DW_PART="*fp32", DB_PART="*fp32"), warps=8)
-for mode in range(4):
-    consts = dict(MODE=mode, KH=3, KW=3, SH=2, SW=2, NTH=4, NTW=4, HAS_CLS=True, KEEP_CLS=mode != 3,
-                  BLOCK_T=8, BLOCK_C=256)
-    build(f"bwd mode={mode}", T._token_pool_bwd, consts, dict(G="*fp32", IDX="*i16", DX=x))
-sys.exit(1 if failed else 0)
-'''
-
-
 @pytest.mark.skipif(not triton_has_cuda_backend(), reason="triton has no NVIDIA backend on this platform")
 @pytest.mark.parametrize("arch,dtype", [(90, "bf16"), (80, "fp32")], ids=["sm90-bf16", "sm80-fp32"])
 def test_kernels_compile_for_cuda(arch, dtype):
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch), dtype], capture_output=True, text=True,
-                         env=env, timeout=600)
+    res = run_aot_compile(str(arch), dtype, "token_pool")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -32,7 +32,6 @@ matches the GPU's bf16 MMA with fp32 accumulation.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
+from ._launch import gpu_launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -580,21 +580,11 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(kind: str, d: int, dtype: torch.dtype):
-    fn = _KERNELS[kind]
-    return triton.autotune(configs=_gpu_configs(kind, d, dtype), key=_TUNE_KEY)(fn)
-
-
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
-    """(kernel, launch kwargs).  CUDA: autotuned, or the first candidate when
-    MMKERNELS_AUTOTUNE=0 (tests on a GPU: one compile per specialisation, no tuning runs)."""
+    """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
     if device_type != "cuda":
         return _KERNELS[kind], _INTERP[kind]
-    if os.environ.get("MMKERNELS_AUTOTUNE", "1") == "0":
-        cfg = _gpu_configs(kind, d, dtype)[0]
-        return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _tuned(kind, d, dtype), {}
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY, ("attention", kind, d, dtype))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -15,13 +15,12 @@ recomputed with cuBLAS (see :mod:`mmkernels.ops.qformer`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
+from ._launch import gpu_launcher
 from .attention import _dot, _dot_precision, _dropout_keep, _finish_rows, _mask_args, _mask_logits, _softmax_step
 
 
@@ -127,21 +126,14 @@ def _configs(dtype: torch.dtype) -> list:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in cands]
 
 
-_TUNED: dict = {}
+_TUNE_KEY = ["HEAD_DIM", "DKV", "MASK_KIND", "HAS_DROPOUT", "PREC", "BLOCK_M"]
 
 
 def _kernel(device_type: str, dtype: torch.dtype):
     if device_type != "cuda":
         # interpreter: big tiles are fewer Python-level steps
         return _qformer_fwd, dict(BLOCK_N=64, BLOCK_K=64)
-    if os.environ.get("MMKERNELS_AUTOTUNE", "1") == "0":
-        cfg = _configs(dtype)[0]
-        return _qformer_fwd, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if dtype not in _TUNED:
-        _TUNED[dtype] = triton.autotune(
-            configs=_configs(dtype), key=["HEAD_DIM", "DKV", "MASK_KIND", "HAS_DROPOUT", "PREC", "BLOCK_M"]
-        )(_qformer_fwd)
-    return _TUNED[dtype], {}
+    return gpu_launcher(_qformer_fwd, lambda: _configs(dtype), _TUNE_KEY, ("qformer", dtype))
 
 
 def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale):

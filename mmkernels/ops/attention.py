@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._utils import broadcasts_to, check_dropout_and_scale, describe, triton_device_reason
+from .._utils import (
+    broadcasts_to,
+    check_dropout_and_scale,
+    contiguous_outputs,
+    describe,
+    empty_contiguous,
+    triton_device_reason,
+)
 from ..reference import attention as ref
 
 __all__ = ["attention"]
@@ -68,14 +75,14 @@ def _attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention as kernels
 
-    return kernels.attention_backward(
+    return contiguous_outputs(*kernels.attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale
-    )
+    ))
 
 
 @_attention_bwd.register_fake
 def _(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return empty_contiguous(query), empty_contiguous(key), empty_contiguous(value)
 
 
 def _setup_context(ctx, inputs, output):

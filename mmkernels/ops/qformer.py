@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._utils import broadcasts_to, check_dropout_and_scale, describe, triton_device_reason
+from .._utils import (
+    broadcasts_to,
+    check_dropout_and_scale,
+    contiguous_outputs,
+    describe,
+    empty_contiguous,
+    triton_device_reason,
+)
 from ..reference import qformer as ref
 from ..reference.qformer import merge_heads, normalize_encoder_mask, project_heads
 
@@ -109,13 +116,13 @@ def _qformer_bwd(
     x2, e2 = x.reshape(-1, x.shape[-1]), enc.reshape(-1, enc.shape[-1])
     dx = (dq2 @ q_weight).view(x.shape)
     de = torch.addmm(dk2 @ k_weight, dv2, v_weight).view(enc.shape)
-    return (dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0))
+    return contiguous_outputs(dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0))
 
 
 @_qformer_bwd.register_fake
 def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
       out, stats, attn_mask, seed, num_heads, dropout_p, scale):
-    return tuple(torch.empty_like(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
+    return tuple(empty_contiguous(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
                                               k_weight, k_bias, v_weight, v_bias))
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from .._utils import describe, triton_device_reason
+from .._utils import contiguous_outputs, describe, empty_contiguous, triton_device_reason
 from ..dispatch import Reason
 from ..reference import token_pool as ref
 from ..reference.token_pool import MODES, NORMS, TokenPoolSpec
@@ -106,14 +106,15 @@ def _token_pool_bwd(
     (custom ops cannot return None)."""
     spec = _spec_from_args(geometry, mode, norm, eps)
     dx, dw, db = _impl(impl).backward(grad_out, x, spec, weight, bias, list(saved))
-    return dx, (dw if dw is not None else x.new_empty((0,))), (db if db is not None else x.new_empty((0,)))
+    return contiguous_outputs(dx, dw if dw is not None else x.new_empty((0,)),
+                              db if db is not None else x.new_empty((0,)))
 
 
 @_token_pool_bwd.register_fake
 def _(grad_out, x, weight, bias, saved, impl, geometry, mode, norm, eps):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
-            torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
+    return (empty_contiguous(x),
+            empty_contiguous(weight) if weight is not None else x.new_empty((0,)),
+            empty_contiguous(bias) if bias is not None else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):

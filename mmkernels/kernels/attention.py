@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from ._launch import gpu_launcher
+from ._launch import for_gpu, gpu_launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -582,7 +582,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
-    if device_type != "cuda":
+    if not for_gpu(device_type):
         return _KERNELS[kind], _INTERP[kind]
     return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY, ("attention", kind, d, dtype))
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from ._launch import gpu_launcher
+from ._launch import for_gpu, gpu_launcher
 from .attention import _dot, _dot_precision, _dropout_keep, _finish_rows, _mask_args, _mask_logits, _softmax_step
 
 
@@ -130,7 +130,7 @@ _TUNE_KEY = ["HEAD_DIM", "DKV", "MASK_KIND", "HAS_DROPOUT", "PREC", "BLOCK_M"]
 
 
 def _kernel(device_type: str, dtype: torch.dtype):
-    if device_type != "cuda":
+    if not for_gpu(device_type):
         # interpreter: big tiles are fewer Python-level steps
         return _qformer_fwd, dict(BLOCK_N=64, BLOCK_K=64)
     return gpu_launcher(_qformer_fwd, lambda: _configs(dtype), _TUNE_KEY, ("qformer", dtype))

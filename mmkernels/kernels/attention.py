@@ -56,37 +56,49 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
-    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0."""
+def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0.
+
+    ALIGNED: the launcher checked that every row starts 16-byte aligned (``_aligned``).  Triton
+    only learns alignment from 16-divisible integers, so without the hint head dims 72 and 88
+    (row strides 72, 88) load 2 bytes at a time and are not pipelined (sm_90 bf16 forward:
+    160 / 192 scalar loads and no cp.async; with it, 16-byte cp.async like d=64)."""
     ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [1, 16])  # pointer divisibility is in bytes
     return tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr):
-    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0."""
+def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0 (ALIGNED: as
+    in ``_load_rows``)."""
     ptrs = base + offs_d[:, None] * stride_d + cols[None, :] * stride_c
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16, 1])
     return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """The two head-dim chunks [rows, D0] and [rows, D1] of a (L, D) matrix (D1 = 0: the second
     is the first again, unused)."""
-    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
     t1 = t0
     if D1 > 0:
-        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
     return t0, t1
 
 
 @triton.jit
-def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """The two head-dim chunks of a transposed tile: [D0, cols] and [D1, cols]."""
-    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
     t1 = t0
     if D1 > 0:
-        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
     return t0, t1
 
 
@@ -184,7 +196,7 @@ def _attn_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -202,7 +214,7 @@ def _attn_fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -218,14 +230,14 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
         s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
                     D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
         p = p.to(V.dtype.element_ty)
-        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
         if D1 > 0:
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
@@ -274,7 +286,7 @@ def _attn_bwd_preprocess(
     sob, soh, som, sod,
     sdb, sdh, sdm, sdd,
     H, LQ,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -283,8 +295,8 @@ def _attn_bwd_preprocess(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * sob + h * soh, rows, row_ok, som, offs_d, sod, HEAD_DIM).to(tl.float32)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdm, offs_d, sdd, HEAD_DIM).to(tl.float32)
+    o = _load_rows(O + b * sob + h * soh, rows, row_ok, som, offs_d, sod, HEAD_DIM, ALIGNED).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdm, offs_d, sdd, HEAD_DIM, ALIGNED).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -300,7 +312,7 @@ def _attn_bwd_dkdv(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -314,8 +326,8 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
-    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
@@ -340,8 +352,8 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, LQ, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < LQ
-            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
-            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
+            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
             m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
             log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
@@ -377,7 +389,7 @@ def _attn_bwd_dq(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -396,8 +408,8 @@ def _attn_bwd_dq(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
-    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -415,8 +427,8 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
-        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                           D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
@@ -491,6 +503,14 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
     return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
 
 
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every row of these (..., L, D) tensors starts 16-byte aligned: unit last-dim
+    stride, every other stride a multiple of 8 elements, base address 16-byte aligned (the
+    kernels' ALIGNED hint; see ``_load_rows``)."""
+    return all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
 def _lk_bucket(lk: int) -> int:
     """Autotuning key for the key length: short (Q-Former, <= 256), medium (<= 1024), long."""
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
@@ -501,6 +521,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
+    meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype)
@@ -519,11 +540,12 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
     d = meta["HEAD_DIM"]
+    meta["ALIGNED"] = _aligned(query, key, value, grad_out)
     delta = new_output((b, h, lq), torch.float32, query.device)
     pre_m = 64
     _attn_bwd_preprocess[(triton.cdiv(lq, pre_m), b * h)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m, ALIGNED=_aligned(out, grad_out),
     )
     # written contiguous by the kernels; converted to the inputs' dtype/layout below
     dq = new_output((b, h, lq, d), query.dtype, query.device)

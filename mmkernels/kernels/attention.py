@@ -524,7 +524,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype)
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"])
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](
         query, key, value, out, lse, mask, seed_arg,
@@ -553,14 +553,14 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     dv = new_output((b, hkv, lk, d), value.dtype, value.device)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype)
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, **kv_cfg,
     )
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype)
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, *common,
@@ -582,31 +582,73 @@ _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
-    """A few (BLOCK_M, BLOCK_N, warps, stages) candidates per kernel; the first is the default
-    used without autotuning.  Not yet tuned on a GPU: the set is kept small (4) because every
-    candidate is one compile per specialisation."""
-    big = d > 128 or dtype == torch.float32
-    if kind == "fwd":
-        cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
-        if big:
-            cands = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
-    elif kind == "dkdv":
-        cands = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)]
-        if big:
-            cands = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)]
+# (BLOCK_M, BLOCK_N, warps, stages) candidates for 2-byte dtypes and d <= 128, best guess first
+# (the untuned default is the first that passes ``_fits``).  Hopper runs a 128-row tile over 8
+# warps as two 64-row wgmma warpgroups; BLOCK_N = 128 halves the per-tile softmax work.  Not
+# timed on a GPU yet: the order is the FlashAttention-2 / Triton-tutorial choice, and every
+# candidate was compiled for sm_90 by ``mmkernels inspect`` (d = 64/72/80/88/128, with and
+# without mask + dropout): none that ``_fits`` keeps spills.  Dropped after the first sweep:
+# dK/dV 64×128 over 8 warps (spilled 24-400 bytes at every head dim).
+_CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+            (128, 32, 8, 3), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+# fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
+_CANDIDATES_BIG = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+}
+# fp32 values a thread may keep live in accumulators and score tiles: half of the 255
+# registers, the rest holding operand fragments, addresses and the softmax state.
+_LIVE_FP32_PER_THREAD = 128
+# shared memory a candidate may stage: fits an A100 (163 KB) as well as an H100 (227 KB)
+_SHARED_BYTES = 160 * 1024
+
+
+def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool) -> bool:
+    """The pruning rule: a candidate is kept when its live fp32 state per thread and its staged
+    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1).
+
+    Live fp32 values per thread = (accumulators + score tiles) / threads, where the forward
+    keeps O (bm·dp) and S/P (bm·bn), dK/dV keeps dK and dV (2·bn·dp) and S, dP (2·bm·bn), dQ
+    keeps dQ (bm·dp) and S, dP (2·bm·bn); dropout counts as two more score tiles (the Philox
+    counters and draws).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
+    176 bytes at d=128 (192 values) but not at d=88 (160); with mask + dropout, 128×64 over 8
+    warps spilled 24 bytes at d=72/88 (136) but not at d=64 (128), dK/dV 32×64 over 4 warps
+    32 bytes at d=72 (144).  Staged bytes =
+    the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
+    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).
+    """
+    scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
+    acc = 2 * bn * dp if kind == "dkdv" else bm * dp
+    live = (acc + scores * bm * bn) / (32 * warps)
+    if kind == "dkdv":
+        staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
-        cands = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
-        if big:
-            cands = [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
+        staged = bm * dp + stages * 2 * bn * dp
+    return live <= _LIVE_FP32_PER_THREAD and staged * itemsize <= _SHARED_BYTES
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False) -> list:
+    """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
+    least live state is kept if all fail); the first is the default used without autotuning."""
+    big = d > 128 or dtype == torch.float32
+    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+    d0, d1 = split_head_dim(d)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+
+
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
     if not for_gpu(device_type):
         return _KERNELS[kind], _INTERP[kind]
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY, ("attention", kind, d, dtype))
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -30,6 +30,7 @@ from .attention import (
     _mask_logits,
     _softmax_step,
     attention_backward,
+    attention_forward,
 )
 
 
@@ -197,19 +198,23 @@ def project_heads(x, enc, wq, bq, wk, bk, wv, bv, num_heads: int):
             heads(torch.nn.functional.linear(enc, wv, bv)))
 
 
-def qformer_backward(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed, num_heads, dropout_p, scale):
-    """Gradients (dx, denc, dWq, dbq, dWk, dbk, dWv, dbv) of the fused forward, from its output
-    ``out`` (B, Lq, A) and softmax statistics ``stats``; a broadcast batch of 1 is summed back."""
+def qformer_backward(grad_out, x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale):
+    """Gradients (dx, denc, dWq, dbq, dWk, dbk, dWv, dbv) of the fused forward; a broadcast batch
+    of 1 is summed back.
+
+    Q, K, V are recomputed with cuBLAS and the attention forward is rerun on them (a small one:
+    the Q-Former has 32 queries) rather than reusing the fused forward's O and statistics: the
+    fused kernel sums each projection in its own order, so its bf16 V can differ from cuBLAS's by
+    an ulp, and delta = rowsum(dO∘O) from that O against dP from the recomputed V leaves a
+    spurious dS (measured: dx off by 0.028 in bf16 with a single image token, where the exact
+    gradient is 0).  Recomputed together, the two agree exactly."""
     bx, lq, _ = x.shape
     be, lk, _ = enc.shape
     b, h, a = max(bx, be), num_heads, wq.shape[0]
     q, k, v = project_heads(x, enc, wq, bq, wk, bk, wv, bv, h)
-
-    def heads(t, length):
-        return t.reshape(b, length, h, a // h).transpose(1, 2)
-
-    dq, dk, dv = attention_backward(heads(grad_out, lq), q, k, v, heads(out, lq), stats, mask, seed,
-                                    dropout_p, False, scale)
+    out, stats = attention_forward(q, k, v, mask, seed, dropout_p, False, scale)
+    dq, dk, dv = attention_backward(grad_out.reshape(b, lq, h, a // h).transpose(1, 2), q, k, v, out, stats,
+                                    mask, seed, dropout_p, False, scale)
 
     def rows(g, length, keep_batch):
         """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""

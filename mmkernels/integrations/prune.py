@@ -39,8 +39,9 @@ _STATE = "_mmkernels_prune_state"
 # multimodal models whose ``language_model`` FastV prunes (LLaMA / Qwen2 / Qwen2-VL text models)
 _FASTV_PARENTS = ("LlavaModel", "LlavaNextModel", "LlavaNextVideoModel", "LlavaOnevisionModel",
                   "Qwen2VLModel", "Qwen2_5_VLModel")
-# vision transformers VisionZip prunes: class name -> has a CLS token
-_VISIONZIP_TOWERS = {"CLIPVisionTransformer": True, "SiglipVisionTransformer": False}
+# vision towers VisionZip prunes, by config class (transformers 5 folds CLIPVisionTransformer into
+# CLIPVisionModel; older releases nest it as .vision_model): config class -> has a CLS token
+_VISIONZIP_CONFIGS = {"CLIPVisionConfig": True, "SiglipVisionConfig": False}
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,7 @@ class VisionZip:
     ``VisionZip(dominant=54, contextual=10)`` is the paper's 64-token LLaVA-1.5 setting.
 
     Supported on standalone towers (``CLIPVisionModel``, ``SiglipVisionModel``, or any model
-    holding ``CLIPVisionTransformer`` / ``SiglipVisionTransformer`` whose caller accepts a shorter
-    sequence).  Inside LLaVA-family models the processor has already written one placeholder per
+    holding one whose caller accepts a shorter sequence).  Inside LLaVA-family models the processor has already written one placeholder per
     unpruned patch into ``input_ids``, so :func:`patch` raises there.
     """
 
@@ -358,15 +358,17 @@ def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Calla
             raise ValueError(f"prune=VisionZip(...): {type(m).__name__} at {path or '<root>'} expects one image "
                              "placeholder per unpruned patch in input_ids; VisionZip is supported on standalone "
                              "CLIP / SigLIP vision towers")
-    found = False
+    found, seen = False, set()
     for path, m in model.named_modules():
-        has_cls = _VISIONZIP_TOWERS.get(type(m).__name__)
-        if has_cls is None:
+        has_cls = _VISIONZIP_CONFIGS.get(type(getattr(m, "config", None)).__name__)
+        encoder = getattr(m, "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if has_cls is None or not hasattr(m, "embeddings") or id(encoder) in seen:
             continue
-        layers = getattr(getattr(m, "encoder", None), "layers", None)
         if not isinstance(layers, nn.ModuleList):
             report.skipped.append((path, type(m).__name__, "VisionZip: no encoder.layers"))
             continue
+        seen.add(id(encoder))
         n = len(layers)
         if not -n <= spec.layer < n:
             raise ValueError(f"VisionZip.layer: {spec.layer} is out of range for {n} encoder layers")

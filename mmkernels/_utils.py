@@ -14,8 +14,8 @@ def describe(t: torch.Tensor) -> str:
 
 
 def broadcasts_to(mask: torch.Tensor, target: tuple) -> bool:
-    """True when ``mask`` (at most 4-D) broadcasts to exactly ``target`` (B, H, Lq, Lk)."""
-    if mask.dim() > 4:
+    """True when ``mask`` broadcasts to exactly ``target`` (e.g. (B, H, Lq, Lk)) without adding dims to it."""
+    if mask.dim() > len(target):
         return False
     try:
         return torch.broadcast_shapes(mask.shape, target) == torch.Size(target)
@@ -82,3 +82,19 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if poisoning():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def contiguous_outputs(*tensors: torch.Tensor) -> tuple:
+    """The tensors, each contiguous (a no-op when it already is).
+
+    A custom op's real kernel and its fake must agree on output strides, or inductor's
+    ``assert_size_stride`` fails at run time (seen with transposed HF-layout inputs, whose
+    ``empty_like`` keeps the permuted strides).  Every op of this package returns contiguous
+    outputs, and its fake returns :func:`empty_contiguous` of the same shapes.
+    """
+    return tuple(t.contiguous() for t in tensors)
+
+
+def empty_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous empty tensor with ``t``'s shape, dtype and device (for fake kernels)."""
+    return t.new_empty(t.shape)

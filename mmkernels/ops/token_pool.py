@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from .._utils import describe, triton_device_reason
+from .._utils import contiguous_outputs, describe, empty_contiguous, triton_device_reason
 from ..dispatch import Reason
 from ..reference import token_pool as ref
 from ..reference.token_pool import MODES, NORMS, TokenPoolSpec
@@ -106,14 +106,15 @@ def _token_pool_bwd(
     (custom ops cannot return None)."""
     spec = _spec_from_args(geometry, mode, norm, eps)
     dx, dw, db = _impl(impl).backward(grad_out, x, spec, weight, bias, list(saved))
-    return dx, (dw if dw is not None else x.new_empty((0,))), (db if db is not None else x.new_empty((0,)))
+    return contiguous_outputs(dx, dw if dw is not None else x.new_empty((0,)),
+                              db if db is not None else x.new_empty((0,)))
 
 
 @_token_pool_bwd.register_fake
 def _(grad_out, x, weight, bias, saved, impl, geometry, mode, norm, eps):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
-            torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
+    return (empty_contiguous(x),
+            empty_contiguous(weight) if weight is not None else x.new_empty((0,)),
+            empty_contiguous(bias) if bias is not None else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -158,6 +159,8 @@ def make_spec(x: torch.Tensor, *, grid=None, mode: str = "avg", kernel_size=2, s
         raise ValueError(f"x: expected a 3-D tensor (B, N, C) of tokens, got {describe(x)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(x)}")
+    if x.shape[2] == 0:
+        raise ValueError(f"x: expected at least one channel (C > 0) in (B, N, C), got {describe(x)}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if norm is not None and norm not in NORMS:

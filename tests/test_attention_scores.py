@@ -128,15 +128,20 @@ def test_attention_with_scores_reuses_statistics(monkeypatch):
     v = torch.randn_like(k)
     ran = []
     monkeypatch.setattr(kernels, "_scores_stats", _Spy(kernels._scores_stats, ran))
-    from mmkernels.ops.attention_scores import attention_with_scores
-
     with poisoned(), mk.use_backend("triton"):
-        out, scores = attention_with_scores(q, k, v, mask, enable_gqa=gqa, query_index=-1, reduce_heads="sum")
+        out, scores = mk.attention(q, k, v, mask, enable_gqa=gqa, return_scores=dict(query_index=-1,
+                                                                                       reduce_heads="sum"))
         out_ref = mk.attention(q, k, v, mask, enable_gqa=gqa)
     assert ran == []
     assert torch.equal(out, out_ref)
     assert_close_rule("scores", scores, _expected(q, k, mask, causal, gqa, -1, "sum"),
                       _expected(q, k, mask, causal, gqa, -1, "sum", torch.float32))
+    # other backends: the same pair, computed one after the other
+    out_s, scores_s = mk.attention(q, k, v, mask, enable_gqa=gqa, backend="sdpa", return_scores=dict(query_index=-1))
+    assert_close_abs("sdpa out", out_s, out_ref, 1e-5)
+    assert_close_abs("sdpa scores", scores_s, scores / q.shape[1], 1e-6)
+    with pytest.raises(ValueError, match="return_scores"):
+        mk.attention(q, k, v, enable_gqa=gqa, return_scores=dict(rows=-1))
 
 
 def test_fully_masked_rows_contribute_zero():

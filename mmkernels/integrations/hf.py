@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import attention
-from ..ops.attention_scores import attention_with_scores
 
 __all__ = ["ATTN_IMPLEMENTATION", "mmkernels_attention_forward", "mmkernels_mask", "register_hf"]
 
@@ -87,8 +86,8 @@ def mmkernels_attention_forward(
     if request is not None:
         # token pruning (mmkernels.integrations.prune) asked this layer for attention scores:
         # one forward, the scores reuse its row statistics; the keys are kept for VisionZip's merge
-        out, scores = attention_with_scores(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
-                                            is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, **request)
+        out, scores = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
+                                is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, return_scores=request)
         module._mmkernels_scores = (scores, key.detach())
     else:
         out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,

@@ -309,6 +309,7 @@ def attention(
     enable_gqa: bool = False,
     *,
     backend: str | None = None,
+    return_scores: dict | None = None,
 ) -> torch.Tensor:
     r"""Scaled-dot-product attention, a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -339,11 +340,20 @@ def attention(
     Triton path, every head dim up to 256; float64, ``dropout_p=1`` and float masks that require
     grad go to SDPA / the reference (which computes fp16/bf16 in fp32).
 
+    ``return_scores=dict(query_index=..., reduce_heads=...)`` (4-D inputs): returns
+    ``(out, scores)``, the scores of :func:`mmkernels.attention_scores` for the same call, computed
+    from this forward's row statistics (no second softmax pass on the Triton path).
+
     Equivalent PyTorch::
 
         F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale=scale, enable_gqa=enable_gqa)
     """
+    if return_scores is not None:
+        from .attention_scores import attention_with_scores, scores_request
+
+        return attention_with_scores(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                     backend=backend, **scores_request(return_scores))
     attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)
     batch = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if scale is None:

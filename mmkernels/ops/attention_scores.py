@@ -20,7 +20,7 @@ from .. import dispatch
 from .._utils import broadcasts_to, describe, triton_device_reason
 from ..reference import attention_scores as ref
 
-__all__ = ["attention_scores", "attention_with_scores", "query_rows"]
+__all__ = ["attention_scores", "attention_with_scores", "query_rows", "scores_request"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -136,9 +136,9 @@ def _validate(query, key, lse, attn_mask, is_causal, scale, enable_gqa, reduce_h
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"attn_mask: expected a tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise ValueError(f"attn_mask: expected dtype torch.bool or {query.dtype} (additive, like query), "
-                             f"got {describe(attn_mask)}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise ValueError(f"attn_mask: expected dtype torch.bool (True = attend), or an additive float32 or "
+                             f"{query.dtype} mask, got {describe(attn_mask)}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: expected device {query.device}, got {describe(attn_mask)}")
         target = (b, hq, lq, key.shape[2])
@@ -163,8 +163,8 @@ def _triton_check(inp) -> list:
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
     d = q.shape[-1]
-    if d % 8 != 0 or not 8 <= d <= _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: multiples of 8 up to {_TRITON_MAX_HEAD_DIM})")
+    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
     if 0 in q.shape or 0 in k.shape:
         reasons.append("an empty tensor")
     return reasons
@@ -264,12 +264,19 @@ def attention_scores(
 
 def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                           enable_gqa=False, *, query_index=None, reduce_heads="mean", backend=None):
-    """``(mk.attention(...), mk.attention_scores(...))`` from one pass when the attention runs on
-    Triton: the scores reuse the forward's row statistics (no second softmax pass).  Otherwise
-    the two run one after the other.  Scores are those of the softmax before dropout."""
-    from .attention import _attention_fwd, _validate as _validate_attention
+    """``(mk.attention(...), mk.attention_scores(...))`` from one forward: on the Triton path the
+    scores reuse the forward's row statistics (no second softmax pass); on the other backends the
+    two run one after the other.  The scores are those of the softmax before dropout.  What
+    ``mk.attention(..., return_scores=dict(query_index=..., reduce_heads=...))`` runs; inputs
+    (B, H, L, E) (a query batch of 1 broadcasts against the keys', as in ``mk.attention``)."""
+    from .attention import _as_4d, _attention_fwd, _from_causal_bias
+    from .attention import _validate as _validate_attention
 
-    _validate_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)
+    batch = _validate_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if query.dim() != 4:
+        raise ValueError(f"return_scores: expected 4-D inputs (B, H, L, E), got query {describe(query)}")
+    query, key, value, attn_mask, _ = _as_4d(query, key, value, attn_mask, batch)
     _validate(query, key, None, attn_mask, is_causal, scale, enable_gqa, reduce_heads)
     b, h, lq, d = query.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -277,9 +284,9 @@ def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_c
                   is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa))
     chosen = dispatch.select("attention", inputs, backend)
     rows = query_rows(query_index, b, lq, query.device)
-    if chosen.name == "triton":
+    if chosen.name == "triton" and value.shape[-1] == d:
         seed = None
-        if dropout_p > 0.0:
+        if dropout_p > 0.0:  # as the Triton backend draws it: torch.manual_seed replays the mask
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
         out, lse = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), scale)
         stats = _stats_from_lse(lse.detach(), rows, b, h, lq)
@@ -291,3 +298,12 @@ def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     score_backend = "triton" if chosen.name == "triton" else ("reference" if forced not in (None, "reference") else forced)
     scores = _run_scores(query.detach(), key.detach(), rows, stats, mask, is_causal, scale, score_backend)
     return out, _reduce(scores, reduce_heads)
+
+
+def scores_request(return_scores) -> dict:
+    """``mk.attention``'s ``return_scores`` argument → keyword arguments of
+    :func:`attention_with_scores` (a dict with ``query_index`` and/or ``reduce_heads``)."""
+    if not isinstance(return_scores, dict) or set(return_scores) - {"query_index", "reduce_heads"}:
+        raise ValueError(f"return_scores: expected a dict with keys query_index and/or reduce_heads, "
+                         f"got {return_scores!r}")
+    return dict(return_scores)

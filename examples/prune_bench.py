@@ -15,7 +15,8 @@ cannot hide the next one's peak):
 Presets: ``llava15`` (LLaMA-7B heads: 32 × 128, 576 image + 64 text tokens), ``llava-ov`` (Qwen2-7B
 heads: 28 query / 4 key-value × 128, 4 images × 729 + 64 text tokens), ``tiny`` (a smoke run).
 Peak memory: CUDA ``max_memory_allocated`` above the inputs; CPU the process's resident-set peak
-(``VmHWM``, reset through ``/proc/self/clear_refs``) above the inputs.  On a CPU without
+(``VmHWM``, reset through ``/proc/self/clear_refs``) above the inputs, with glibc told to mmap
+every block >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the resident set.  On a CPU without
 ``TRITON_INTERPRET``, ``mk`` runs its CPU backends (SDPA + the row-chunked reference scores).
 
     python examples/prune_bench.py --preset llava15 --layers 2          # CPU or GPU
@@ -184,8 +185,11 @@ def _child(spec: dict) -> dict:
 def _run_child(spec: dict, isolate: bool = True) -> dict:
     if not isolate:  # --tiny: a smoke run of every code path, in this process
         return _child(spec)
+    # glibc keeps freed heap memory resident, so a later allocation could reuse it without raising
+    # the RSS peak: every block >= 64 KiB is mmapped instead, and unmapped when torch frees it
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return dict(spec, error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -239,7 +239,7 @@ def attention_scores(
 
     ``lse``: the row statistics of a forward over the same query/key/mask, so the Triton path
     skips its own softmax pass.  Two forms: (B, Hq, Lq) natural-log log-sum-exp (flash-attn's
-    ``softmax_lse``; ±inf or NaN-free non-finite = a row with no visible key), or mmkernels' own
+    ``softmax_lse``; a non-finite value, e.g. flash-attn's +inf, marks a row with no visible key), or mmkernels' own
     (B, Hq, 2, Lq) float32 statistics (``[..., 0, :]`` the base-2 row max, ``[..., 1, :]`` log2 of
     the row sum, +inf max for an empty row — the second output of ``torch.ops.mmkernels.
     attention_fwd``), exact even for rows whose logits all sit on HF's ``finfo.min`` floor.  For

@@ -306,3 +306,16 @@ def test_prune_bench_tiny(tmp_path):
     assert all(r["ms"] > 0 and r["tokens"] == 41 for r in rows)
     assert rows[1]["scores_shape"] == [1, 41]
     assert "| scoring | tiny | 41 | mk |" in proc.stdout
+
+
+@pytest.mark.parametrize("family,lm", [("LlavaNext", "llama"), ("LlavaOnevision", "qwen2")])
+def test_fastv_llava_next_and_onevision_language_models(family, lm):
+    """The hooks on LLaVA-NeXT / LLaVA-OneVision (LLaMA and Qwen2 LMs); the image placeholders are
+    fed as tokens (no pixels: anyres tiling is the vision side's business, FastV sees only ids)."""
+    text = dict(TINY_LLAMA, model_type=lm)
+    cfg = getattr(transformers, f"{family}Config")(vision_config=TINY_CLIP, text_config=text, image_token_index=63)
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(cfg).to(DEVICE).eval()
+    ids = torch.randint(1, 60, (1, 19), device=DEVICE)
+    ids[0, 2:14] = 63
+    _check_fastv(model, model.model.language_model.layers, dict(input_ids=ids), ids == 63, K=1, keep=0.25,
+                 generate_tokens=2)

@@ -166,7 +166,8 @@ def _tiny_qwen2_vl():
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
                            temporal_patch_size=2, mlp_ratio=2),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
+                         num_key_value_heads=1, vocab_size=64,
+                         rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
         image_token_id=60, video_token_id=61, vision_start_token_id=62)
     return transformers.Qwen2VLForConditionalGeneration(cfg).to(DEVICE).eval()
 

@@ -98,8 +98,9 @@ class VisionZip:
     ``VisionZip(dominant=54, contextual=10)`` is the paper's 64-token LLaVA-1.5 setting.
 
     Supported on standalone towers (``CLIPVisionModel``, ``SiglipVisionModel``, or any model
-    holding one whose caller accepts a shorter sequence).  Inside LLaVA-family models the processor has already written one placeholder per
-    unpruned patch into ``input_ids``, so :func:`patch` raises there.
+    holding one whose caller accepts a shorter sequence).  Inside LLaVA-family models the
+    processor has already written one placeholder per unpruned patch into ``input_ids``, so
+    :func:`patch` raises there.
     """
 
     dominant: int = 54

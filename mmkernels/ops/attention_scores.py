@@ -91,7 +91,8 @@ def query_rows(query_index, batch: int, lq: int, device) -> torch.Tensor:
                                  f"({describe(query_index)})")
         idx = idx.to(torch.int64)
         return torch.where(idx < 0, idx + lq, idx)
-    raise ValueError(f"query_index: expected None, an int, a slice or an index tensor, got {type(query_index).__name__}")
+    raise ValueError(f"query_index: expected None, an int, a slice or an index tensor, "
+                     f"got {type(query_index).__name__}")
 
 
 def _stats_from_lse(lse: torch.Tensor, rows: torch.Tensor, b: int, h: int, lq: int) -> torch.Tensor:
@@ -295,7 +296,8 @@ def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     mask = attn_mask.detach() if attn_mask is not None else None
     forced = dispatch.forced_backend(backend)
     # the scores have triton and reference backends only: a forced sdpa/cuda attention gets the reference
-    score_backend = "triton" if chosen.name == "triton" else ("reference" if forced not in (None, "reference") else forced)
+    score_backend = "triton" if chosen.name == "triton" else (
+        "reference" if forced not in (None, "reference") else forced)
     scores = _run_scores(query.detach(), key.detach(), rows, stats, mask, is_causal, scale, score_backend)
     return out, _reduce(scores, reduce_heads)
 

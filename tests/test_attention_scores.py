@@ -231,14 +231,17 @@ def test_opcheck_strided_views():
     torch.library.opcheck(op, (q, k, rows, stats, None, False, 0.2))
 
 
-def test_compile_fullgraph():
-    q, k = torch.randn(2, 2, 17, 24, device=DEVICE), torch.randn(2, 2, 33, 24, device=DEVICE)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    # HF's layout: (B, L, H, D) projections viewed as (B, H, L, D)
+    q = torch.randn(2, 17, 2, 24, device=DEVICE).transpose(1, 2)
+    k = torch.randn(2, 33, 2, 24, device=DEVICE).transpose(1, 2)
     idx = torch.tensor([[16, 0], [3, -1]], device=DEVICE)
 
     def f(q, k, idx):
         with mk.use_backend("triton"):
-            return mk.attention_scores(q, k, query_index=-1, is_causal=True) + mk.attention_scores(
+            return mk.attention_scores(q * 2, k, query_index=-1, is_causal=True) + mk.attention_scores(
                 q, k, query_index=idx)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     assert_close_abs("compiled", compiled(q, k, idx), f(q, k, idx), 1e-6)

@@ -267,6 +267,8 @@ def test_visionzip_tower_matches_eager_rule(family):
         got = model(pixel_values=pix).last_hidden_state
     assert got.shape == (2, 13, 32)
     assert_close_abs("VisionZip output", got, expected, ATOL)
+    with torch.no_grad():  # a deep copy prunes with its own modules
+        assert torch.equal(copy.deepcopy(model)(pixel_values=pix).last_hidden_state, got)
     mk.unpatch(model)
     with torch.no_grad():
         assert model(pixel_values=pix).last_hidden_state.shape[1] == o.hidden_states[0].shape[1]

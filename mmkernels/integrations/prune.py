@@ -353,6 +353,26 @@ def visionzip_reduce(hidden: torch.Tensor, scores: torch.Tensor, keys: torch.Ten
     return torch.cat([dom, rest[:, targets] + merged], dim=1)
 
 
+class _VisionZipHook:
+    """Forward hook of the scoring encoder layer: its output → VisionZip's reduced tokens.  An
+    object rather than a closure, so ``copy.deepcopy`` of a patched model points the copy's hook
+    at the copy's attention module."""
+
+    def __init__(self, spec: VisionZip, attn: nn.Module, has_cls: bool):
+        self.spec, self.attn, self.has_cls = spec, attn, has_cls
+
+    def __call__(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        result = self.attn.__dict__.pop(_RESULT, None)
+        if result is None:
+            raise RuntimeError("VisionZip: the scoring layer produced no attention scores")
+        scores, keys = result
+        if not self.has_cls:
+            scores = scores / hidden.shape[1]  # summed over rows → mean over query rows
+        reduced = visionzip_reduce(hidden, scores, keys, self.spec.dominant, self.spec.contextual, self.has_cls)
+        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
+
+
 def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Callable]) -> None:
     for path, m in model.named_modules():
         if type(m).__name__ in _FASTV_PARENTS:
@@ -382,18 +402,7 @@ def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Calla
         # CLIP: the CLS row summed over heads; SigLIP: every row, summed over heads (÷ L below)
         attn.__dict__[_REQUEST] = dict(query_index=0 if has_cls else None, reduce_heads="sum")
 
-        def post(module, args, output, attn=attn, has_cls=has_cls):
-            hidden = output[0] if isinstance(output, tuple) else output
-            result = attn.__dict__.pop(_RESULT, None)
-            if result is None:
-                raise RuntimeError("VisionZip: the scoring layer produced no attention scores")
-            scores, keys = result
-            if not has_cls:
-                scores = scores / hidden.shape[1]
-            reduced = visionzip_reduce(hidden, scores, keys, spec.dominant, spec.contextual, has_cls)
-            return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
-
-        h = layer.register_forward_hook(post)
+        h = layer.register_forward_hook(_VisionZipHook(spec, attn, has_cls))
 
         def _undo(h=h, attn=attn):
             h.remove()

@@ -83,7 +83,8 @@ def test_every_kernel_compiles(rows):
     assert not failed, "\n".join(failed)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"attention.fwd", "attention.dkdv", "attention.dq", "attention.preprocess", "qformer.fwd",
-                       "token_pool.fwd", "token_pool.norm_bwd", "token_pool.bwd"}
+                       "token_pool.fwd", "token_pool.norm_bwd", "token_pool.bwd", "attention_scores.stats",
+                       "attention_scores.colsum"}
     assert {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
     assert {r["head_dim"] for r in rows if r["family"] == "attention" and r["arch"] == 90} == set(HEAD_DIMS)
 

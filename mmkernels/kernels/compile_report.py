@@ -140,6 +140,7 @@ class _Case:
 
 def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
     from . import attention as A
+    from . import attention_scores as S
 
     use_mask, drop, causal = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -153,6 +154,9 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
         scale = p.d ** -0.5
         out, lse = A.attention_forward(q, k, v, mask, seed, drop, causal, scale)
         A.attention_backward(torch.empty_like(out), q, k, v, out, lse, mask, seed, drop, causal, scale)
+        if not drop:  # token pruning (FastV / VisionZip): the mass each key gets from the last query row
+            rows = torch.full((p.B, 1), p.Lq - 1, dtype=torch.int64)
+            S.attention_scores(q, k, rows, None, mask, causal, scale)
 
     bh, lq, lk, d = p.B * p.H, p.Lq, p.Lk, p.d
     frac = 0.5 if causal else 1.0
@@ -163,6 +167,9 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
         "attention.dkdv": (8.0 * bh * lq * lk * d * frac, 2 * qd + 4 * kd + 12 * bh * lq),
         "attention.dq": (6.0 * bh * lq * lk * d * frac, 3 * qd + 2 * kd + 12 * bh * lq),
         "attention.preprocess": (2.0 * bh * lq * d, 2 * qd + 4 * bh * lq),
+        # one selected query row: its logits against every key (twice: statistics, then column sums)
+        "attention_scores.stats": (2.0 * bh * lk * d, kd + 8 * bh),
+        "attention_scores.colsum": (2.0 * bh * lk * d, kd + 4 * bh * lk),
     }
     return _Case("attention", p.name, variant, d, run, model)
 
@@ -218,10 +225,12 @@ def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
 
 def _kernel_names() -> dict:
     from . import attention as A
+    from . import attention_scores as S
     from . import qformer as Q
     from . import token_pool as T
 
     return {
+        S._scores_stats: "attention_scores.stats", S._scores_colsum: "attention_scores.colsum",
         A._attn_fwd: "attention.fwd", A._attn_bwd_dkdv: "attention.dkdv", A._attn_bwd_dq: "attention.dq",
         A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer.fwd",
         T._token_pool_fwd: "token_pool.fwd", T._token_pool_norm_bwd: "token_pool.norm_bwd",
@@ -352,7 +361,8 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
                    progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Compile every kernel launch the library makes at the preset shapes, for ``sm_{arch}``.
 
-    ``kernels``: names or prefixes ("attention", "attention.fwd", "qformer", "token_pool");
+    ``kernels``: names or prefixes ("attention" — with "attention_scores" —, "attention.fwd",
+    "qformer", "token_pool");
     ``presets``: names from ``ATTENTION_PRESETS`` / ``QFORMER_PRESETS`` / ``TOKEN_POOL_PRESETS``
     (default: one attention preset per head dim, the Q-Former, every pooling preset);
     ``head_dims``: attention presets with these head dims; ``variants``: keys of ``VARIANTS``;

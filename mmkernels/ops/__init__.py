@@ -1,7 +1,8 @@
 """Public functional API; importing registers the ``torch.ops.mmkernels`` ops."""
 
 from .attention import attention
+from .attention_varlen import attention_varlen
 from .qformer import qformer_cross_attention
 from .token_pool import token_pool
 
-__all__ = ["attention", "qformer_cross_attention", "token_pool"]
+__all__ = ["attention", "attention_varlen", "qformer_cross_attention", "token_pool"]

@@ -1,0 +1,575 @@
+"""Packed (variable-length) flash attention in Triton: forward, backward, launchers.
+
+Layout of ``flash_attn_varlen_func``: query (total_q, Hq, D), key/value (total_k, Hkv, D), with
+int32 prefix sums ``cu_seqlens_q`` / ``cu_seqlens_k`` (n+1,) on the device.  Sequence s of the
+query (rows cu_q[s]:cu_q[s+1]) attends only to sequence s of the keys.
+
+No host synchronisation.  The launch grid comes from shapes alone: a sequence of Lq rows needs
+ceil(Lq / BLOCK_M) query tiles, and sum_s ceil(Lq_s / BLOCK_M) <= ceil(total_q / BLOCK_M) + n, so
+``cdiv(total_q, BLOCK_M) + n`` programs per head always suffice.  A device-side map (built with
+torch ops of static output shape: cumsum + searchsorted) tells program t which sequence and which
+row block it owns; the programs past the last real tile return at once.  A ``max_seqlen`` hint
+shrinks the grid to n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the map is pure
+arithmetic on ``arange``); it is never required.  The key-side map (BLOCK_N tiles over total_k)
+drives the dK/dV kernel the same way.
+
+The tile loops, online softmax, log-sum-exp bookkeeping, dropout and the backward tile are the
+jit helpers of :mod:`mmkernels.kernels.attention` (imported, not copied); this module adds the
+sequence lookup, the bottom-right causal offset and the fused rotary embedding.
+
+Causal masking is bottom-right aligned (flash-attn's varlen convention): row i of a sequence
+with Lq queries and Lk keys sees key j iff j <= i + (Lk - Lq).  It is implemented by passing the
+shifted row index i + (Lk - Lq) to the shared top-left causal test.
+
+Rotary (Qwen2-VL ``apply_rotary_pos_emb_vision``): when cos/sin are given, every Q and K tile is
+rotated as it is loaded, x·cos + rotate_half(x)·sin in fp32 and rounded to the input dtype (what
+HF does before its attention call).  rotate_half pairs column c with c ± D/2, so the partner
+columns are read with a second load instead of being shuffled in registers: this keeps the
+power-of-two head-dim split (80 → 64+16) valid, where a half-split layout would pad 80 to 128.
+The backward computes dQ' and dK' for the rotated inputs and a final in-place pass rotates them
+back (dx = dy·cos − rotate_half(dy·sin)): the dK/dV and dQ kernels accumulate across many tiles
+in registers, where column pairs c, c+D/2 may live in different chunks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreting, new_output
+from ._launch import gpu_launcher
+from .attention import (
+    _attn_bwd_preprocess,
+    _bwd_tile,
+    _dot,
+    _dot_precision,
+    _dropout_keep,
+    _finish_rows,
+    _load_cols2,
+    _load_rows,
+    _load_rows2,
+    _logits,
+    _softmax_step,
+    _store_rows,
+    split_head_dim,
+)
+
+# Philox key stride between (sequence, head) streams (same constant as the dense kernels)
+_SEED_STRIDE = tl.constexpr(1000003)
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _load_rot(base, rows, row_ok, stride_r, stride_d, offs_d, COS, SIN, cs_base, sct, scd,
+              HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
+    """Tile [rows, offs_d] of a (L, D) matrix, with the rotary embedding applied when ROTARY
+    (1: cos/sin (L, D); 2: cos/sin (L, D/2), HF's ``cat((f, f))`` stored once):
+    x·cos + rotate_half(x)·sin in fp32, rounded to x's dtype.  Out-of-range entries read 0."""
+    x = _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM)
+    if ROTARY != 0:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        lo = offs_d < HALF
+        partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
+        xp = _load_rows(base, rows, row_ok, stride_r, partner, stride_d, HEAD_DIM).to(tl.float32)
+        cc = offs_d
+        if ROTARY == 2:
+            cc = tl.where(lo, offs_d, offs_d - HALF)
+        cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        coffs = cs_base + rows[:, None].to(tl.int64) * sct + cc[None, :] * scd
+        c = tl.load(COS + coffs, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.load(SIN + coffs, mask=cmask, other=0.0).to(tl.float32)
+        rot = tl.where(lo[None, :], -xp, xp)
+        x = (x.to(tl.float32) * c + rot * s).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _load_rot2(base, rows, row_ok, stride_r, stride_d, COS, SIN, cs_base, sct, scd,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr):
+    """The two head-dim chunks [rows, D0], [rows, D1] of :func:`_load_rot`."""
+    t0 = _load_rot(base, rows, row_ok, stride_r, stride_d, tl.arange(0, D0), COS, SIN, cs_base, sct, scd,
+                   HEAD_DIM, ROTARY)
+    t1 = t0
+    if D1 > 0:
+        t1 = _load_rot(base, rows, row_ok, stride_r, stride_d, D0 + tl.arange(0, D1), COS, SIN, cs_base, sct,
+                       scd, HEAD_DIM, ROTARY)
+    return t0, t1
+
+
+@triton.jit
+def _load_keys_T(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, sct, scd,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr):
+    """Transposed key chunks [D0, cols], [D1, cols], rotated when ROTARY."""
+    if ROTARY != 0:
+        k0, k1 = _load_rot2(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, sct, scd,
+                            HEAD_DIM, D0, D1, ROTARY)
+        kT0 = tl.trans(k0)
+        kT1 = kT0
+        if D1 > 0:
+            kT1 = tl.trans(k1)
+    else:
+        kT0, kT1 = _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM, D0, D1)
+    return kT0, kT1
+
+
+@triton.jit
+def _tile(TILES, CU, pid, N_SEQS):
+    """(sequence, first local row of the tile, sequence start, sequence length) of program pid;
+    a program past the packing's last tile gets length 0 (it returns)."""
+    seq = tl.load(TILES + 2 * pid)
+    start = tl.load(TILES + 2 * pid + 1)
+    idle = seq >= N_SEQS
+    seq = tl.minimum(seq, N_SEQS - 1)  # the map's sentinel n would read past cu_seqlens
+    lo = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - lo
+    length = tl.where(idle, 0, length)
+    return seq, start, lo.to(tl.int64), length
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _varlen_fwd(
+    Q, K, V, O, LSE, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sot, soh, sod,
+    sct, scd,
+    H, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    seq, m_start, q_lo, LQ = _tile(TILES, CU_Q, pid, N_SEQS)
+    if m_start >= LQ:
+        return  # past the last tile of the packing (the grid is an upper bound)
+    k_lo = tl.load(CU_K + seq).to(tl.int64)
+    LK = tl.load(CU_K + seq + 1) - k_lo
+    hk = h // GROUP
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    rows_c = rows + (LK - LQ)  # bottom-right causal alignment (also the dropout row index)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = Q + q_lo * sqt + h * sqh
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd, HEAD_DIM, D0, D1, ROTARY)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, m_start + BLOCK_M + (LK - LQ))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY)
+        s = _logits(q0, q1, kT0, kT1, rows_c, cols, row_ok, col_ok, Q, 0, 0, qk_scale,
+                    D1, 0, IS_CAUSAL, PREC, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows_c, cols, LK, dropout_p), p, 0.0)
+        p = p.to(V.dtype.element_ty)
+        v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
+        if D1 > 0:
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
+
+    inv_l = _finish_rows(LSE, h, TOTAL_Q, q_lo + rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
+    o_base = O + q_lo * sot + h * soh
+    _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, sot, tl.arange(0, D0), sod, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, sot, D0 + tl.arange(0, D1), sod, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _varlen_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sdt, sdh, sdd,
+    sct, scd,
+    H, HKV, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    seq, n_start, k_lo, LK = _tile(TILES, CU_K, pid, N_SEQS)
+    if n_start >= LK:
+        return
+    q_lo = tl.load(CU_Q + seq).to(tl.int64)
+    LQ = tl.load(CU_Q + seq + 1) - q_lo
+    off = LK - LQ
+    cols = n_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    offs_m = tl.arange(0, BLOCK_M)
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                            HEAD_DIM, D0, D1, ROTARY)
+    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    seed0 = 0
+    if HAS_DROPOUT:
+        seed0 = tl.load(SEED)
+
+    lo = 0
+    if IS_CAUSAL:
+        # key j is seen by rows i >= j - (Lk - Lq): earlier row blocks contribute nothing
+        lo = (tl.maximum(n_start - off, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + q_lo * sqt + h * sqh
+        do_base = DO + q_lo * sdt + h * sdh
+        stats = LSE + h * 2 * TOTAL_Q + q_lo
+        seed = seed0 + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+        for start_m in range(lo, LQ, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < LQ
+            q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY)
+            do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1)
+            m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
+            log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+            pd, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
+                               qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                               D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+            pdT = tl.trans(pd.to(DO.dtype.element_ty))
+            dsT = tl.trans(ds.to(Q.dtype.element_ty))
+            dv0 += _dot(pdT, do0, PREC, UPCAST)
+            dk0 += _dot(dsT, q0, PREC, UPCAST)
+            if D1 > 0:
+                dv1 += _dot(pdT, do1, PREC, UPCAST)
+                dk1 += _dot(dsT, q1, PREC, UPCAST)
+
+    # dK, dV: contiguous (total_k, Hkv, D)
+    row_stride = HKV * HEAD_DIM
+    dk_base = DK + k_lo * row_stride + hk * HEAD_DIM
+    dv_base = DV + k_lo * row_stride + hk * HEAD_DIM
+    offs_d0 = tl.arange(0, D0)
+    _store_rows(dk_base, dk0 * sm_scale, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
+    _store_rows(dv_base, dv0, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        _store_rows(dk_base, dk1 * sm_scale, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
+        _store_rows(dv_base, dv1, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
+
+
+@triton.jit
+def _varlen_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sdt, sdh, sdd,
+    sct, scd,
+    H, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    seq, m_start, q_lo, LQ = _tile(TILES, CU_Q, pid, N_SEQS)
+    if m_start >= LQ:
+        return
+    k_lo = tl.load(CU_K + seq).to(tl.int64)
+    LK = tl.load(CU_K + seq + 1) - k_lo
+    off = LK - LQ
+    hk = h // GROUP
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_n = tl.arange(0, BLOCK_N)
+    q_base = Q + q_lo * sqt + h * sqh
+    do_base = DO + q_lo * sdt + h * sdh
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd, HEAD_DIM, D0, D1, ROTARY)
+    do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    stats = LSE + h * 2 * TOTAL_Q + q_lo
+    m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
+    log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, m_start + BLOCK_M + off)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY)
+        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1)
+        _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
+                          qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                          D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+        ds = ds.to(Q.dtype.element_ty)
+        dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
+        if D1 > 0:
+            dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+
+    row_stride = H * HEAD_DIM
+    dq_base = DQ + q_lo * row_stride + h * HEAD_DIM
+    _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, row_stride, tl.arange(0, D0), 1, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, row_stride, D0 + tl.arange(0, D1), 1, HEAD_DIM)
+
+
+@triton.jit
+def _rotary_unrotate(
+    DQ, DK, COS, SIN, TOTAL, HQ, HKV, sct, scd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """In place on contiguous (total, H, D) gradients of the rotated q (heads < HQ) and k:
+    dx = dy·cos − rotate_half(dy·sin), i.e. dx[c] = dy[c]·cos[c] ± dy[c']·sin[c'] with c' the
+    rotate_half partner (+ for c < D/2).  Each program owns whole rows, so reading a row's
+    partner columns before writing it back is race-free."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    base = DQ
+    nh = HQ
+    if hh >= HQ:
+        base = DK
+        nh = HKV
+        hh = hh - HQ
+    HALF: tl.constexpr = HEAD_DIM // 2
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < TOTAL
+    offs_d = tl.arange(0, BLOCK_D)
+    lo = offs_d < HALF
+    partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
+    row_stride = nh * HEAD_DIM
+    head_base = base + hh.to(tl.int64) * HEAD_DIM
+    dy = _load_rows(head_base, rows, row_ok, row_stride, offs_d, 1, HEAD_DIM).to(tl.float32)
+    dyp = _load_rows(head_base, rows, row_ok, row_stride, partner, 1, HEAD_DIM).to(tl.float32)
+    cc = offs_d
+    cp = partner
+    if ROTARY == 2:
+        cc = tl.where(lo, offs_d, offs_d - HALF)
+        cp = cc
+    cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rr = rows[:, None].to(tl.int64) * sct
+    c = tl.load(COS + rr + cc[None, :] * scd, mask=cmask, other=0.0).to(tl.float32)
+    sp = tl.load(SIN + rr + cp[None, :] * scd, mask=cmask, other=0.0).to(tl.float32)
+    dx = dy * c + tl.where(lo[None, :], dyp * sp, -dyp * sp)
+    _store_rows(head_base, dx, rows, row_ok, row_stride, offs_d, 1, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+def tile_map(cu_seqlens: torch.Tensor, total: int, block: int, max_seqlen: int | None) -> torch.Tensor:
+    """(T, 2) int32 device map program → (sequence, first local row); T from shapes only.
+
+    Without a hint, T = cdiv(total, block) + n and sequence s owns programs
+    [sum_{r<s} ceil(L_r / block), ...) (cumsum + searchsorted; programs past the last tile get
+    sequence n and return).  With a hint ``max_seqlen`` (an upper bound of every length) whose
+    grid n * cdiv(max_seqlen, block) is smaller, program t owns block t % tiles of sequence
+    t // tiles (tiles past a sequence's end return).  No value is read on the host.
+    """
+    n = cu_seqlens.shape[0] - 1
+    dev = cu_seqlens.device
+    per_seq = triton.cdiv(max_seqlen, block) if max_seqlen else None
+    bound = triton.cdiv(total, block) + n
+    if per_seq is not None and n * per_seq <= bound:
+        t = torch.arange(n * per_seq, device=dev, dtype=torch.int32)
+        return torch.stack((t // per_seq, (t % per_seq) * block), 1)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    ntiles = (lens + (block - 1)) // block
+    incl = torch.cumsum(ntiles, 0).to(torch.int32)
+    t = torch.arange(bound, device=dev, dtype=torch.int32)
+    seq = torch.searchsorted(incl, t, right=True)
+    first = (incl - ntiles).gather(0, seq.clamp(max=n - 1))
+    return torch.stack((seq.to(torch.int32), (t - first) * block), 1)
+
+
+def _rotary_args(cos, sin, like):
+    """(cos, sin, ROTARY kind, (row stride, col stride)); cos and sin share strides (checked
+    by the op layer)."""
+    if cos is None:
+        return like, like, 0, (0, 0)
+    kind = 1 if cos.shape[-1] == like.shape[-1] else 2
+    return cos, sin, kind, cos.stride()
+
+
+def _common(query, key, cos, sin, seed, dropout_p, is_causal):
+    d = query.shape[-1]
+    if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":
+        d0, d1 = max(16, triton.next_power_of_2(d)), 0
+    else:
+        d0, d1 = split_head_dim(d)
+    cos_t, sin_t, rot, cstr = _rotary_args(cos, sin, query)
+    has_dropout = dropout_p > 0.0
+    if has_dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed tensor")
+    meta = dict(
+        HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, ROTARY=rot,
+        PREC=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16,
+    )
+    return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
+
+
+def _head_bucket(d: int) -> int:
+    return 64 if d <= 64 else (128 if d <= 128 else 256)
+
+
+def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale):
+    """Launch the forward.  Returns O (total_q, Hq, D) contiguous and the softmax statistics
+    (Hq, 2, total_q) fp32 (row max and log2 row sum of the base-2 logits, as the dense kernel;
+    +inf max for rows with no visible key)."""
+    total_q, h, d = query.shape
+    total_k, hkv = key.shape[0], key.shape[1]
+    n = cu_q.shape[0] - 1
+    out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
+    lse = new_output((h, 2, total_q), torch.float32, query.device)
+    if total_q == 0 or n == 0:
+        return out, lse
+    if total_k == 0:  # every sequence has no key: rows attend to nothing
+        out.zero_()
+        lse[:, 0].fill_(float("inf"))
+        lse[:, 1].zero_()
+        return out, lse
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
+    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype)
+    tiles = tile_map(cu_q, total_q, bm, max_q)
+    kernel[(tiles.shape[0], h)](
+        query, key, value, out, lse, cu_q, cu_k, tiles, cos_t, sin_t, seed_arg,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *cstr,
+        h, total_q, h // hkv, n, _head_bucket(d),
+        float(scale) * 1.4426950408889634, float(dropout_p),
+        **meta, **cfg,
+    )
+    return out, lse
+
+
+def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin, seed, max_q, max_k,
+                    dropout_p, is_causal, scale):
+    """Launch the backward; returns contiguous (dQ, dK, dV) shaped like the inputs (gradients
+    of the un-rotated query and key when rotary is given)."""
+    total_q, h, d = query.shape
+    total_k, hkv = key.shape[0], key.shape[1]
+    n = cu_q.shape[0] - 1
+    dq = new_output((total_q, h, d), query.dtype, query.device)
+    dk = new_output((total_k, hkv, d), key.dtype, key.device)
+    dv = new_output(tuple(value.shape), value.dtype, value.device)
+    if n == 0 or total_q == 0 or total_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
+    delta = new_output((h, total_q), torch.float32, query.device)
+    pre_m = 64
+    # the dense preprocess kernel on a batch-1 view: (B=1, H, L=total_q, D)
+    _attn_bwd_preprocess[(triton.cdiv(total_q, pre_m), h)](
+        out, grad_out, delta, 0, out.stride(1), out.stride(0), out.stride(2),
+        0, grad_out.stride(1), grad_out.stride(0), grad_out.stride(2), h, total_q,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m,
+    )
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
+    qk_scale = float(scale) * 1.4426950408889634
+    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype)
+    kv_tiles = tile_map(cu_k, total_k, bn, max_k)
+    kv_kernel[(kv_tiles.shape[0], hkv)](
+        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, kv_tiles, cos_t, sin_t, seed_arg, *common,
+        h, hkv, total_q, h // hkv, n, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, **kv_cfg,
+    )
+    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype)
+    q_tiles = tile_map(cu_q, total_q, bm, max_q)
+    q_kernel[(q_tiles.shape[0], h)](
+        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, q_tiles, cos_t, sin_t, seed_arg, *common,
+        h, total_q, h // hkv, n, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, **q_cfg,
+    )
+    if meta["ROTARY"]:
+        br = 32
+        _rotary_unrotate[(triton.cdiv(total_q, br), h + hkv)](
+            dq, dk, cos_t, sin_t, total_q, h, hkv, *cstr,
+            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROTARY=meta["ROTARY"], BLOCK_R=br,
+        )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# configurations (built lazily: importing this module never queries a device)
+# --------------------------------------------------------------------------------------
+# Interpreter: few large tiles (each program runs in Python); BLOCK_M != BLOCK_N keeps the
+# causal block-skipping arithmetic honest.
+_INTERP = {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
+           "dq": dict(BLOCK_M=64, BLOCK_N=32)}
+_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
+
+
+def _gpu_tile(kind: str, d: int, dtype: torch.dtype) -> int:
+    """The tile size the device map is built for (query rows for fwd/dq, keys for dkdv): fixed
+    per (kind, d, dtype) so that autotuning only varies the other block size, warps and stages."""
+    big = d > 128 or dtype == torch.float32
+    if kind == "dkdv":
+        return 64 if big else 128
+    return 64 if big else 128
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
+    """A few candidates sharing the mapped tile size; the first is the untuned default.  Not yet
+    tuned on a GPU (same starting points as the dense kernels)."""
+    t = _gpu_tile(kind, d, dtype)
+    big = d > 128 or dtype == torch.float32
+    if kind == "dkdv":
+        others = [(32, 8, 2), (64, 8, 2), (16, 4, 2)] if not big else [(32, 4, 2), (16, 4, 2), (64, 8, 1)]
+        return [triton.Config({"BLOCK_M": o, "BLOCK_N": t}, num_warps=w, num_stages=s) for o, w, s in others]
+    others = [(64, 4, 3), (32, 4, 3), (64, 8, 3)] if not big else [(32, 4, 2), (64, 4, 2), (16, 4, 2)]
+    return [triton.Config({"BLOCK_M": t, "BLOCK_N": o}, num_warps=w, num_stages=s) for o, w, s in others]
+
+
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+    """(kernel, launch kwargs, mapped tile size)."""
+    if device_type != "cuda":
+        cfg = _INTERP[kind]
+        return _KERNELS[kind], cfg, cfg["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]
+    kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY,
+                               ("attention_varlen", kind, d, dtype))
+    return kernel, cfg, _gpu_tile(kind, d, dtype)
+
+
+_KERNELS = {"fwd": _varlen_fwd, "dkdv": _varlen_bwd_dkdv, "dq": _varlen_bwd_dq}

@@ -358,3 +358,30 @@ def test_qwen2_5_vl_window_and_full_blocks():
     grid = torch.tensor([[1, 4, 8], [1, 2, 6], [2, 4, 4]], device=DEVICE)  # several windows per image
     pix = torch.randn(32 + 12 + 32, 3 * 2 * 2 * 2, device=DEVICE)
     _vision_patch_cycle(model, model.model.visual, pix, grid, depth=2)
+
+
+def test_lm_padding_free_packed_batch():
+    """register_hf: a DataCollatorWithFlattening batch (flash-attn boundary kwargs) runs each LM
+    layer as one attention_varlen call and equals the sequences run one by one."""
+    from transformers import DataCollatorWithFlattening
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+    seqs = [torch.randint(0, 64, (n,)).tolist() for n in (5, 17, 1, 9)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
+    batch = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) else val) for key, val in batch.items()
+             if key != "labels"}
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=torch.tensor([s], device=DEVICE)).logits[0] for s in seqs])
+    mk.patch(model)
+    calls, original, select = _spy()
+    dispatch.select = select
+    try:
+        with torch.no_grad(), poisoned(), mk.use_backend("triton"):
+            got = model(**batch).logits[0]
+    finally:
+        dispatch.select = original
+        mk.unpatch(model)
+    assert calls == [("attention_varlen", "triton")] * 2, calls
+    assert_close_abs("packed logits", got, expected, 2e-5)

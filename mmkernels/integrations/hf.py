@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import attention
+from ..ops.attention_varlen import attention_varlen
 
 __all__ = ["ATTN_IMPLEMENTATION", "mmkernels_attention_forward", "mmkernels_mask", "register_hf"]
 
@@ -45,7 +46,10 @@ def mmkernels_attention_forward(
     ``attention_mask`` bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk);
     ``is_causal`` falls back to ``module.is_causal`` (default True) and applies, as in HF's sdpa
     function, only when there is no mask and Lq > 1.  A query of batch 1 against a key/value
-    batch > 1 (learned queries) is broadcast.  Returns ``(out (B, Lq, Hq, D), None)``: the
+    batch > 1 (learned queries) is broadcast.  A padding-free packed batch (batch 1 with
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs, from ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)``) runs as one :func:`mmkernels.attention_varlen` call
+    (see :func:`_packed_forward`).  Returns ``(out (B, Lq, Hq, D), None)``: the
     attention weights are never formed.  Extra keyword arguments (``sliding_window``,
     ``position_ids``, ...) are ignored, as in HF's sdpa function; ``softcap`` and
     ``position_bias`` are handled (``softcap`` is rejected with ``ValueError``, like sdpa).
@@ -59,6 +63,11 @@ def mmkernels_attention_forward(
     if enable_gqa and groups > 1 and query.shape[1] != key.shape[1] * groups:
         raise ValueError(
             f"query has {query.shape[1]} heads, key has {key.shape[1]} and module.num_key_value_groups={groups}")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and query.shape[0] == key.shape[0] == 1 \
+            and kwargs.get("position_bias") is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return _packed_forward(query, key, value, cu_q, cu_k, kwargs, dropout, scaling, causal, enable_gqa)
     # learned queries of batch 1 against a batch of keys (or the reverse): SDPA broadcasts
     if query.shape[0] != key.shape[0]:
         b = max(query.shape[0], key.shape[0])
@@ -85,6 +94,24 @@ def mmkernels_attention_forward(
     out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
                     scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_forward(query, key, value, cu_q, cu_k, kwargs, dropout, scaling, is_causal, enable_gqa):
+    """A padding-free packed batch (B = 1 holding several sequences, with flash-attn's boundary
+    kwargs ``cu_seq_lens_q/k``, ``max_length_q/k`` as ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)`` emits them): one :func:`mmkernels.attention_varlen` call.
+    The boundaries define the masking, as on HF's flash path; the (1, 1, L, L) block-causal mask
+    HF also derives from ``position_ids`` for non-flash implementations is not read."""
+    def hint(name):
+        m = kwargs.get(name)
+        return m if isinstance(m, int) and not isinstance(m, bool) else None
+
+    cu_q = cu_q if cu_q.dtype == torch.int32 else cu_q.to(torch.int32)
+    cu_k = cu_k if cu_k.dtype == torch.int32 else cu_k.to(torch.int32)
+    out = attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                           max_seqlen_q=hint("max_length_q"), max_seqlen_k=hint("max_length_k"),
+                           dropout_p=float(dropout), is_causal=bool(is_causal), scale=scaling, enable_gqa=enable_gqa)
+    return out.unsqueeze(0), None
 
 
 def mmkernels_mask(*args, **kwargs):

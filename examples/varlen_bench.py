@@ -196,9 +196,9 @@ def _launches(fn, device):
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def run_case(case: Case, device: str, dtype, reps: int) -> dict:
+def run_case(case: Case, device: str, dtype, reps: int, only=None) -> dict:
     rows: dict = {}
-    impls = implementations(device)
+    impls = {n: f for n, f in implementations(device).items() if only is None or n in only}
     for mode in ("fwd", "fwd+bwd"):
         backward = mode == "fwd+bwd"
         q, k, v, cu, rot = make_inputs(case, device, dtype, backward)
@@ -240,15 +240,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (tiny default)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--impls", default=None, help="comma-separated subset of the implementations to run")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
     reps = args.reps or (2 if args.tiny else 20)
+    only = set(args.impls.split(",")) if args.impls else None
     windows, full = qwen25vl_windows(args.tiny)
     cases = [qwen2vl_mixed_images(args.tiny), windows, full]
     record = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": str(dtype),
               "torch": torch.__version__, "tiny": args.tiny, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "cases": [run_case(c, args.device, dtype, reps) for c in cases]}
+              "cases": [run_case(c, args.device, dtype, reps, only) for c in cases]}
     for res in record["cases"]:
         print(f"{res['case']['name']}: {res['sequences']} sequences, {res['total_tokens']} tokens")
         for mode, rows in res["modes"].items():

@@ -389,7 +389,8 @@ def test_lm_padding_free_packed_batch():
 
 def test_varlen_bench_example_tiny(tmp_path):
     """examples/varlen_bench.py --tiny runs on a CPU (without the interpreter: mmkernels takes its
-    block-diagonal SDPA route) and every implementation agrees with HF's per-image loop."""
+    block-diagonal SDPA route) and agrees with HF's per-image loop (FlexAttention, whose CPU
+    compile alone takes ~30 s, is left out here)."""
     import json
     import os
     import subprocess
@@ -401,14 +402,15 @@ def test_varlen_bench_example_tiny(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     out = tmp_path / "varlen.json"
     proc = subprocess.run([sys.executable, str(root / "examples" / "varlen_bench.py"), "--tiny", "--device", "cpu",
-                           "--reps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+                           "--reps", "1", "--impls", "mmkernels-varlen,hf-sdpa-loop,sdpa-dense-mask",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rec = json.loads(out.read_text())
     assert [c["case"]["name"] for c in rec["cases"]] == ["qwen2vl-mixed-tiny", "qwen25vl-windows-tiny",
                                                         "qwen25vl-full-tiny"]
     for case in rec["cases"]:
         for mode, rows in case["modes"].items():
-            assert {"mmkernels-varlen", "hf-sdpa-loop", "sdpa-dense-mask"} <= rows.keys()
+            assert rows.keys() == {"mmkernels-varlen", "hf-sdpa-loop", "sdpa-dense-mask"}
             for name, row in rows.items():
                 if "skipped" not in row:
                     assert row["max_abs_diff_vs_hf_loop"] < 1e-5, (case["case"]["name"], mode, name, row)

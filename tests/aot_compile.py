@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # argument types that are not the kernel's data dtype ("x") nor i32 (the default)
 ATTENTION_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "STATS": "*fp32", "MASK": "*u8", "SEED": "*i64",
+                   "COS": "*fp32", "SIN": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "TILES": "*i32",
                    "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32"}
 
 
@@ -44,6 +45,7 @@ def compile_one(label: str, fn, dtype: str, consts: dict, types: dict, target, n
 
 def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> bool:
     from mmkernels.kernels import attention as A
+    from mmkernels.kernels import attention_varlen as VL
     from mmkernels.kernels import qformer as Q
 
     ok = True
@@ -52,10 +54,17 @@ def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> boo
         d0, d1 = A.split_head_dim(d)
         for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
             cfg = A._gpu_configs(name, d, TORCH_DTYPES[dtype])[0]
-            consts = dict(HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=1, IS_CAUSAL=True, HAS_DROPOUT=True,
+            consts = dict(HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=1, IS_CAUSAL=True, HAS_DROPOUT=True, ROTARY=0,
                           PREC="tf32", UPCAST=False, **cfg.kwargs)
             ok &= compile_one(f"sm_{arch} {dtype} d={d} {name}", fn, dtype, consts, types, target,
                               cfg.num_warps, cfg.num_stages)
+        # packed (varlen) kernels with the vision rotary fused (Qwen2-VL's configuration)
+        for name in ("fwd", "dkdv", "dq"):
+            cfg = VL._gpu_configs(name, d, TORCH_DTYPES[dtype])[0]
+            consts = dict(HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=True, HAS_DROPOUT=True, ROTARY=1 if d % 2 == 0 else 0,
+                          PREC="tf32", UPCAST=False, **cfg.kwargs)
+            ok &= compile_one(f"sm_{arch} {dtype} d={d} varlen {name}", VL._KERNELS[name], dtype, consts, types,
+                              target, cfg.num_warps, cfg.num_stages)
     # the fused Q-Former forward at BLIP-2's shape (d = 64)
     cfg = Q._configs(TORCH_DTYPES[dtype])[0]
     consts = dict(HEAD_DIM=64, BLOCK_D=64, MASK_KIND=2, HAS_DROPOUT=True, PREC="tf32", UPCAST=False,

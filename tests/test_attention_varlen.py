@@ -414,3 +414,47 @@ def test_varlen_bench_example_tiny(tmp_path):
             for name, row in rows.items():
                 if "skipped" not in row:
                     assert row["max_abs_diff_vs_hf_loop"] < 1e-5, (case["case"]["name"], mode, name, row)
+
+
+# ----------------------------------------------------------------------------- rotary on mk.attention
+@pytest.mark.parametrize("cos_shape,dtype,causal", [("L,D", torch.float32, True), ("B,L,D/2", torch.float32, False),
+                                                    ("L,D/2", torch.bfloat16, False)],
+                         ids=["shared-causal", "per-batch-half", "bf16-shared-half"])
+def test_dense_attention_rotary(cos_shape, dtype, causal):
+    """mk.attention(..., rotary=(cos, sin)) on (B, H, L, D), GQA, head dim 80 (split 64+16):
+    output and gradients vs float64 with the RoPE applied in torch first."""
+    from mmkernels.reference.attention import attention as ref_attention
+    from mmkernels.reference.rotary import apply_rotary
+
+    b, hq, hkv, length, d = 2, 2, 1, 45, 80
+    q = torch.randn(b, hq, length, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, length, d, device=DEVICE, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    k.requires_grad_()
+    v = torch.randn(b, hkv, length, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    lead = (b,) if cos_shape.startswith("B") else ()
+    freqs = torch.randn(*lead, length, d // 2, device=DEVICE) * 3
+    if not cos_shape.endswith("/2"):
+        freqs = torch.cat((freqs, freqs), -1)
+    cos, sin = freqs.cos(), freqs.sin()
+    with poisoned(), mk.use_backend("triton"):
+        out = mk.attention(q, k, v, is_causal=causal, enable_gqa=True, rotary=(cos, sin))
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+
+    def reference(cast):
+        qc, kc, vc = (x.detach().to(cast).requires_grad_() for x in (q, k, v))
+        c, s = (t.unsqueeze(-3).to(torch.float64 if cast == torch.float64 else torch.float32) for t in (cos, sin))
+        o = ref_attention(apply_rotary(qc, c, s), apply_rotary(kc, c, s), vc, is_causal=causal, enable_gqa=True)
+        return o, torch.autograd.grad(o, (qc, kc, vc), do.to(cast))
+
+    out64, grads64 = reference(torch.float64)
+    outlp, gradslp = reference(dtype)
+    assert_close_rule("out", out, out64, outlp)
+    for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, grads64, gradslp):
+        assert_close_rule(name, g, g64, glp)
+    # the sdpa route applies the same rotation in torch
+    with mk.use_backend("sdpa"):
+        assert_close_abs("sdpa route", mk.attention(q, k, v, is_causal=causal, enable_gqa=True, rotary=(cos, sin)),
+                         out64, 0.05 if dtype == torch.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match="rotary cos"):
+        mk.attention(q, k, v, enable_gqa=True, rotary=(cos[..., :7, :], sin[..., :7, :]))

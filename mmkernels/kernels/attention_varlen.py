@@ -49,13 +49,15 @@ from .attention import (
     _dropout_keep,
     _finish_rows,
     _load_cols2,
-    _load_rows,
+    _load_keys_T,
     _load_rows2,
     _logits,
     _softmax_step,
     _store_rows,
+    rotary_args,
     split_head_dim,
 )
+from ._rotary import _load_rot2, unrotate_grad
 
 # Philox key stride between (sequence, head) streams (same constant as the dense kernels)
 _SEED_STRIDE = tl.constexpr(1000003)
@@ -64,59 +66,6 @@ _SEED_STRIDE = tl.constexpr(1000003)
 # --------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _load_rot(base, rows, row_ok, stride_r, stride_d, offs_d, COS, SIN, cs_base, sct, scd,
-              HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
-    """Tile [rows, offs_d] of a (L, D) matrix, with the rotary embedding applied when ROTARY
-    (1: cos/sin (L, D); 2: cos/sin (L, D/2), HF's ``cat((f, f))`` stored once):
-    x·cos + rotate_half(x)·sin in fp32, rounded to x's dtype.  Out-of-range entries read 0."""
-    x = _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM)
-    if ROTARY != 0:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        lo = offs_d < HALF
-        partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
-        xp = _load_rows(base, rows, row_ok, stride_r, partner, stride_d, HEAD_DIM).to(tl.float32)
-        cc = offs_d
-        if ROTARY == 2:
-            cc = tl.where(lo, offs_d, offs_d - HALF)
-        cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        coffs = cs_base + rows[:, None].to(tl.int64) * sct + cc[None, :] * scd
-        c = tl.load(COS + coffs, mask=cmask, other=0.0).to(tl.float32)
-        s = tl.load(SIN + coffs, mask=cmask, other=0.0).to(tl.float32)
-        rot = tl.where(lo[None, :], -xp, xp)
-        x = (x.to(tl.float32) * c + rot * s).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _load_rot2(base, rows, row_ok, stride_r, stride_d, COS, SIN, cs_base, sct, scd,
-               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr):
-    """The two head-dim chunks [rows, D0], [rows, D1] of :func:`_load_rot`."""
-    t0 = _load_rot(base, rows, row_ok, stride_r, stride_d, tl.arange(0, D0), COS, SIN, cs_base, sct, scd,
-                   HEAD_DIM, ROTARY)
-    t1 = t0
-    if D1 > 0:
-        t1 = _load_rot(base, rows, row_ok, stride_r, stride_d, D0 + tl.arange(0, D1), COS, SIN, cs_base, sct,
-                       scd, HEAD_DIM, ROTARY)
-    return t0, t1
-
-
-@triton.jit
-def _load_keys_T(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, sct, scd,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr):
-    """Transposed key chunks [D0, cols], [D1, cols], rotated when ROTARY."""
-    if ROTARY != 0:
-        k0, k1 = _load_rot2(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, sct, scd,
-                            HEAD_DIM, D0, D1, ROTARY)
-        kT0 = tl.trans(k0)
-        kT1 = kT0
-        if D1 > 0:
-            kT1 = tl.trans(k1)
-    else:
-        kT0, kT1 = _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM, D0, D1)
-    return kT0, kT1
-
-
 @triton.jit
 def _tile(TILES, CU, pid, N_SEQS):
     """(sequence, first local row of the tile, sequence start, sequence length) of program pid;
@@ -358,46 +307,6 @@ def _varlen_bwd_dq(
         _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, row_stride, D0 + tl.arange(0, D1), 1, HEAD_DIM)
 
 
-@triton.jit
-def _rotary_unrotate(
-    DQ, DK, COS, SIN, TOTAL, HQ, HKV, sct, scd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """In place on contiguous (total, H, D) gradients of the rotated q (heads < HQ) and k:
-    dx = dy·cos − rotate_half(dy·sin), i.e. dx[c] = dy[c]·cos[c] ± dy[c']·sin[c'] with c' the
-    rotate_half partner (+ for c < D/2).  Each program owns whole rows, so reading a row's
-    partner columns before writing it back is race-free."""
-    pid = tl.program_id(0)
-    hh = tl.program_id(1)
-    base = DQ
-    nh = HQ
-    if hh >= HQ:
-        base = DK
-        nh = HKV
-        hh = hh - HQ
-    HALF: tl.constexpr = HEAD_DIM // 2
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < TOTAL
-    offs_d = tl.arange(0, BLOCK_D)
-    lo = offs_d < HALF
-    partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
-    row_stride = nh * HEAD_DIM
-    head_base = base + hh.to(tl.int64) * HEAD_DIM
-    dy = _load_rows(head_base, rows, row_ok, row_stride, offs_d, 1, HEAD_DIM).to(tl.float32)
-    dyp = _load_rows(head_base, rows, row_ok, row_stride, partner, 1, HEAD_DIM).to(tl.float32)
-    cc = offs_d
-    cp = partner
-    if ROTARY == 2:
-        cc = tl.where(lo, offs_d, offs_d - HALF)
-        cp = cc
-    cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rr = rows[:, None].to(tl.int64) * sct
-    c = tl.load(COS + rr + cc[None, :] * scd, mask=cmask, other=0.0).to(tl.float32)
-    sp = tl.load(SIN + rr + cp[None, :] * scd, mask=cmask, other=0.0).to(tl.float32)
-    dx = dy * c + tl.where(lo[None, :], dyp * sp, -dyp * sp)
-    _store_rows(head_base, dx, rows, row_ok, row_stride, offs_d, 1, HEAD_DIM)
-
-
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
@@ -426,22 +335,14 @@ def tile_map(cu_seqlens: torch.Tensor, total: int, block: int, max_seqlen: int |
     return torch.stack((seq.to(torch.int32), (t - first) * block), 1)
 
 
-def _rotary_args(cos, sin, like):
-    """(cos, sin, ROTARY kind, (row stride, col stride)); cos and sin share strides (checked
-    by the op layer)."""
-    if cos is None:
-        return like, like, 0, (0, 0)
-    kind = 1 if cos.shape[-1] == like.shape[-1] else 2
-    return cos, sin, kind, cos.stride()
-
-
 def _common(query, key, cos, sin, seed, dropout_p, is_causal):
     d = query.shape[-1]
     if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":
         d0, d1 = max(16, triton.next_power_of_2(d)), 0
     else:
         d0, d1 = split_head_dim(d)
-    cos_t, sin_t, rot, cstr = _rotary_args(cos, sin, query)
+    cos_t, sin_t, rot, cstr = rotary_args(cos, sin, query)
+    cstr = cstr[1:]  # packed: cos/sin rows are the packed rows, no batch dim
     has_dropout = dropout_p > 0.0
     if has_dropout and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed tensor")
@@ -523,11 +424,9 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
         **meta, **q_cfg,
     )
     if meta["ROTARY"]:
-        br = 32
-        _rotary_unrotate[(triton.cdiv(total_q, br), h + hkv)](
-            dq, dk, cos_t, sin_t, total_q, h, hkv, *cstr,
-            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROTARY=meta["ROTARY"], BLOCK_R=br,
-        )
+        # (total, H, D) viewed as (1, H, total, D): the packed row is the rotary row
+        unrotate_grad(dq.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
+        unrotate_grad(dk.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
     return dq, dk, dv
 
 

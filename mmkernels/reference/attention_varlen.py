@@ -4,7 +4,7 @@
 :func:`attention_varlen` loops over the sequences on the host (it reads ``cu_seqlens`` with
 ``tolist()``): simple and obviously right, but a host sync — it is never an automatic route on a
 GPU (see :mod:`mmkernels.ops.attention_varlen`).  :func:`apply_rotary` is HF Qwen2-VL's
-``apply_rotary_pos_emb_vision`` for one tensor.
+``apply_rotary_pos_emb_vision`` for one packed tensor.
 """
 
 from __future__ import annotations
@@ -13,26 +13,16 @@ import math
 
 import torch
 
+from . import rotary
 from .attention import attention_probs
 
-__all__ = ["apply_rotary", "attention_varlen", "rotate_half"]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) → (−x2, x1) over the last dim's halves."""
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+__all__ = ["apply_rotary", "attention_varlen"]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (total, H, D) · cos + rotate_half(x) · sin in fp32 (float64 stays float64), back in
-    x's dtype.  cos/sin (total, D), or (total, D/2) meaning ``cat((c, c), -1)``."""
-    if cos.shape[-1] * 2 == x.shape[-1]:
-        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(work)
-    cos, sin = cos.unsqueeze(-2).to(work), sin.unsqueeze(-2).to(work)
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    """Qwen2-VL's ``apply_rotary_pos_emb_vision`` on packed x (total, H, D) with cos/sin (total, D)
+    or (total, D/2): fp32 math, result in x's dtype."""
+    return rotary.apply_rotary(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
 
 def attention_varlen(

@@ -13,7 +13,21 @@
   unknown implementation name and padding is silently lost.
 
 The name avoids "flash", "sdpa" and "flex": transformers keys special code paths on those
-substrings.  Importing this module does not import transformers; :func:`register_hf` does.
+substrings.
+
+Padding-free packed LM batches (``DataCollatorWithFlattening``): transformers 5.x detects the
+packing from ``position_ids`` for every implementation (``find_packed_sequence_indices`` in
+``create_causal_mask``) and asks the registered mask function for the block-causal mask, so a
+packed batch is already correct here.  When the collator also emits flash-attn's boundary kwargs
+(``return_flash_attn_kwargs=True``: ``cu_seq_lens_q/k``, ``max_length_q/k``), HF forwards them to
+the attention function, which then runs one :func:`mmkernels.attention_varlen` per layer instead
+of reading the dense mask.  Not taken: registering under a "flash" name so HF skips the dense
+mask — transformers 5.24 then loads that name as a flash-attn package or a kernels-hub repo
+(``lazy_import_flash_attention`` → ``load_and_register_attn_kernel``), which needs the
+``kernels`` package and a hub download; and a mask function cannot tell a packing mask from
+other composed masks (Gemma 3's bidirectional image blocks) because it only receives an opaque
+``mask_function``.  So HF still builds (and we ignore) the (1, 1, L, L) mask and its
+``find_packed_sequence_indices`` check reads one bool on the host per forward.  Importing this module does not import transformers; :func:`register_hf` does.
 """
 
 from __future__ import annotations

@@ -14,21 +14,21 @@ arithmetic on ``arange``); it is never required.  The key-side map (BLOCK_N tile
 drives the dK/dV kernel the same way.
 
 The tile loops, online softmax, log-sum-exp bookkeeping, dropout and the backward tile are the
-jit helpers of :mod:`mmkernels.kernels.attention` (imported, not copied); this module adds the
-sequence lookup, the bottom-right causal offset and the fused rotary embedding.
+jit helpers of :mod:`mmkernels.kernels.attention`, the rotary loads and the final un-rotation of
+dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not copied); this module adds the
+sequence lookup and the bottom-right causal offset.
 
 Causal masking is bottom-right aligned (flash-attn's varlen convention): row i of a sequence
 with Lq queries and Lk keys sees key j iff j <= i + (Lk - Lq).  It is implemented by passing the
-shifted row index i + (Lk - Lq) to the shared top-left causal test.
+shifted row index i + (Lk - Lq) to the shared top-left causal test (the dropout counter uses the
+same shifted index in the forward and the backward, so the mask replays).
 
-Rotary (Qwen2-VL ``apply_rotary_pos_emb_vision``): when cos/sin are given, every Q and K tile is
-rotated as it is loaded, x·cos + rotate_half(x)·sin in fp32 and rounded to the input dtype (what
-HF does before its attention call).  rotate_half pairs column c with c ± D/2, so the partner
-columns are read with a second load instead of being shuffled in registers: this keeps the
-power-of-two head-dim split (80 → 64+16) valid, where a half-split layout would pad 80 to 128.
-The backward computes dQ' and dK' for the rotated inputs and a final in-place pass rotates them
-back (dx = dy·cos − rotate_half(dy·sin)): the dK/dV and dQ kernels accumulate across many tiles
-in registers, where column pairs c, c+D/2 may live in different chunks.
+Dropout: Philox keyed by seed + (sequence·H + head)·1000003, counter row·Lk + col (local
+indices), as the dense kernels key by (batch·H + head).
+
+Launches: forward 1 Triton kernel; backward 3 (delta, dK/dV, dQ) + 2 rotary un-rotations when
+rotary is given; each tile map adds ~10 small torch ops (no sync; fusing them into the kernels'
+prologue is a GPU-side follow-up).
 """
 
 from __future__ import annotations

@@ -360,6 +360,20 @@ def test_qwen2_5_vl_window_and_full_blocks():
     _vision_patch_cycle(model, model.model.visual, pix, grid, depth=2)
 
 
+def test_qwen3_vl_vision():
+    cfg = _tcls("Qwen3VLConfig")(
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=64, num_heads=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, head_dim=16,
+                         rope_scaling=dict(rope_type="default", mrope_section=[2, 3, 3])))
+    model = _tcls("Qwen3VLForConditionalGeneration")(cfg).to(DEVICE)
+    grid = torch.tensor(GRID, device=DEVICE)
+    pix = torch.randn(44, 3 * 2 * 2 * 2, device=DEVICE)
+    _vision_patch_cycle(model, model.model.visual, pix, grid, depth=2)
+
+
 def test_lm_padding_free_packed_batch():
     """register_hf: a DataCollatorWithFlattening batch (flash-attn boundary kwargs) runs each LM
     layer as one attention_varlen call and equals the sequences run one by one."""

@@ -66,7 +66,7 @@ def qwen_vision_attention_forward(
     Equivalent: transformers' ``Qwen2_5_VLVisionAttention.forward`` (any attn_implementation).
     """
     total = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).view(total, 3, self.num_heads, -1).unbind(1)
+    q, k, v = self.qkv(hidden_states).reshape(total, 3, self.num_heads, -1).unbind(1)
     if cu_seqlens.dtype != torch.int32:  # transformers builds int32, but grid_thw's dtype under tracing
         cu_seqlens = cu_seqlens.to(torch.int32)
     hint = max_seqlen if isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) else None

@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # argument types that are not the kernel's data dtype ("x") nor i32 (the default)
 ATTENTION_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "STATS": "*fp32", "MASK": "*u8", "SEED": "*i64",
-                   "COS": "*fp32", "SIN": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "TILES": "*i32",
+                   "COS": "*fp32", "SIN": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
                    "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32"}
 
 
@@ -63,7 +63,7 @@ def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> boo
         for name in ("fwd", "dkdv", "dq") if dtype == "bf16" else ():
             cfg = VL._gpu_configs(name, d, TORCH_DTYPES[dtype])[0]
             consts = dict(HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=True, HAS_DROPOUT=True, ROTARY=1 if d % 2 == 0 else 0,
-                          PREC="tf32", UPCAST=False, **cfg.kwargs)
+                          PREC="tf32", UPCAST=False, SCAN=VL._SCAN, **cfg.kwargs)
             ok &= compile_one(f"sm_{arch} {dtype} d={d} varlen {name}", VL._KERNELS[name], dtype, consts, types,
                               target, cfg.num_warps, cfg.num_stages)
     # the fused Q-Former forward at BLIP-2's shape (d = 64)

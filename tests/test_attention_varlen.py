@@ -102,11 +102,21 @@ def test_max_seqlen_hint_and_strided_inputs():
     q, k, v, cu_q, cu_k = _packed(lq, lk, 2, 2, 64, torch.float32, transposed=True)
     check(q, k, v, cu_q, cu_k, is_causal=True, max_seqlen_q=113, max_seqlen_k=100)
     # windows of equal size (Qwen2.5-VL): the hint grid n*cdiv(max, BLOCK) is the smaller one
-    from mmkernels.kernels.attention_varlen import tile_map
+    from mmkernels.kernels.attention_varlen import grid_size
 
-    cu = _cu([16] * 9)
-    assert tile_map(cu, 144, 64, None).shape[0] == 3 + 9
-    assert tile_map(cu, 144, 64, 16).shape[0] == 9
+    assert grid_size(9, 144, 64, None) == (3 + 9, 0)
+    assert grid_size(9, 144, 64, 16) == (9, 1)
+    assert grid_size(2, 200, 64, 200) == (6, 0)  # a hint that does not shrink the grid is not used
+
+
+def test_tile_lookup_spans_several_scan_chunks(monkeypatch):
+    """More sequences than one vector chunk of the in-kernel lookup (chunk shrunk to 16 here)."""
+    from mmkernels.kernels import attention_varlen as kv
+
+    monkeypatch.setattr(kv, "_SCAN", 16)
+    lengths = [3, 0, 70, 1] * 10 + [65]
+    q, k, v, cu_q, cu_k = _packed(lengths, lengths, 1, 1, 16, torch.float32)
+    check(q, k, v, cu_q, cu_k, is_causal=True)
 
 
 def test_float64_and_sdpa_route_match_reference():

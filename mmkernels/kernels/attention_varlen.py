@@ -6,12 +6,12 @@ query (rows cu_q[s]:cu_q[s+1]) attends only to sequence s of the keys.
 
 No host synchronisation.  The launch grid comes from shapes alone: a sequence of Lq rows needs
 ceil(Lq / BLOCK_M) query tiles, and sum_s ceil(Lq_s / BLOCK_M) <= ceil(total_q / BLOCK_M) + n, so
-``cdiv(total_q, BLOCK_M) + n`` programs per head always suffice.  A device-side map (built with
-torch ops of static output shape: cumsum + searchsorted) tells program t which sequence and which
-row block it owns; the programs past the last real tile return at once.  A ``max_seqlen`` hint
-shrinks the grid to n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the map is pure
-arithmetic on ``arange``); it is never required.  The key-side map (BLOCK_N tiles over total_k)
-drives the dK/dV kernel the same way.
+``cdiv(total_q, BLOCK_M) + n`` programs per head always suffice.  Each program finds its
+sequence and row block itself (:func:`_tile`: a vectorised prefix sum of the tile counts over
+``cu_seqlens``, one 256-wide chunk per 256 sequences); programs past the last real tile return
+at once.  No extra launch, no map tensor.  A ``max_seqlen`` hint shrinks the grid to
+n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the lookup is a division); it is never
+required.  The dK/dV kernel tiles the keys (BLOCK_N over total_k) the same way.
 
 The tile loops, online softmax, log-sum-exp bookkeeping, dropout and the backward tile are the
 jit helpers of :mod:`mmkernels.kernels.attention`, the rotary loads and the final un-rotation of
@@ -27,8 +27,7 @@ Dropout: Philox keyed by seed + (sequence·H + head)·1000003, counter row·Lk +
 indices), as the dense kernels key by (batch·H + head).
 
 Launches: forward 1 Triton kernel; backward 3 (delta, dK/dV, dQ) + 2 rotary un-rotations when
-rotary is given; each tile map adds ~10 small torch ops (no sync; fusing them into the kernels'
-prologue is a GPU-side follow-up).
+rotary is given.
 """
 
 from __future__ import annotations
@@ -67,13 +66,34 @@ _SEED_STRIDE = tl.constexpr(1000003)
 # jit helpers
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tile(TILES, CU, pid, N_SEQS):
-    """(sequence, first local row of the tile, sequence start, sequence length) of program pid;
-    a program past the packing's last tile gets length 0 (it returns)."""
-    seq = tl.load(TILES + 2 * pid)
-    start = tl.load(TILES + 2 * pid + 1)
+def _tile(CU, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """(sequence, first local row, sequence start, sequence length) of program ``pid``; length 0
+    for a program past the packing's last tile (it returns).
+
+    PER_SEQ > 0 (a max_seqlen hint): program t owns block t % PER_SEQ of sequence t // PER_SEQ.
+    Otherwise sequence s owns programs [P_{s-1}, P_s) with P_s = sum_{r<=s} ceil(L_r / BLOCK):
+    the sequence of t is the number of s with P_s <= t, found by scanning cu_seqlens in SCAN-wide
+    vector chunks (one chunk up to SCAN sequences: ~207 windows of a 1000x2500 px Qwen2.5-VL image).
+    """
+    seq = pid * 0
+    first = pid * 0
+    if PER_SEQ > 0:
+        seq = pid // PER_SEQ
+        first = seq * PER_SEQ
+    else:
+        before = pid * 0
+        for c in range(0, N_SEQS, SCAN):
+            idx = c + tl.arange(0, SCAN)
+            ok = idx < N_SEQS
+            lens = tl.load(CU + idx + 1, mask=ok, other=0) - tl.load(CU + idx, mask=ok, other=0)
+            ntiles = (lens + (BLOCK - 1)) // BLOCK
+            done = ok & ((tl.cumsum(ntiles, 0) + before) <= pid)  # sequences wholly before pid
+            seq += tl.sum(done.to(tl.int32), 0)
+            first += tl.sum(tl.where(done, ntiles, 0), 0)
+            before += tl.sum(ntiles, 0)
+    start = (pid - first) * BLOCK
     idle = seq >= N_SEQS
-    seq = tl.minimum(seq, N_SEQS - 1)  # the map's sentinel n would read past cu_seqlens
+    seq = tl.minimum(seq, N_SEQS - 1)  # an idle program must not read past cu_seqlens
     lo = tl.load(CU + seq)
     length = tl.load(CU + seq + 1) - lo
     length = tl.where(idle, 0, length)
@@ -85,22 +105,22 @@ def _tile(TILES, CU, pid, N_SEQS):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sot, soh, sod,
     sct, scd,
-    H, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    seq, m_start, q_lo, LQ = _tile(TILES, CU_Q, pid, N_SEQS)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
     if m_start >= LQ:
         return  # past the last tile of the packing (the grid is an upper bound)
     k_lo = tl.load(CU_K + seq).to(tl.int64)
@@ -156,22 +176,22 @@ def _varlen_fwd(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sdt, sdh, sdd,
     sct, scd,
-    H, HKV, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    H, HKV, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    seq, n_start, k_lo, LK = _tile(TILES, CU_K, pid, N_SEQS)
+    seq, n_start, k_lo, LK = _tile(CU_K, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN)
     if n_start >= LK:
         return
     q_lo = tl.load(CU_Q + seq).to(tl.int64)
@@ -240,22 +260,22 @@ def _varlen_bwd_dkdv(
 
 @triton.jit
 def _varlen_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILES, COS, SIN, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sdt, sdh, sdd,
     sct, scd,
-    H, TOTAL_Q, GROUP, N_SEQS, HEAD_BUCKET,
+    H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    seq, m_start, q_lo, LQ = _tile(TILES, CU_Q, pid, N_SEQS)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
     if m_start >= LQ:
         return
     k_lo = tl.load(CU_K + seq).to(tl.int64)
@@ -310,29 +330,19 @@ def _varlen_bwd_dq(
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
-def tile_map(cu_seqlens: torch.Tensor, total: int, block: int, max_seqlen: int | None) -> torch.Tensor:
-    """(T, 2) int32 device map program → (sequence, first local row); T from shapes only.
+_SCAN = 256  # sequences per vector chunk of the in-kernel tile lookup
 
-    Without a hint, T = cdiv(total, block) + n and sequence s owns programs
-    [sum_{r<s} ceil(L_r / block), ...) (cumsum + searchsorted; programs past the last tile get
-    sequence n and return).  With a hint ``max_seqlen`` (an upper bound of every length) whose
-    grid n * cdiv(max_seqlen, block) is smaller, program t owns block t % tiles of sequence
-    t // tiles (tiles past a sequence's end return).  No value is read on the host.
-    """
-    n = cu_seqlens.shape[0] - 1
-    dev = cu_seqlens.device
-    per_seq = triton.cdiv(max_seqlen, block) if max_seqlen else None
+
+def grid_size(n: int, total: int, block: int, max_seqlen: int | None) -> tuple[int, int]:
+    """(programs per head, PER_SEQ) from shapes only: cdiv(total, block) + n programs (each
+    sequence needs ceil(L / block) <= L / block + 1 of them), or with a ``max_seqlen`` hint (an
+    upper bound of every length) n * cdiv(max_seqlen, block) when that is smaller (PER_SEQ > 0)."""
     bound = triton.cdiv(total, block) + n
-    if per_seq is not None and n * per_seq <= bound:
-        t = torch.arange(n * per_seq, device=dev, dtype=torch.int32)
-        return torch.stack((t // per_seq, (t % per_seq) * block), 1)
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    ntiles = (lens + (block - 1)) // block
-    incl = torch.cumsum(ntiles, 0).to(torch.int32)
-    t = torch.arange(bound, device=dev, dtype=torch.int32)
-    seq = torch.searchsorted(incl, t, right=True)
-    first = (incl - ntiles).gather(0, seq.clamp(max=n - 1))
-    return torch.stack((seq.to(torch.int32), (t - first) * block), 1)
+    if max_seqlen:
+        per_seq = triton.cdiv(max_seqlen, block)
+        if n * per_seq <= bound:
+            return n * per_seq, per_seq
+    return bound, 0
 
 
 def _common(query, key, cos, sin, seed, dropout_p, is_causal):
@@ -375,13 +385,13 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         return out, lse
     cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
     kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype)
-    tiles = tile_map(cu_q, total_q, bm, max_q)
-    kernel[(tiles.shape[0], h)](
-        query, key, value, out, lse, cu_q, cu_k, tiles, cos_t, sin_t, seed_arg,
+    programs, per_seq = grid_size(n, total_q, bm, max_q)
+    kernel[(programs, h)](
+        query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *cstr,
-        h, total_q, h // hkv, n, _head_bucket(d),
+        h, total_q, h // hkv, n, per_seq, _head_bucket(d),
         float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, **cfg,
+        **meta, SCAN=_SCAN, **cfg,
     )
     return out, lse
 
@@ -410,18 +420,18 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype)
-    kv_tiles = tile_map(cu_k, total_k, bn, max_k)
-    kv_kernel[(kv_tiles.shape[0], hkv)](
-        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, kv_tiles, cos_t, sin_t, seed_arg, *common,
-        h, hkv, total_q, h // hkv, n, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
-        **meta, **kv_cfg,
+    programs, per_seq = grid_size(n, total_k, bn, max_k)
+    kv_kernel[(programs, hkv)](
+        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, SCAN=_SCAN, **kv_cfg,
     )
     q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype)
-    q_tiles = tile_map(cu_q, total_q, bm, max_q)
-    q_kernel[(q_tiles.shape[0], h)](
-        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, q_tiles, cos_t, sin_t, seed_arg, *common,
-        h, total_q, h // hkv, n, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
-        **meta, **q_cfg,
+    programs, per_seq = grid_size(n, total_q, bm, max_q)
+    q_kernel[(programs, h)](
+        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        h, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, SCAN=_SCAN, **q_cfg,
     )
     if meta["ROTARY"]:
         # (total, H, D) viewed as (1, H, total, D): the packed row is the rotary row

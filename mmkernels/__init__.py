@@ -10,6 +10,7 @@ from .ops import attention, attention_varlen, qformer_cross_attention, token_poo
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendNotSupportedError", "attention", "attention_varlen", "dispatch", "nn", "ops", "qformer_cross_attention", "token_pool",
+__all__ = ["BackendNotSupportedError", "attention", "attention_varlen", "dispatch", "nn", "ops",
+           "qformer_cross_attention", "token_pool",
            "use_backend", "__version__",
            "PatchReport", "patch", "register_hf", "unpatch"]

@@ -350,7 +350,8 @@ def test_qwen2_vl_vision_one_varlen_call_per_layer():
         vision_config=dict(depth=2, embed_dim=64, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
                            temporal_patch_size=2, mlp_ratio=2),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
+                         num_key_value_heads=1, vocab_size=64,
+                         rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
     model = _tcls("Qwen2VLForConditionalGeneration")(cfg).to(DEVICE)
     grid = torch.tensor(GRID, device=DEVICE)
     pix = torch.randn(44, 3 * 2 * 2 * 2, device=DEVICE)
@@ -363,7 +364,8 @@ def test_qwen2_5_vl_window_and_full_blocks():
                            spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1],
                            out_hidden_size=32),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
+                         num_key_value_heads=1, vocab_size=64,
+                         rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
     model = _tcls("Qwen2_5_VLForConditionalGeneration")(cfg).to(DEVICE)
     grid = torch.tensor([[1, 4, 8], [1, 2, 6], [2, 4, 4]], device=DEVICE)  # several windows per image
     pix = torch.randn(32 + 12 + 32, 3 * 2 * 2 * 2, device=DEVICE)

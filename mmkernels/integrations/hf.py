@@ -27,7 +27,9 @@ mask — transformers 5.24 then loads that name as a flash-attn package or a ker
 ``kernels`` package and a hub download; and a mask function cannot tell a packing mask from
 other composed masks (Gemma 3's bidirectional image blocks) because it only receives an opaque
 ``mask_function``.  So HF still builds (and we ignore) the (1, 1, L, L) mask and its
-``find_packed_sequence_indices`` check reads one bool on the host per forward.  Importing this module does not import transformers; :func:`register_hf` does.
+``find_packed_sequence_indices`` check reads one bool on the host per forward.
+
+Importing this module does not import transformers; :func:`register_hf` does.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import gpu_launcher
+from ._rotary import _load_rot2, unrotate_grad
 from .attention import (
     _attn_bwd_preprocess,
     _bwd_tile,
@@ -56,7 +57,6 @@ from .attention import (
     rotary_args,
     split_head_dim,
 )
-from ._rotary import _load_rot2, unrotate_grad
 
 # Philox key stride between (sequence, head) streams (same constant as the dense kernels)
 _SEED_STRIDE = tl.constexpr(1000003)

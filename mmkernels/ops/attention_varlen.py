@@ -184,7 +184,8 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
                 raise ValueError(f"{name}: expected shape (total, D) = {(total_q, d)} or (total, D/2) = "
                                  f"{(total_q, d // 2)}, got {describe(t)}")
         if rotary[0].shape != rotary[1].shape:
-            raise ValueError(f"rotary sin: expected the shape of cos {tuple(rotary[0].shape)}, got {describe(rotary[1])}")
+            raise ValueError(f"rotary sin: expected the shape of cos {tuple(rotary[0].shape)}, "
+                             f"got {describe(rotary[1])}")
 
 
 # --------------------------------------------------------------------------------------

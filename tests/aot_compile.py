@@ -15,7 +15,7 @@ from triton.compiler import ASTSource
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # argument types that are not the kernel's data dtype ("x") nor i32 (the default)
-ATTENTION_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "STATS": "*fp32", "MASK": "*u8", "SEED": "*i64",
+ATTENTION_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "STATS": "*fp32", "MASK": "*u8", "SEED": "*i64", "DS": "*fp32",
                    "COS": "*fp32", "SIN": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
                    "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32"}
 
@@ -56,6 +56,8 @@ def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> boo
             cfg = A._gpu_configs(name, d, TORCH_DTYPES[dtype])[0]
             consts = dict(HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=1, IS_CAUSAL=True, HAS_DROPOUT=True, ROTARY=0,
                           PREC="tf32", UPCAST=False, **cfg.kwargs)
+            if name == "dq":
+                consts["MASK_GRAD"] = False
             ok &= compile_one(f"sm_{arch} {dtype} d={d} {name}", fn, dtype, consts, types, target,
                               cfg.num_warps, cfg.num_stages)
         # packed (varlen) kernels with the vision rotary fused (Qwen2-VL's configuration); bf16

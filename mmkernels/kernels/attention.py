@@ -390,7 +390,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS, COS, SIN,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -402,7 +402,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -444,6 +444,11 @@ def _attn_bwd_dq(
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                           D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+        if MASK_GRAD:
+            # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
+            # launcher sums it over the mask's broadcast dims
+            ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
+            tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
         ds = ds.to(Q.dtype.element_ty)
         dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
         if D1 > 0:
@@ -553,9 +558,12 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
 
 
 def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
-                       cos=None, sin=None):
-    """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs (with
-    rotary: the gradients of the un-rotated query and key, rotated back in a final pass)."""
+                       mask_grad=False, cos=None, sin=None):
+    """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs, and with
+    ``mask_grad`` (a float ``attn_mask``) also d(attn_mask) shaped like the mask — dS summed over
+    the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
+    memory, as the mask's own gradient can be).  With rotary (cos/sin) dQ and dK are the
+    gradients of the un-rotated query and key, rotated back in a final pass."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
     d = meta["HEAD_DIM"]
     delta = new_output((b, h, lq), torch.float32, query.device)
@@ -578,17 +586,27 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, ROTARY=rot, **kv_cfg,
     )
+    ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
-        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, cos, sin, *common,
+        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
         h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, ROTARY=rot, **q_cfg,
+        **meta, ROTARY=rot, **q_cfg, MASK_GRAD=bool(mask_grad),
     )
     if rot:
         unrotate_grad(dq, cos, sin, cstr, rot)
         unrotate_grad(dk, cos, sin, cstr, rot)
-    return dq, dk, dv
+    if not mask_grad:
+        return dq, dk, dv
+    return dq, dk, dv, _sum_to(ds, attn_mask).to(attn_mask.dtype)
+
+
+def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (B, H, Lq, Lk) summed over the dims ``like`` broadcasts along, in ``like``'s shape."""
+    lead = full.dim() - like.dim()
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(like.shape) if n == 1 and full.shape[lead + i] != 1]
+    return full.sum(dims, keepdim=True).reshape(like.shape) if dims else full.reshape(like.shape)
 
 
 # --------------------------------------------------------------------------------------

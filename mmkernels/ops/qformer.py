@@ -26,17 +26,11 @@ from .._utils import (
     triton_device_reason,
 )
 from ..reference import qformer as ref
-from ..reference.qformer import merge_heads, normalize_encoder_mask, project_heads
 
 __all__ = ["qformer_cross_attention"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _heads(t: torch.Tensor, b: int, length: int, num_heads: int) -> torch.Tensor:
-    """(b, L, H·d) → (b, H, L, d) view."""
-    return t.view(b, length, num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -85,8 +79,6 @@ def _qformer_bwd(
     k_bias: torch.Tensor,
     v_weight: torch.Tensor,
     v_bias: torch.Tensor,
-    out: torch.Tensor,
-    stats: torch.Tensor,
     attn_mask: Optional[torch.Tensor],
     seed: Optional[torch.Tensor],
     num_heads: int,
@@ -94,49 +86,32 @@ def _qformer_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    from ..kernels.attention import attention_backward
+    from ..kernels.qformer import qformer_backward
 
-    x, enc = hidden_states, encoder_hidden_states
-    bx, lq, _ = x.shape
-    be, lk, _ = enc.shape
-    b, h = max(bx, be), num_heads
-    q, k, v = project_heads(x, enc, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, h)
-    dq, dk, dv = attention_backward(_heads(grad_out.reshape(out.shape), b, lq, h), q, k, v,
-                                    _heads(out, b, lq, h), stats, attn_mask, seed, dropout_p, False, scale)
-    a = q_weight.shape[0]
-
-    def rows(g, length, keep_batch):
-        """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""
-        g = g.transpose(1, 2).reshape(b, length, a)
-        if keep_batch == 1 and b > 1:
-            g = g.sum(0, keepdim=True)
-        return g.reshape(-1, a)
-
-    dq2, dk2, dv2 = rows(dq, lq, bx), rows(dk, lk, be), rows(dv, lk, be)
-    x2, e2 = x.reshape(-1, x.shape[-1]), enc.reshape(-1, enc.shape[-1])
-    dx = (dq2 @ q_weight).view(x.shape)
-    de = torch.addmm(dk2 @ k_weight, dv2, v_weight).view(enc.shape)
-    return contiguous_outputs(dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0))
+    return contiguous_outputs(*qformer_backward(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                                k_weight, k_bias, v_weight, v_bias, attn_mask, seed,
+                                                num_heads, dropout_p, scale))
 
 
 @_qformer_bwd.register_fake
 def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-      out, stats, attn_mask, seed, num_heads, dropout_p, scale):
+      attn_mask, seed, num_heads, dropout_p, scale):
     return tuple(empty_contiguous(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
                                               k_weight, k_bias, v_weight, v_bias))
 
 
 def _setup_context(ctx, inputs, output):
     x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale = inputs
-    out, stats = output
-    ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed)
+    ctx.mark_non_differentiable(output[1])
+    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer.qformer_backward):
+    # nothing of the fused forward's output is kept
+    ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed)
     ctx.num_heads, ctx.dropout_p, ctx.scale = num_heads, dropout_p, scale
-    ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, grad_out, grad_stats):
-    x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed = ctx.saved_tensors
-    grads = _qformer_bwd(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed,
+    x, enc, wq, bq, wk, bk, wv, bv, mask, seed = ctx.saved_tensors
+    grads = _qformer_bwd(grad_out, x, enc, wq, bq, wk, bk, wv, bv, mask, seed,
                          ctx.num_heads, ctx.dropout_p, ctx.scale)
     return (*grads, None, None, None, None, None)
 
@@ -217,8 +192,8 @@ def _triton_check(inp) -> list:
     if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     d = inp["q_weight"].shape[0] // inp["num_heads"]
-    if d % 8 != 0 or d > 128:
-        reasons.append(f"head dim {d} (supported: multiples of 8 up to 128)")
+    if d > 128:
+        reasons.append(f"head dim {d} (supported: up to 128)")
     mask = inp["encoder_attention_mask"]
     if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
         reasons.append("a float encoder_attention_mask that requires grad (mask gradients are not computed)")
@@ -231,16 +206,60 @@ def _zeros_if_none(bias, like):
     return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias
 
 
+# Which Triton path runs (``triton_path``): "fused" projects K/V inside the attention kernel
+# (never written to memory); "hoisted" projects Q, K and V for all heads with three cuBLAS GEMMs
+# and runs the attention kernels on them.  The fused kernel re-reads each head's weight slice per
+# key tile and the image features per head: counted for BLIP-2 at B=64 (32×257, 12×64 heads,
+# Dkv=1408) it issues 93 GFLOP against 75 and moves ~2 GB from L2, an estimated ~2× slower than
+# hoisting, while at small batches one launch instead of four and no K/V round trip should win.
+# Rule (an estimate until a GPU benchmark sets it): hoisted when the batch is >= HOIST_MIN_BATCH.
+HOIST_MIN_BATCH = 8
+
+
+def triton_path(batch: int) -> str:
+    """The Triton path the dispatcher takes for a Q-Former batch: "fused" or "hoisted".
+
+    ``HOIST_MIN_BATCH`` (module attribute) sets the rule; a benchmark overrules it by assigning
+    it (0: always hoisted; a huge value: always fused)."""
+    return "hoisted" if batch >= HOIST_MIN_BATCH else "fused"
+
+
+def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+             num_heads, mask, seed, dropout_p, scale):
+    """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""
+    from ..kernels.qformer import project_heads
+    from .attention import _attention_fwd
+
+    q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                            v_weight, v_bias, num_heads)
+    out, _ = _attention_fwd(q, k, v, mask, seed, float(dropout_p), False, float(scale))
+    return out.transpose(1, 2).flatten(2)
+
+
 def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                 num_heads, encoder_attention_mask, dropout_p, scale):
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=hidden_states.device)
     mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
+    if triton_path(max(hidden_states.shape[0], encoder_hidden_states.shape[0])) == "hoisted":
+        return _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                        num_heads, mask, seed, dropout_p, scale)
     out, _ = _qformer_fwd(hidden_states, encoder_hidden_states, q_weight, _zeros_if_none(q_bias, q_weight),
                           k_weight, _zeros_if_none(k_bias, k_weight), v_weight, _zeros_if_none(v_bias, v_weight),
                           mask, seed, num_heads, float(dropout_p), float(scale))
     return out
+
+
+def normalize_encoder_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The op's mask forms as an SDPA mask broadcastable to (B, H, Lq, Lk): a (B, Lk) padding
+    mask (1/True = keep, HF's ``encoder_attention_mask``) becomes bool (B, 1, 1, Lk); 3-D/4-D
+    masks keep SDPA semantics (bool True = attend, float additive, cast to ``dtype``)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return (mask if mask.dtype == torch.bool else mask != 0).view(mask.shape[0], 1, 1, mask.shape[1])
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
 def _sdpa_check(inp) -> list:
@@ -251,10 +270,13 @@ def _sdpa_check(inp) -> list:
 
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
+    from ..kernels.qformer import project_heads
+
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                             v_weight, v_bias, num_heads)
     mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).flatten(2)
 
 
 def _reference_run(**inp):

@@ -68,6 +68,16 @@ def attention_and_qformer(arch: int, dtype: str, dims: list[int], target) -> boo
                           PREC="tf32", UPCAST=False, SCAN=VL._SCAN, **cfg.kwargs)
             ok &= compile_one(f"sm_{arch} {dtype} d={d} varlen {name}", VL._KERNELS[name], dtype, consts, types,
                               target, cfg.num_warps, cfg.num_stages)
+        # attention scores (FastV / VisionZip): statistics pass + column sums, one selected row (BLOCK_M 16)
+        from mmkernels.kernels import attention_scores as S
+
+        for name, fn in (("stats", S._scores_stats), ("colsum", S._scores_colsum)):
+            cfg = S._gpu_configs(name, d, TORCH_DTYPES[dtype], S._block_m(1))[0]
+            consts = dict(HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=2, IS_CAUSAL=True, PREC="tf32", UPCAST=False,
+                          **cfg.kwargs)
+            types_s = dict(types, ROWS="*i64", OUT="*fp32", MASK="x")
+            ok &= compile_one(f"sm_{arch} {dtype} d={d} scores {name}", fn, dtype, consts, types_s, target,
+                              cfg.num_warps, cfg.num_stages)
     # the fused Q-Former forward at BLIP-2's shape (d = 64)
     cfg = Q._configs(TORCH_DTYPES[dtype])[0]
     consts = dict(HEAD_DIM=64, BLOCK_D=64, MASK_KIND=2, HAS_DROPOUT=True, PREC="tf32", UPCAST=False,

@@ -37,11 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The spec is defined triton-free (mmkernels/_token_pool_spec.py) so the op and the CUDA backend
+# work where triton is absent; it is re-exported here, where the kernels that read it live.
+from .._token_pool_spec import MODES, NORMS, TokenPoolSpec
 from .._utils import new_output, poisoning
-
-# The spec is defined triton-free (the reference layer) so the op, the reference and the CUDA
-# backend work where triton is absent; it is re-exported here, where the kernels that read it live.
-from .token_pool_spec import MODES, NORMS, TokenPoolSpec
 
 __all__ = ["MAX_NORM_WIDTH", "MODES", "NORMS", "TokenPoolSpec", "backward", "forward", "saved_like"]
 

@@ -422,6 +422,8 @@ def attention(
                                        scale=scale, enable_gqa=enable_gqa)
     """
     if return_scores is not None:
+        if rotary is not None:
+            raise ValueError("rotary: not supported together with return_scores (the scores pass reads q/k unrotated)")
         from .attention_scores import attention_with_scores, scores_request
 
         return attention_with_scores(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -5,6 +5,7 @@ before any test module imports ``mmkernels.kernels``.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# A private inductor/AOTAutograd cache per test session: the on-disk cache is keyed on the traced
+# graph, not on the custom ops' schemas, so a graph cached by another checkout (or before an op's
+# signature changed) can be replayed against the wrong op and fail.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmkernels-inductor-"))
 
 
 def pytest_configure(config):

@@ -396,7 +396,8 @@ def test_qwen2_vl_vision_packed_images_and_merger():
     grid = torch.tensor([[1, 4, 4], [1, 2, 6]], device=DEVICE)  # two packed images: 16 + 12 patches
     pix = torch.randn(28, 3 * 2 * 2 * 2, device=DEVICE)
     run = lambda: visual(pix, grid_thw=grid).pooler_output  # noqa: E731
-    report, _ = _check_patch_cycle(model, run, expect_ops=("attention", "token_pool"))
+    report, calls = _check_patch_cycle(model, run, expect_ops=("attention_varlen", "token_pool"))
+    assert calls.count(("attention_varlen", "triton")) == 1 and ("attention", "triton") not in calls, calls
     assert any(old.endswith(".PatchMerger") for _, old, _ in report.replaced), str(report)
 
 

@@ -13,7 +13,23 @@
   unknown implementation name and padding is silently lost.
 
 The name avoids "flash", "sdpa" and "flex": transformers keys special code paths on those
-substrings.  Importing this module does not import transformers; :func:`register_hf` does.
+substrings.
+
+Padding-free packed LM batches (``DataCollatorWithFlattening``): transformers 5.x detects the
+packing from ``position_ids`` for every implementation (``find_packed_sequence_indices`` in
+``create_causal_mask``) and asks the registered mask function for the block-causal mask, so a
+packed batch is already correct here.  When the collator also emits flash-attn's boundary kwargs
+(``return_flash_attn_kwargs=True``: ``cu_seq_lens_q/k``, ``max_length_q/k``), HF forwards them to
+the attention function, which then runs one :func:`mmkernels.attention_varlen` per layer instead
+of reading the dense mask.  Not taken: registering under a "flash" name so HF skips the dense
+mask — transformers 5.24 then loads that name as a flash-attn package or a kernels-hub repo
+(``lazy_import_flash_attention`` → ``load_and_register_attn_kernel``), which needs the
+``kernels`` package and a hub download; and a mask function cannot tell a packing mask from
+other composed masks (Gemma 3's bidirectional image blocks) because it only receives an opaque
+``mask_function``.  So HF still builds (and we ignore) the (1, 1, L, L) mask and its
+``find_packed_sequence_indices`` check reads one bool on the host per forward.
+
+Importing this module does not import transformers; :func:`register_hf` does.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import attention
+from ..ops.attention_varlen import attention_varlen
 
 __all__ = ["ATTN_IMPLEMENTATION", "mmkernels_attention_forward", "mmkernels_mask", "register_hf"]
 
@@ -45,7 +62,10 @@ def mmkernels_attention_forward(
     ``attention_mask`` bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk);
     ``is_causal`` falls back to ``module.is_causal`` (default True) and applies, as in HF's sdpa
     function, only when there is no mask and Lq > 1.  A query of batch 1 against a key/value
-    batch > 1 (learned queries) is broadcast.  Returns ``(out (B, Lq, Hq, D), None)``: the
+    batch > 1 (learned queries) is broadcast.  A padding-free packed batch (batch 1 with
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs, from ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)``) runs as one :func:`mmkernels.attention_varlen` call
+    (see :func:`_packed_forward`).  Returns ``(out (B, Lq, Hq, D), None)``: the
     attention weights are never formed.  Extra keyword arguments (``sliding_window``,
     ``position_ids``, ...) are ignored, as in HF's sdpa function; ``softcap`` and
     ``position_bias`` are handled (``softcap`` is rejected with ``ValueError``, like sdpa).
@@ -59,6 +79,11 @@ def mmkernels_attention_forward(
     if enable_gqa and groups > 1 and query.shape[1] != key.shape[1] * groups:
         raise ValueError(
             f"query has {query.shape[1]} heads, key has {key.shape[1]} and module.num_key_value_groups={groups}")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and query.shape[0] == key.shape[0] == 1 \
+            and kwargs.get("position_bias") is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return _packed_forward(query, key, value, cu_q, cu_k, kwargs, dropout, scaling, causal, enable_gqa)
     # learned queries of batch 1 against a batch of keys (or the reverse): SDPA broadcasts
     if query.shape[0] != key.shape[0]:
         b = max(query.shape[0], key.shape[0])
@@ -93,6 +118,24 @@ def mmkernels_attention_forward(
         out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
                         scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_forward(query, key, value, cu_q, cu_k, kwargs, dropout, scaling, is_causal, enable_gqa):
+    """A padding-free packed batch (B = 1 holding several sequences, with flash-attn's boundary
+    kwargs ``cu_seq_lens_q/k``, ``max_length_q/k`` as ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)`` emits them): one :func:`mmkernels.attention_varlen` call.
+    The boundaries define the masking, as on HF's flash path; the (1, 1, L, L) block-causal mask
+    HF also derives from ``position_ids`` for non-flash implementations is not read."""
+    def hint(name):
+        m = kwargs.get(name)
+        return m if isinstance(m, int) and not isinstance(m, bool) else None
+
+    cu_q = cu_q if cu_q.dtype == torch.int32 else cu_q.to(torch.int32)
+    cu_k = cu_k if cu_k.dtype == torch.int32 else cu_k.to(torch.int32)
+    out = attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                           max_seqlen_q=hint("max_length_q"), max_seqlen_k=hint("max_length_k"),
+                           dropout_p=float(dropout), is_causal=bool(is_causal), scale=scaling, enable_gqa=enable_gqa)
+    return out.unsqueeze(0), None
 
 
 def mmkernels_mask(*args, **kwargs):

@@ -7,8 +7,12 @@ What is patched (each switch of :func:`patch` turns one group off):
   * every ``transformers.PreTrainedModel`` inside ``model`` that routes attention through HF's
     ``AttentionInterface`` gets ``attn_implementation="mmkernels"`` (see
     :mod:`mmkernels.integrations.hf`) on its config and sub-configs: CLIP / SigLIP / EVA-style
-    BLIP-2 vision towers, Qwen2-VL vision attention (one call per packed image), the LMs (LLaMA,
+    BLIP-2 vision towers, the LMs (LLaMA,
     Qwen2, Gemma 3, OPT, ...), and the Q-Former when ``qformer=False``.  No module changes class.
+  * Qwen2-VL / Qwen2.5-VL (window and full blocks) / Qwen3-VL (and GLM-4V, Qwen3.5, Qwen3-Omni)
+    vision attention: ``forward`` overridden on the instance to run qkv → one
+    :func:`mmkernels.attention_varlen` over the packed images/windows with the vision RoPE fused →
+    proj (:mod:`mmkernels.integrations.qwen_vl`): no per-image loop, no dense mask, no host read.
   * ``torch.nn.MultiheadAttention`` → :class:`mmkernels.nn.MultiheadAttention` (shared
     parameters).  Inside SigLIP's attention-pooling head, whose caller discards the weights, the
     replacement never forms them (:class:`WeightlessMultiheadAttention`), so the fused path runs.
@@ -42,6 +46,7 @@ from torch import nn
 from ..nn import token_pool as tp
 from ..nn.attention import MultiheadAttention
 from ..nn.qformer import QFormerAttention
+from .qwen_vl import is_qwen_vision_attention, qwen_vision_attention_forward
 from .timm import attention_forward as timm_attention_forward
 from .timm import is_timm_attention
 
@@ -375,6 +380,13 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
                     report.skipped.append((path, cls, f"unexpected layout ({why})"))
                     continue
                 _replace(model, path, _POOL_CLASSES[cls](m), state, report)
+            elif is_qwen_vision_attention(m):
+                if not attention:
+                    report.skipped.append((path, cls, "attention=False"))
+                    continue
+                _override(m, "forward", qwen_vision_attention_forward, path, state, report,
+                          "mmkernels.integrations.qwen_vl.qwen_vision_attention_forward (one mk.attention_varlen "
+                          "call per layer, vision RoPE fused)")
             elif is_timm_attention(m):
                 if not attention:
                     report.skipped.append((path, cls, "attention=False"))

@@ -24,6 +24,9 @@ visible key get LSE = +inf, O = 0 and zero gradients.
 Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus the
 (batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
 
+Rotary (``cos``/``sin`` given): Q and K tiles are rotated as they are loaded (Qwen2-VL's vision
+RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in a final pass.
+
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
 to fp32 right before each dot (UPCAST).  Products of bf16 values are exact in fp32, so this
@@ -40,6 +43,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
+from ._rotary import _load_rot2, unrotate_grad
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -100,6 +104,24 @@ def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, 
     if D1 > 0:
         t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
     return t0, t1
+
+
+@triton.jit
+def _load_keys_T(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Transposed key chunks [D0, cols], [D1, cols]; with ROTARY the rows are rotated as they are
+    loaded (see :mod:`mmkernels.kernels._rotary`), then transposed."""
+    if ROTARY != 0:
+        k0, k1 = _load_rot2(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
+                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        kT0 = tl.trans(k0)
+        kT1 = kT0
+        if D1 > 0:
+            kT1 = tl.trans(k1)
+    else:
+        kT0, kT1 = _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM, D0, D1, ALIGNED)
+    return kT0, kT1
 
 
 @triton.jit
@@ -186,16 +208,17 @@ def _dropout_keep(seed, rows, cols, LK, dropout_p):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, SEED,
+    Q, K, V, O, LSE, MASK, SEED, COS, SIN,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     smb, smh, smm, smn,
+    scb, scl, scd,
     H, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -214,7 +237,7 @@ def _attn_fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -230,7 +253,8 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
         s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
                     D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
@@ -302,16 +326,17 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED, COS, SIN,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdm, sdd,
     smb, smh, smm, smn,
+    scb, scl, scd,
     H, HKV, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -326,7 +351,8 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+    kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
     vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -352,7 +378,8 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, LQ, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < LQ
-            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+            q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
             do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
             m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
             log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
@@ -379,16 +406,17 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS, COS, SIN,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdm, sdd,
     smb, smh, smm, smn,
+    scb, scl, scd,
     H, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
 ):
@@ -408,7 +436,7 @@ def _attn_bwd_dq(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
     do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
@@ -427,7 +455,8 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
         vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
@@ -488,6 +517,18 @@ def _mask_args(attn_mask, b, h, lq, lk, like):
     return m, 2, m.stride()
 
 
+def rotary_args(cos, sin, like):
+    """(cos, sin, ROTARY kind, (batch, row, col) strides) for the kernels: 0 without rotary;
+    1 when cos/sin hold D columns, 2 for D/2.  cos/sin (L, ·) are shared by the batch (stride 0);
+    (B, L, ·) are per batch row.  cos and sin must share strides (the op layers ensure it)."""
+    if cos is None:
+        return like, like, 0, (0, 0, 0)
+    kind = 1 if cos.shape[-1] == like.shape[-1] else 2
+    shared = cos.dim() == 2 or cos.shape[0] == 1
+    strides = (0 if shared else cos.stride(0), *cos.stride()[-2:])
+    return cos, sin, kind, strides
+
+
 def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
     b, h, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -521,7 +562,7 @@ def _lk_bucket(lk: int) -> int:
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
 
 
-def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale):
+def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None):
     """Launch the forward; returns O (B, H, Lq, D) contiguous and the softmax statistics
     (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
@@ -531,22 +572,24 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"])
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
+    cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
-        query, key, value, out, lse, mask, seed_arg,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr,
+        query, key, value, out, lse, mask, seed_arg, cos, sin,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr, *cstr,
         h, lq, lk, h // hkv, _lk_bucket(lk),
         float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, **cfg,
+        **meta, ROTARY=rot, **cfg,
     )
     return out, lse
 
 
 def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
-                       mask_grad=False):
+                       mask_grad=False, cos=None, sin=None):
     """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs, and with
     ``mask_grad`` (a float ``attn_mask``) also d(attn_mask) shaped like the mask — dS summed over
     the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
-    memory, as the mask's own gradient can be)."""
+    memory, as the mask's own gradient can be).  With rotary (cos/sin) dQ and dK are the
+    gradients of the un-rotated query and key, rotated back in a final pass."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
     d = meta["HEAD_DIM"]
     meta["ALIGNED"] = _aligned(query, key, value, grad_out)
@@ -560,23 +603,27 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     dq = new_output((b, h, lq, d), query.dtype, query.device)
     dk = new_output((b, hkv, lk, d), key.dtype, key.device)
     dv = new_output((b, hkv, lk, d), value.dtype, value.device)
-    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
+    cos, sin, rot, cstr = rotary_args(cos, sin, query)
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
-        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, **kv_cfg,
+        **meta, ROTARY=rot, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
-        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, *common,
+        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
         h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, **q_cfg, MASK_GRAD=bool(mask_grad),
+        **meta, ROTARY=rot, **q_cfg, MASK_GRAD=bool(mask_grad),
     )
+    if rot:
+        unrotate_grad(dq, cos, sin, cstr, rot)
+        unrotate_grad(dk, cos, sin, cstr, rot)
     if not mask_grad:
         return dq, dk, dv
     return dq, dk, dv, _sum_to(ds, attn_mask).to(attn_mask.dtype)
@@ -598,7 +645,7 @@ _INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32)
 _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
 _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 
-_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) candidates for 2-byte dtypes and d <= 128, best guess first

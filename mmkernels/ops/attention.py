@@ -24,6 +24,7 @@ from .._utils import (
     triton_device_reason,
 )
 from ..reference import attention as ref
+from ..reference.rotary import apply_rotary
 
 __all__ = ["attention"]
 
@@ -45,14 +46,16 @@ def _attention_fwd(
     dropout_p: float,
     is_causal: bool,
     scale: float,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention as kernels
 
-    return kernels.attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale)
+    return kernels.attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos, sin)
 
 
 @_attention_fwd.register_fake
-def _(query, key, value, attn_mask, seed, dropout_p, is_causal, scale):
+def _(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None):
     b, h, lq, _ = query.shape
     out = query.new_empty(b, h, lq, value.shape[-1])
     lse = query.new_empty(b, h, 2, lq, dtype=torch.float32)
@@ -73,38 +76,42 @@ def _attention_bwd(
     is_causal: bool,
     scale: float,
     mask_grad: bool = False,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d_attn_mask); the last is an empty (0,) tensor unless ``mask_grad``."""
     from ..kernels import attention as kernels
 
     grads = kernels.attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad
+        grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad, cos, sin
     )
     return contiguous_outputs(*grads[:3], grads[3] if mask_grad else query.new_empty((0,)))
 
 
 @_attention_bwd.register_fake
-def _(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad=False):
+def _(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad=False,
+      cos=None, sin=None):
     dmask = empty_contiguous(attn_mask) if mask_grad else query.new_empty((0,))
     return empty_contiguous(query), empty_contiguous(key), empty_contiguous(value), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, seed, dropout_p, is_causal, scale = inputs
+    query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos, sin = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed, cos, sin)
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
     ctx.mask_grad = attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+    query, key, value, out, lse, attn_mask, seed, cos, sin = ctx.saved_tensors
     mask_grad = ctx.mask_grad and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _attention_bwd(
-        grad_out, query, key, value, out, lse, attn_mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale, mask_grad
+        grad_out, query, key, value, out, lse, attn_mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale, mask_grad,
+        cos, sin,
     )
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -225,6 +232,36 @@ def _as_4d(query, key, value, attn_mask, batch):
     return q4, k4, v4, mask, out_shape
 
 
+def _rotary_3d(rotary, query, key, batch):
+    """Check ``rotary=(cos, sin)`` and return it as (1 or B, L, D or D/2) tensors sharing strides,
+    B the flattened batch of :func:`_as_4d`."""
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+        raise ValueError(f"rotary: expected a (cos, sin) pair of tensors, got {type(rotary).__name__}")
+    lq, d = query.shape[-2:]
+    if d % 2:
+        raise ValueError(f"rotary: needs an even head dim, query is {describe(query)}")
+    if key.shape[-2] != lq:
+        raise ValueError(f"rotary: cos/sin are shared by query and key, so Lk must equal Lq ({lq}), got key "
+                         f"{describe(key)}")
+    out = []
+    for name, t in zip(("rotary cos", "rotary sin"), rotary):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating tensor, got "
+                             f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")
+        if t.shape[-1] not in (d, d // 2) or t.dim() < 2 or t.shape[-2] != lq or \
+                (t.dim() > 2 and tuple(t.shape[:-2]) != tuple(batch)):
+            raise ValueError(f"{name}: expected (L, D) or (..., L, D) with query's batch dims {tuple(batch)}, "
+                             f"L={lq}, D={d} (or D/2={d // 2}), got {describe(t)}")
+        out.append(t.reshape(1 if t.dim() == 2 else math.prod(batch), lq, t.shape[-1]))
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"rotary sin: expected the shape of cos {tuple(rotary[0].shape)}, got {describe(rotary[1])}")
+    if out[0].stride() != out[1].stride():  # the kernels index both with cos's strides
+        out = [t.contiguous() for t in out]
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
@@ -241,12 +278,18 @@ def _triton_check(inp) -> list:
         reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
     if inp["dropout_p"] >= 1.0:
         reasons.append("dropout_p = 1 (every probability is dropped)")
+    rotary = inp.get("rotary")
+    if rotary is not None:
+        if any(t.requires_grad for t in rotary):
+            reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
+        if v.shape[-1] > q.shape[-1]:
+            reasons.append("rotary with Dv > D (the kernels would zero-pad the rotated head dim)")
     if 0 in q.shape or 0 in k.shape:
         reasons.append("an empty tensor")
     return reasons
 
 
-def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=None):
     seed = None
     if dropout_p > 0.0:
         # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
@@ -259,7 +302,9 @@ def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         value = F.pad(value, (0, d - dv))
     elif dv > d:
         query, key = F.pad(query, (0, dv - d)), F.pad(key, (0, dv - d))
-    out, _ = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), float(scale))
+    cos, sin = rotary if rotary is not None else (None, None)
+    out, _ = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), float(scale),
+                            cos, sin)
     return out[..., :dv] if dv < d else out
 
 
@@ -269,7 +314,16 @@ def _sdpa_check(inp) -> list:
     return []
 
 
-def _sdpa_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _rotated(query, key, rotary):
+    """q, k with the vision RoPE applied in torch (the non-Triton routes); cos/sin (B or 1, L, ·)."""
+    if rotary is None:
+        return query, key
+    cos, sin = (t.unsqueeze(-3) for t in rotary)  # broadcast over heads
+    return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+
+def _sdpa_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=None):
+    query, key = _rotated(query, key, rotary)
     if enable_gqa and key.shape[1] != query.shape[1]:
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -283,7 +337,8 @@ def _sdpa_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     )
 
 
-def _reference_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _reference_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=None):
+    query, key = _rotated(query, key, rotary)
     # a fallback must not be less accurate than SDPA: fp16/bf16 are computed in fp32
     # (measured before: forward errors of 0.02-0.17 in fp16 with a causal float bias)
     dtype = query.dtype
@@ -314,6 +369,7 @@ def attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str | None = None,
     return_scores: dict | None = None,
 ) -> torch.Tensor:
@@ -340,6 +396,14 @@ def attention(
     the backward regenerates the same mask).  A query row whose keys are all masked returns 0
     and gets zero gradients.
 
+    ``rotary=(cos, sin)`` (keyword only; needs Lq == Lk): the vision RoPE of Qwen2-VL's
+    ``apply_rotary_pos_emb_vision`` (rotate-half, fp32 math, rounded to the input dtype) applied
+    to query and key inside the Triton kernels, gradients rotated back in the backward.  cos/sin
+    are (L, D) shared by the batch, or (..., L, D) with query's leading batch dims, one row per
+    position; (L, D/2) / (..., L, D/2) stand for ``cat((c, c), -1)``.  They get no gradient.
+    Equivalent: ``q, k = q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin`` (cos
+    unsqueezed over the heads) before the attention.
+
     ``backend``: None (auto / ``MMKERNELS_BACKEND`` / ``mmkernels.use_backend``), "triton",
     "sdpa" or "reference".  Dtypes: float16, bfloat16, float32 (honouring
     ``torch.get_float32_matmul_precision()``: "highest" is IEEE fp32, otherwise TF32) on the
@@ -358,6 +422,8 @@ def attention(
                                        scale=scale, enable_gqa=enable_gqa)
     """
     if return_scores is not None:
+        if rotary is not None:
+            raise ValueError("rotary: not supported together with return_scores (the scores pass reads q/k unrotated)")
         from .attention_scores import attention_with_scores, scores_request
 
         return attention_with_scores(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -369,6 +435,8 @@ def attention(
     q, k, v, mask, out_shape = _as_4d(query, key, value, attn_mask, batch)
     inputs = dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=float(dropout_p),
                   is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa))
+    if rotary is not None:
+        inputs["rotary"] = _rotary_3d(rotary, query, key, batch)
     chosen = dispatch.select("attention", inputs, backend)
     out = chosen.run(**inputs)
     return out if out.shape == out_shape else out.reshape(out_shape)

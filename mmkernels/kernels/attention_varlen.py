@@ -1,0 +1,487 @@
+"""Packed (variable-length) flash attention in Triton: forward, backward, launchers.
+
+Layout of ``flash_attn_varlen_func``: query (total_q, Hq, D), key/value (total_k, Hkv, D), with
+int32 prefix sums ``cu_seqlens_q`` / ``cu_seqlens_k`` (n+1,) on the device.  Sequence s of the
+query (rows cu_q[s]:cu_q[s+1]) attends only to sequence s of the keys.
+
+No host synchronisation.  The launch grid comes from shapes alone: a sequence of Lq rows needs
+ceil(Lq / BLOCK_M) query tiles, and sum_s ceil(Lq_s / BLOCK_M) <= ceil(total_q / BLOCK_M) + n, so
+``cdiv(total_q, BLOCK_M) + n`` programs per head always suffice.  Each program finds its
+sequence and row block itself (:func:`_tile`: a vectorised prefix sum of the tile counts over
+``cu_seqlens``, one 256-wide chunk per 256 sequences); programs past the last real tile return
+at once.  No extra launch, no map tensor.  A ``max_seqlen`` hint shrinks the grid to
+n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the lookup is a division); it is never
+required.  The dK/dV kernel tiles the keys (BLOCK_N over total_k) the same way.
+
+The tile loops, online softmax, log-sum-exp bookkeeping, dropout and the backward tile are the
+jit helpers of :mod:`mmkernels.kernels.attention`, the rotary loads and the final un-rotation of
+dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not copied); this module adds the
+sequence lookup and the bottom-right causal offset.
+
+Causal masking is bottom-right aligned (flash-attn's varlen convention): row i of a sequence
+with Lq queries and Lk keys sees key j iff j <= i + (Lk - Lq).  It is implemented by passing the
+shifted row index i + (Lk - Lq) to the shared top-left causal test (the dropout counter uses the
+same shifted index in the forward and the backward, so the mask replays).
+
+Dropout: Philox keyed by seed + (sequence·H + head)·1000003, counter row·Lk + col (local
+indices), as the dense kernels key by (batch·H + head).
+
+Launches: forward 1 Triton kernel; backward 3 (delta, dK/dV, dQ) + 2 rotary un-rotations when
+rotary is given.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreting, new_output
+from ._launch import gpu_launcher
+from ._rotary import _load_rot2, unrotate_grad
+from .attention import (
+    _aligned,
+    _attn_bwd_preprocess,
+    _bwd_tile,
+    _dot,
+    _dot_precision,
+    _dropout_keep,
+    _finish_rows,
+    _load_cols2,
+    _load_keys_T,
+    _load_rows2,
+    _logits,
+    _softmax_step,
+    _store_rows,
+    rotary_args,
+    split_head_dim,
+)
+
+# Philox key stride between (sequence, head) streams (same constant as the dense kernels)
+_SEED_STRIDE = tl.constexpr(1000003)
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _tile(CU, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """(sequence, first local row, sequence start, sequence length) of program ``pid``; length 0
+    for a program past the packing's last tile (it returns).
+
+    PER_SEQ > 0 (a max_seqlen hint): program t owns block t % PER_SEQ of sequence t // PER_SEQ.
+    Otherwise sequence s owns programs [P_{s-1}, P_s) with P_s = sum_{r<=s} ceil(L_r / BLOCK):
+    the sequence of t is the number of s with P_s <= t, found by scanning cu_seqlens in SCAN-wide
+    vector chunks (one chunk up to SCAN sequences: ~207 windows of a 1000x2500 px Qwen2.5-VL image).
+    """
+    seq = pid * 0
+    first = pid * 0
+    if PER_SEQ > 0:
+        seq = pid // PER_SEQ
+        first = seq * PER_SEQ
+    else:
+        before = pid * 0
+        for c in range(0, N_SEQS, SCAN):
+            idx = c + tl.arange(0, SCAN)
+            ok = idx < N_SEQS
+            lens = tl.load(CU + idx + 1, mask=ok, other=0) - tl.load(CU + idx, mask=ok, other=0)
+            ntiles = (lens + (BLOCK - 1)) // BLOCK
+            done = ok & ((tl.cumsum(ntiles, 0) + before) <= pid)  # sequences wholly before pid
+            seq += tl.sum(done.to(tl.int32), 0)
+            first += tl.sum(tl.where(done, ntiles, 0), 0)
+            before += tl.sum(ntiles, 0)
+    start = (pid - first) * BLOCK
+    idle = seq >= N_SEQS
+    seq = tl.minimum(seq, N_SEQS - 1)  # an idle program must not read past cu_seqlens
+    lo = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - lo
+    length = tl.where(idle, 0, length)
+    return seq, start, lo.to(tl.int64), length
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _varlen_fwd(
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sot, soh, sod,
+    sct, scd,
+    H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
+    qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
+    if m_start >= LQ:
+        return  # past the last tile of the packing (the grid is an upper bound)
+    k_lo = tl.load(CU_K + seq).to(tl.int64)
+    LK = tl.load(CU_K + seq + 1) - k_lo
+    hk = h // GROUP
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    rows_c = rows + (LK - LQ)  # bottom-right causal alignment (also the dropout row index)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = Q + q_lo * sqt + h * sqh
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
+                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, m_start + BLOCK_M + (LK - LQ))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        s = _logits(q0, q1, kT0, kT1, rows_c, cols, row_ok, col_ok, Q, 0, 0, qk_scale,
+                    D1, 0, IS_CAUSAL, PREC, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows_c, cols, LK, dropout_p), p, 0.0)
+        p = p.to(V.dtype.element_ty)
+        v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
+        if D1 > 0:
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
+
+    inv_l = _finish_rows(LSE, h, TOTAL_Q, q_lo + rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
+    o_base = O + q_lo * sot + h * soh
+    _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, sot, tl.arange(0, D0), sod, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, sot, D0 + tl.arange(0, D1), sod, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _varlen_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sdt, sdh, sdd,
+    sct, scd,
+    H, HKV, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    seq, n_start, k_lo, LK = _tile(CU_K, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN)
+    if n_start >= LK:
+        return
+    q_lo = tl.load(CU_Q + seq).to(tl.int64)
+    LQ = tl.load(CU_Q + seq + 1) - q_lo
+    off = LK - LQ
+    cols = n_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    offs_m = tl.arange(0, BLOCK_M)
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    seed0 = 0
+    if HAS_DROPOUT:
+        seed0 = tl.load(SEED)
+
+    lo = 0
+    if IS_CAUSAL:
+        # key j is seen by rows i >= j - (Lk - Lq): earlier row blocks contribute nothing
+        lo = (tl.maximum(n_start - off, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + q_lo * sqt + h * sqh
+        do_base = DO + q_lo * sdt + h * sdh
+        stats = LSE + h * 2 * TOTAL_Q + q_lo
+        seed = seed0 + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+        for start_m in range(lo, LQ, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < LQ
+            q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
+            m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
+            log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+            pd, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
+                               qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                               D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+            pdT = tl.trans(pd.to(DO.dtype.element_ty))
+            dsT = tl.trans(ds.to(Q.dtype.element_ty))
+            dv0 += _dot(pdT, do0, PREC, UPCAST)
+            dk0 += _dot(dsT, q0, PREC, UPCAST)
+            if D1 > 0:
+                dv1 += _dot(pdT, do1, PREC, UPCAST)
+                dk1 += _dot(dsT, q1, PREC, UPCAST)
+
+    # dK, dV: contiguous (total_k, Hkv, D)
+    row_stride = HKV * HEAD_DIM
+    dk_base = DK + k_lo * row_stride + hk * HEAD_DIM
+    dv_base = DV + k_lo * row_stride + hk * HEAD_DIM
+    offs_d0 = tl.arange(0, D0)
+    _store_rows(dk_base, dk0 * sm_scale, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
+    _store_rows(dv_base, dv0, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        _store_rows(dk_base, dk1 * sm_scale, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
+        _store_rows(dv_base, dv1, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
+
+
+@triton.jit
+def _varlen_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sdt, sdh, sdd,
+    sct, scd,
+    H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
+    if m_start >= LQ:
+        return
+    k_lo = tl.load(CU_K + seq).to(tl.int64)
+    LK = tl.load(CU_K + seq + 1) - k_lo
+    off = LK - LQ
+    hk = h // GROUP
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
+    offs_n = tl.arange(0, BLOCK_N)
+    q_base = Q + q_lo * sqt + h * sqh
+    do_base = DO + q_lo * sdt + h * sdh
+    k_base = K + k_lo * skt + hk * skh
+    v_base = V + k_lo * svt + hk * svh
+
+    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
+                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    stats = LSE + h * 2 * TOTAL_Q + q_lo
+    m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
+    log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, m_start + BLOCK_M + off)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+        _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
+                          qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                          D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+        ds = ds.to(Q.dtype.element_ty)
+        dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
+        if D1 > 0:
+            dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+
+    row_stride = H * HEAD_DIM
+    dq_base = DQ + q_lo * row_stride + h * HEAD_DIM
+    _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, row_stride, tl.arange(0, D0), 1, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, row_stride, D0 + tl.arange(0, D1), 1, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+_SCAN = 256  # sequences per vector chunk of the in-kernel tile lookup
+
+
+def grid_size(n: int, total: int, block: int, max_seqlen: int | None) -> tuple[int, int]:
+    """(programs per head, PER_SEQ) from shapes only: cdiv(total, block) + n programs (each
+    sequence needs ceil(L / block) <= L / block + 1 of them), or with a ``max_seqlen`` hint (an
+    upper bound of every length) n * cdiv(max_seqlen, block) when that is smaller (PER_SEQ > 0)."""
+    bound = triton.cdiv(total, block) + n
+    if max_seqlen:
+        per_seq = triton.cdiv(max_seqlen, block)
+        if n * per_seq <= bound:
+            return n * per_seq, per_seq
+    return bound, 0
+
+
+def _common(query, key, cos, sin, seed, dropout_p, is_causal):
+    d = query.shape[-1]
+    if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":
+        d0, d1 = max(16, triton.next_power_of_2(d)), 0
+    else:
+        d0, d1 = split_head_dim(d)
+    cos_t, sin_t, rot, cstr = rotary_args(cos, sin, query)
+    cstr = cstr[1:]  # packed: cos/sin rows are the packed rows, no batch dim
+    has_dropout = dropout_p > 0.0
+    if has_dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed tensor")
+    meta = dict(
+        HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, ROTARY=rot,
+        PREC=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16,
+    )
+    return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
+
+
+def _head_bucket(d: int) -> int:
+    return 64 if d <= 64 else (128 if d <= 128 else 256)
+
+
+def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale):
+    """Launch the forward.  Returns O (total_q, Hq, D) contiguous and the softmax statistics
+    (Hq, 2, total_q) fp32 (row max and log2 row sum of the base-2 logits, as the dense kernel;
+    +inf max for rows with no visible key)."""
+    total_q, h, d = query.shape
+    total_k, hkv = key.shape[0], key.shape[1]
+    n = cu_q.shape[0] - 1
+    out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
+    lse = new_output((h, 2, total_q), torch.float32, query.device)
+    if total_q == 0 or n == 0:
+        return out, lse
+    if total_k == 0:  # every sequence has no key: rows attend to nothing
+        out.zero_()
+        lse[:, 0].fill_(float("inf"))
+        lse[:, 1].zero_()
+        return out, lse
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
+    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype)
+    programs, per_seq = grid_size(n, total_q, bm, max_q)
+    kernel[(programs, h)](
+        query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *cstr,
+        h, total_q, h // hkv, n, per_seq, _head_bucket(d),
+        float(scale) * 1.4426950408889634, float(dropout_p),
+        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value), **cfg,
+    )
+    return out, lse
+
+
+def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin, seed, max_q, max_k,
+                    dropout_p, is_causal, scale):
+    """Launch the backward; returns contiguous (dQ, dK, dV) shaped like the inputs (gradients
+    of the un-rotated query and key when rotary is given)."""
+    total_q, h, d = query.shape
+    total_k, hkv = key.shape[0], key.shape[1]
+    n = cu_q.shape[0] - 1
+    dq = new_output((total_q, h, d), query.dtype, query.device)
+    dk = new_output((total_k, hkv, d), key.dtype, key.device)
+    dv = new_output(tuple(value.shape), value.dtype, value.device)
+    if n == 0 or total_q == 0 or total_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
+    delta = new_output((h, total_q), torch.float32, query.device)
+    pre_m = 64
+    # the dense preprocess kernel on a batch-1 view: (B=1, H, L=total_q, D)
+    _attn_bwd_preprocess[(triton.cdiv(total_q, pre_m), h)](
+        out, grad_out, delta, 0, out.stride(1), out.stride(0), out.stride(2),
+        0, grad_out.stride(1), grad_out.stride(0), grad_out.stride(2), h, total_q,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m, ALIGNED=_aligned(out, grad_out),
+    )
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
+    qk_scale = float(scale) * 1.4426950408889634
+    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype)
+    programs, per_seq = grid_size(n, total_k, bn, max_k)
+    kv_kernel[(programs, hkv)](
+        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
+    )
+    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype)
+    programs, per_seq = grid_size(n, total_q, bm, max_q)
+    q_kernel[(programs, h)](
+        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        h, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
+        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **q_cfg,
+    )
+    if meta["ROTARY"]:
+        # (total, H, D) viewed as (1, H, total, D): the packed row is the rotary row
+        unrotate_grad(dq.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
+        unrotate_grad(dk.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# configurations (built lazily: importing this module never queries a device)
+# --------------------------------------------------------------------------------------
+# Interpreter: few large tiles (each program runs in Python); BLOCK_M != BLOCK_N keeps the
+# causal block-skipping arithmetic honest.
+_INTERP = {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
+           "dq": dict(BLOCK_M=64, BLOCK_N=32)}
+_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
+
+
+def _gpu_tile(kind: str, d: int, dtype: torch.dtype) -> int:
+    """The tile size the device map is built for (query rows for fwd/dq, keys for dkdv): fixed
+    per (kind, d, dtype) so that autotuning only varies the other block size, warps and stages."""
+    big = d > 128 or dtype == torch.float32
+    if kind == "dkdv":
+        return 64 if big else 128
+    return 64 if big else 128
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
+    """A few candidates sharing the mapped tile size; the first is the untuned default.  Not yet
+    tuned on a GPU (same starting points as the dense kernels)."""
+    t = _gpu_tile(kind, d, dtype)
+    big = d > 128 or dtype == torch.float32
+    if kind == "dkdv":
+        others = [(32, 8, 2), (64, 8, 2), (16, 4, 2)] if not big else [(32, 4, 2), (16, 4, 2), (64, 8, 1)]
+        return [triton.Config({"BLOCK_M": o, "BLOCK_N": t}, num_warps=w, num_stages=s) for o, w, s in others]
+    others = [(64, 4, 3), (32, 4, 3), (64, 8, 3)] if not big else [(32, 4, 2), (64, 4, 2), (16, 4, 2)]
+    return [triton.Config({"BLOCK_M": t, "BLOCK_N": o}, num_warps=w, num_stages=s) for o, w, s in others]
+
+
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+    """(kernel, launch kwargs, mapped tile size)."""
+    if device_type != "cuda":
+        cfg = _INTERP[kind]
+        return _KERNELS[kind], cfg, cfg["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]
+    kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY,
+                               ("attention_varlen", kind, d, dtype))
+    return kernel, cfg, _gpu_tile(kind, d, dtype)
+
+
+_KERNELS = {"fwd": _varlen_fwd, "dkdv": _varlen_bwd_dkdv, "dq": _varlen_bwd_dq}

@@ -1,0 +1,359 @@
+"""``mmkernels.attention_varlen``: packed attention over sequences of different lengths
+(flash-attn's varlen layout), with the vision rotary embedding optionally fused.
+
+Layers: validation (``ValueError`` naming the argument) → dispatch (triton | sdpa | reference) →
+for Triton the ``torch.library`` ops ``mmkernels::attention_varlen_fwd`` / ``..._bwd`` (fake +
+autograd registered).  Nothing on the triton and sdpa routes reads a device value on the host,
+so the op is CUDA-graph capturable and compiles with no graph break; the reference backend loops
+over the sequences on the host and is only used when forced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._utils import check_dropout_and_scale, contiguous_outputs, describe, empty_contiguous, triton_device_reason
+from ..reference import attention_varlen as ref
+
+__all__ = ["attention_varlen"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops (Triton path)
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("mmkernels::attention_varlen_fwd", mutates_args=())
+def _varlen_fwd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import attention_varlen as kernels
+
+    return kernels.varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed,
+                                  max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
+
+
+@_varlen_fwd.register_fake
+def _(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q, max_seqlen_k, dropout_p,
+      is_causal, scale):
+    total_q, h, _ = query.shape
+    return query.new_empty(total_q, h, value.shape[-1]), query.new_empty(h, 2, total_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkernels::attention_varlen_bwd", mutates_args=())
+def _varlen_bwd(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import attention_varlen as kernels
+
+    return contiguous_outputs(*kernels.varlen_backward(
+        grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed,
+        max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale))
+
+
+@_varlen_bwd.register_fake
+def _(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
+      max_seqlen_k, dropout_p, is_causal, scale):
+    return empty_contiguous(query), empty_contiguous(key), empty_contiguous(value)
+
+
+def _setup_context(ctx, inputs, output):
+    (query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, cu_q, cu_k, cos, sin, seed)
+    ctx.max_q, ctx.max_k = max_q, max_k
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, cu_q, cu_k, cos, sin, seed = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin, seed,
+                             ctx.max_q, ctx.max_k, ctx.dropout_p, ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+def _check_cu_seqlens(name: str, cu, total: int, device, n_expected: int | None) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise ValueError(f"{name}: expected an int32 tensor (n+1,), got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor (n+1,) of prefix sums, got {describe(cu)}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32 (flash-attn's varlen convention), got {describe(cu)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device} like query, got {describe(cu)}")
+    if n_expected is not None and cu.shape[0] != n_expected:
+        raise ValueError(f"{name}: expected {n_expected} entries like cu_seqlens_q, got {describe(cu)}")
+    # Values are checked only where reading them costs no device sync (a CPU tensor, eager):
+    # on a GPU that read is exactly the host synchronisation this op exists to avoid.
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        steps = cu[1:] - cu[:-1]
+        if bool((steps < 0).any()) or bool(cu[0] != 0):
+            raise ValueError(f"{name}: expected non-decreasing prefix sums starting at 0, got {describe(cu)} "
+                             f"= {cu.tolist() if cu.numel() <= 16 else '...'}")
+        if bool(cu[-1] != total):
+            raise ValueError(f"{name}: last entry must equal the packed length {total}, got {describe(cu)} "
+                             f"ending in {int(cu[-1])}")
+
+
+def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, enable_gqa, rotary) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D packed tensor (total, H, D), got {describe(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype or t.device != query.device:
+            raise ValueError(f"{name}: expected dtype {query.dtype} on {query.device} like query, got {describe(t)}")
+    total_q, hq, d = query.shape
+    if key.shape[-1] != d:
+        raise ValueError(f"key: head dim must equal query's head dim {d}, got {describe(key)}")
+    if value.shape[0] != key.shape[0] or value.shape[1] != key.shape[1]:
+        raise ValueError(f"value: expected (total_k, Hkv, Dv) with total_k={key.shape[0]} and Hkv={key.shape[1]} "
+                         f"as key, got {describe(value)}")
+    hkv = key.shape[1]
+    if hkv != hq:
+        if not enable_gqa:
+            raise ValueError(f"key: query has {hq} heads but key has {hkv} ({describe(key)}); "
+                             "pass enable_gqa=True for grouped-query attention")
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads, got {describe(key)}")
+    _check_cu_seqlens("cu_seqlens_q", cu_q, total_q, query.device, None)
+    _check_cu_seqlens("cu_seqlens_k", cu_k, key.shape[0], query.device, cu_q.shape[0])
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
+            raise ValueError(f"{name}: expected None or a non-negative int (an upper bound hint), got {m!r}")
+    check_dropout_and_scale(dropout_p, scale)
+    if rotary is not None:
+        if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+            raise ValueError(f"rotary: expected a (cos, sin) pair of tensors, got {type(rotary).__name__}")
+        if d % 2:
+            raise ValueError(f"rotary: needs an even head dim, query is {describe(query)}")
+        if key.shape[0] != total_q:
+            raise ValueError(f"rotary: cos/sin are shared by query and key, so total_k must equal total_q "
+                             f"({total_q}), got key {describe(key)}")
+        for name, t in zip(("rotary cos", "rotary sin"), rotary):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{name}: expected a floating tensor, got "
+                                 f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.device != query.device:
+                raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")
+            if tuple(t.shape) not in ((total_q, d), (total_q, d // 2)):
+                raise ValueError(f"{name}: expected shape (total, D) = {(total_q, d)} or (total, D/2) = "
+                                 f"{(total_q, d // 2)}, got {describe(t)}")
+        if rotary[0].shape != rotary[1].shape:
+            raise ValueError(f"rotary sin: expected the shape of cos {tuple(rotary[0].shape)}, "
+                             f"got {describe(rotary[1])}")
+
+
+# --------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------
+def _triton_check(inp) -> list:
+    q, v, rotary = inp["query"], inp["value"], inp["rotary"]
+    r = triton_device_reason(q)
+    if r is not None:
+        return [r]
+    reasons: list = []
+    if q.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    d = q.shape[-1]
+    if d % 8 != 0 or not 8 <= d <= _TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} (supported: multiples of 8 up to {_TRITON_MAX_HEAD_DIM})")
+    if v.shape[-1] != d:
+        reasons.append(f"value head dim {v.shape[-1]} differs from query/key head dim {d}")
+    if rotary is not None and any(t.requires_grad for t in rotary):
+        reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
+    if 0 in q.shape[1:]:
+        reasons.append("zero heads")
+    return reasons
+
+
+def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                scale, enable_gqa, rotary):
+    seed = None
+    if dropout_p > 0.0:
+        # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
+    cos = sin = None
+    if rotary is not None:
+        cos, sin = rotary
+        if cos.stride() != sin.stride():  # the kernel indexes both with cos's strides
+            cos, sin = cos.contiguous(), sin.contiguous()
+    out, _ = _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
+                         max_seqlen_k, float(dropout_p), bool(is_causal), float(scale))
+    return out
+
+
+def _segments(cu: torch.Tensor, total: int):
+    """(sequence id, local index) of each packed row, from device ops only."""
+    idx = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    seg = torch.searchsorted(cu[1:], idx, right=True)
+    return seg, idx - cu[seg]
+
+
+def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+              scale, enable_gqa, rotary):
+    """One SDPA call over the whole packing with a dense block-diagonal (total_q, total_k) mask,
+    built on the device (no host read): O(total_q·total_k) memory, the automatic route only where
+    the Triton kernels cannot run (CPU without the interpreter, float64, odd head dims)."""
+    if rotary is not None:
+        query, key = ref.apply_rotary(query, *rotary), ref.apply_rotary(key, *rotary)
+    total_q, total_k = query.shape[0], key.shape[0]
+    if total_q == 0 or total_k == 0:
+        return query.new_zeros(total_q, query.shape[1], value.shape[-1]) + 0 * (query.sum() + value.sum())
+    seg_q, pos_q = _segments(cu_seqlens_q, total_q)
+    seg_k, pos_k = _segments(cu_seqlens_k, total_k)
+    allowed = seg_q[:, None] == seg_k[None, :]
+    if is_causal:
+        lens_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        shift = (lens_k - lens_q)[seg_q]  # bottom-right alignment
+        allowed &= pos_k[None, :] <= (pos_q + shift)[:, None]
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    out = out.squeeze(0).transpose(0, 1)
+    # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
+    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(()))
+
+
+def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                   scale, enable_gqa, rotary):
+    return ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
+                                enable_gqa, rotary)
+
+
+dispatch.register(dispatch.Backend("triton", "attention_varlen", _triton_check, _triton_run,
+                                   description="fused Triton packed flash-attention (fwd + bwd, rotary fused)"))
+dispatch.register(dispatch.Backend("sdpa", "attention_varlen", lambda inp: [], _sdpa_run,
+                                   description="one SDPA call with a device-built block-diagonal mask"))
+# sdpa accepts every call, so the reference (a host read per call) is reached only when forced
+dispatch.register(dispatch.Backend("reference", "attention_varlen", lambda inp: [], _reference_run,
+                                   description="plain PyTorch per-sequence loop (host sync; forced only)"))
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+def attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Attention over packed sequences of different lengths (``flash_attn_varlen_func``'s layout).
+
+    Shapes: ``query`` (total_q, Hq, D), ``key`` (total_k, Hkv, D), ``value`` (total_k, Hkv, Dv)
+    → (total_q, Hq, Dv).  ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 (n+1,) prefix sums on the
+    tensors' device (``cu[0] = 0``, ``cu[n] = total``); rows ``cu_q[s]:cu_q[s+1]`` of the query
+    attend only to rows ``cu_k[s]:cu_k[s+1]`` of the keys.  Sequences may be empty (length 0);
+    a query row of a sequence with no key returns 0.  Qwen2.5-VL's window attention is this op
+    with the window prefix sums.  Hkv < Hq needs ``enable_gqa=True`` and Hq % Hkv == 0.
+
+    No host synchronisation: nothing reads a device value on the host, so the call is
+    CUDA-graph capturable and compiles with no graph break.  ``max_seqlen_q`` / ``max_seqlen_k``
+    are optional upper bounds (as flash-attn's) that only shrink the launch grid; a wrong
+    (too small) hint gives wrong results.  The values of ``cu_seqlens_*`` (non-decreasing from 0,
+    ending at the total) are checked when they live on the CPU; on a GPU they are trusted.
+
+    ``is_causal`` is **bottom-right** aligned per sequence, like flash-attn's varlen kernels and
+    what HF's flash path expects: row i sees key j iff j <= i + (Lk − Lq).  Lq=3, Lk=5 and
+    Lq=5, Lk=3 (rows 0 and 1 see nothing and return 0)::
+
+        1 1 1 0 0        0 0 0
+        1 1 1 1 0        0 0 0
+        1 1 1 1 1        1 0 0
+                         1 1 0
+                         1 1 1
+
+    ``rotary=(cos, sin)``: Qwen2-VL / Qwen2.5-VL / Qwen3-VL's vision RoPE, applied inside the
+    kernel to query and key exactly as ``apply_rotary_pos_emb_vision`` (rotate-half convention,
+    fp32 math, rounded back to the input dtype); the backward rotates the gradients back.  cos
+    and sin are (total, D), or (total, D/2) standing for ``cat((c, c), -1)``, indexed by the
+    packed row and shared by query and key (so total_q must equal total_k); they get no
+    gradient.
+
+    ``scale`` defaults to 1/sqrt(D).  ``dropout_p > 0``: Philox dropout seeded from torch's
+    generator (``torch.manual_seed`` replays it; the backward regenerates the same mask).
+    ``backend``: None (auto), "triton", "sdpa" (one SDPA call with a dense block-diagonal mask
+    built on the device: O(total_q·total_k) memory) or "reference" (per-sequence loop with a
+    host read; only when forced).  Dtypes: float16, bfloat16, float32 on Triton; float64 on
+    the others.
+
+    Equivalent PyTorch::
+
+        outs = []
+        for s in range(len(cu_seqlens_q) - 1):
+            q = query[cu_seqlens_q[s]:cu_seqlens_q[s + 1]].transpose(0, 1)
+            k = key[cu_seqlens_k[s]:cu_seqlens_k[s + 1]].transpose(0, 1)
+            v = value[cu_seqlens_k[s]:cu_seqlens_k[s + 1]].transpose(0, 1)
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(k.shape[1] - q.shape[1])
+            outs.append(F.scaled_dot_product_attention(q, k, v, mask if is_causal else None,
+                        dropout_p, scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
+        out = torch.cat(outs)       # (with rotary: q, k = apply_rotary_pos_emb_vision(q, k, cos, sin) first)
+    """
+    _validate(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+              enable_gqa, rotary)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    inputs = dict(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=float(dropout_p),
+                  is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
+                  rotary=tuple(rotary) if rotary is not None else None)
+    chosen = dispatch.select("attention_varlen", inputs, backend)
+    return chosen.run(**inputs)

@@ -98,3 +98,24 @@ def contiguous_outputs(*tensors: torch.Tensor) -> tuple:
 def empty_contiguous(t: torch.Tensor) -> torch.Tensor:
     """A contiguous empty tensor with ``t``'s shape, dtype and device (for fake kernels)."""
     return t.new_empty(t.shape)
+
+
+def check_gqa_heads(hq: int, hkv: int, enable_gqa: bool, key: torch.Tensor) -> None:
+    """SDPA's grouped-query rule: Hkv != Hq needs ``enable_gqa`` and Hq % Hkv == 0."""
+    if hkv == hq:
+        return
+    if not enable_gqa:
+        raise ValueError(f"key: query has {hq} heads but key has {hkv} ({describe(key)}); "
+                         "pass enable_gqa=True for grouped-query attention")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads, got {describe(key)}")
+
+
+def check_rotary_tensor(name: str, t, query: torch.Tensor) -> None:
+    """One of a ``rotary=(cos, sin)`` pair: a floating tensor on the query's device (shapes are
+    the caller's: they depend on the layout)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating tensor, got "
+                         f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != query.device:
+        raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")

@@ -18,6 +18,8 @@ from .. import dispatch
 from .._utils import (
     broadcasts_to,
     check_dropout_and_scale,
+    check_gqa_heads,
+    check_rotary_tensor,
     contiguous_outputs,
     describe,
     empty_contiguous,
@@ -177,15 +179,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             f"got {describe(value)}"
         )
     hq = query.shape[-3] if query.dim() > 2 else 1
-    hkv = key.shape[-3] if key.dim() > 2 else 1
-    if hkv != hq:
-        if not enable_gqa:
-            raise ValueError(
-                f"key: query has {hq} heads but key has {hkv} ({describe(key)}); "
-                "pass enable_gqa=True for grouped-query attention"
-            )
-        if hkv == 0 or hq % hkv != 0:
-            raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads, got {describe(key)}")
+    check_gqa_heads(hq, key.shape[-3] if key.dim() > 2 else 1, enable_gqa, key)
     batch = _broadcast_batch("key", [query.shape[:-3], key.shape[:-3], value.shape[:-3]])
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
@@ -245,11 +239,7 @@ def _rotary_3d(rotary, query, key, batch):
                          f"{describe(key)}")
     out = []
     for name, t in zip(("rotary cos", "rotary sin"), rotary):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating tensor, got "
-                             f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.device != query.device:
-            raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")
+        check_rotary_tensor(name, t, query)
         if t.shape[-1] not in (d, d // 2) or t.dim() < 2 or t.shape[-2] != lq or \
                 (t.dim() > 2 and tuple(t.shape[:-2]) != tuple(batch)):
             raise ValueError(f"{name}: expected (L, D) or (..., L, D) with query's batch dims {tuple(batch)}, "

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from .._utils import broadcasts_to, describe, triton_device_reason
+from .._utils import broadcasts_to, check_gqa_heads, describe, triton_device_reason
 from ..reference import attention_scores as ref
 
 __all__ = ["attention_scores", "attention_with_scores", "query_rows", "scores_request"]
@@ -120,13 +120,7 @@ def _validate(query, key, lse, attn_mask, is_causal, scale, enable_gqa, reduce_h
     b, hq, lq, d = query.shape
     if key.shape[0] != b or key.shape[-1] != d:
         raise ValueError(f"key: expected (B={b}, Hkv, Lk, D={d}) like query {describe(query)}, got {describe(key)}")
-    hkv = key.shape[1]
-    if hkv != hq:
-        if not enable_gqa:
-            raise ValueError(f"key: query has {hq} heads but key has {hkv} ({describe(key)}); "
-                             "pass enable_gqa=True for grouped-query attention")
-        if hkv == 0 or hq % hkv != 0:
-            raise ValueError(f"key: query heads ({hq}) must be a multiple of key heads, got {describe(key)}")
+    check_gqa_heads(hq, key.shape[1], enable_gqa, key)
     if lse is not None:
         if not isinstance(lse, torch.Tensor) or not lse.dtype.is_floating_point:
             raise ValueError(f"lse: expected a floating tensor or None, got "

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._utils import check_dropout_and_scale, contiguous_outputs, describe, empty_contiguous, triton_device_reason
+from .._utils import (
+    check_dropout_and_scale,
+    check_gqa_heads,
+    check_rotary_tensor,
+    contiguous_outputs,
+    describe,
+    empty_contiguous,
+    triton_device_reason,
+)
 from ..reference import attention_varlen as ref
 
 __all__ = ["attention_varlen"]
@@ -153,13 +161,7 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
     if value.shape[0] != key.shape[0] or value.shape[1] != key.shape[1]:
         raise ValueError(f"value: expected (total_k, Hkv, Dv) with total_k={key.shape[0]} and Hkv={key.shape[1]} "
                          f"as key, got {describe(value)}")
-    hkv = key.shape[1]
-    if hkv != hq:
-        if not enable_gqa:
-            raise ValueError(f"key: query has {hq} heads but key has {hkv} ({describe(key)}); "
-                             "pass enable_gqa=True for grouped-query attention")
-        if hkv == 0 or hq % hkv != 0:
-            raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads, got {describe(key)}")
+    check_gqa_heads(hq, key.shape[1], enable_gqa, key)
     _check_cu_seqlens("cu_seqlens_q", cu_q, total_q, query.device, None)
     _check_cu_seqlens("cu_seqlens_k", cu_k, key.shape[0], query.device, cu_q.shape[0])
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
@@ -175,11 +177,7 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
             raise ValueError(f"rotary: cos/sin are shared by query and key, so total_k must equal total_q "
                              f"({total_q}), got key {describe(key)}")
         for name, t in zip(("rotary cos", "rotary sin"), rotary):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"{name}: expected a floating tensor, got "
-                                 f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            if t.device != query.device:
-                raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")
+            check_rotary_tensor(name, t, query)
             if tuple(t.shape) not in ((total_q, d), (total_q, d // 2)):
                 raise ValueError(f"{name}: expected shape (total, D) = {(total_q, d)} or (total, D/2) = "
                                  f"{(total_q, d // 2)}, got {describe(t)}")

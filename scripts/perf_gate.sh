@@ -9,9 +9,9 @@
 #   MMK_PERF_REQUIRE_BASELINE=1 ...                 # a device without a baseline fails instead of passing
 #   MMK_PERF_PYTEST_ARGS="-k attention" ...         # extra pytest arguments (a subset)
 #
-# Writes under $OUT (default ./perf_out): perf_<device-slug>.json (pytest-benchmark JSON with
-# the device, versions and commit in machine_info; on CUDA extra_info.ms_p50 holds the
-# CUDA-event median the gate compares) and compare.txt.
+# Writes under $OUT (default ./perf_out): perf_<device-slug>.json (the suite's cases as one
+# `mmkernels bench --json` document: device, versions, commit; each case's do_bench median on
+# CUDA, the number the gate compares) and compare.txt.
 # The device slug: python -c "from mmkernels.bench.env import device_slug; print(device_slug())"
 # (e.g. nvidia-h100-80gb-hbm3). CPU timings on a shared box are too noisy to gate on: on a
 # machine without a GPU the suite runs as a smoke test and the gate only reports.
@@ -30,9 +30,9 @@ cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 json="$OUT/perf_$slug.json"
 baseline="benchmarks/baselines/$slug.json"
 
-echo "== suite: $PY -m pytest benchmarks --benchmark-json $json (device $slug)"
+echo "== suite: $PY -m pytest benchmarks --mmk-json $json (device $slug)"
 # shellcheck disable=SC2086
-"$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$json" \
+"$PY" -m pytest benchmarks -q -p no:cacheprovider --mmk-json "$json" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=fullname ${MMK_PERF_PYTEST_ARGS:-}
 
 if [[ "${MMK_PERF_UPDATE:-0}" == "1" ]]; then
@@ -48,7 +48,7 @@ if [[ ! -f "$baseline" ]]; then
 fi
 echo "== gate: mmkernels bench compare $baseline $json --threshold $THRESHOLD"
 rc=0
-"$PY" -m mmkernels bench compare "$baseline" "$json" --threshold "$THRESHOLD" --plain | tee "$OUT/compare.txt" \
+"$PY" -m mmkernels bench compare "$baseline" "$json" --threshold "$THRESHOLD" | tee "$OUT/compare.txt" \
     || rc=${PIPESTATUS[0]}
 if [[ "$cuda" != "1" && "$rc" == "1" ]]; then
     echo "== CPU timings: the regression above is reported, not enforced (no GPU: a smoke test)"

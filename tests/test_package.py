@@ -19,7 +19,7 @@ import torch
 
 import mmkernels
 from mmkernels import _ext, dispatch
-from mmkernels.bench import info
+from mmkernels import info
 
 ROOT = Path(__file__).resolve().parents[1]
 

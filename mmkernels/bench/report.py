@@ -128,7 +128,7 @@ def _cells(doc: dict, r: dict) -> list[str]:
 def format_table(doc: dict, *, brief: bool = False) -> list[str]:
     """The results table, at most 100 columns: a line per (case, dtype, mode), then a row per
     backend; ``brief``: timed rows only. The footer lines follow."""
-    metric = {"tflops": "TFLOP/s", "gbps": "GB/s"}.get(doc.get("metric"), "TFLOP/s|GB/s")
+    metric = {"tflops": "TFLOP/s", "gbps": "GB/s"}.get(doc.get("metric"), "TF|GB/s")
     head = ["backend", "ms p50", "p20-p80", metric, "% peak", "x eager", "MiB", "check"]
     widths = [14, 8, 15, 8, 6, 7, 6, 14]
     rows = [r for r in doc["cases"] if r.get("status") == "ok" or not brief]
@@ -184,7 +184,7 @@ def footer_lines(doc: dict) -> list[str]:
 
 def format_markdown(doc: dict) -> str:
     """A GitHub-markdown table of the timed cases (what the README's results tables are made from)."""
-    metric = {"tflops": "TFLOP/s", "gbps": "GB/s"}.get(doc.get("metric"), "TFLOP/s|GB/s")
+    metric = {"tflops": "TFLOP/s", "gbps": "GB/s"}.get(doc.get("metric"), "TF|GB/s")
     head = ["case", "shape", "dtype", "mode", "backend", "ms p50", "p20-p80", metric, "% peak", "x eager", "MiB",
             "check"]
     dev = doc.get("device", {})
@@ -269,7 +269,7 @@ def matplotlib_missing() -> str | None:
 
 def plot(docs: list[dict], path: str | os.PathLike) -> str:
     """Speedup vs eager and throughput vs sequence length, one line per backend, one row of
-    panels per (op, dtype, mode, causal). Returns the path written."""
+    panels per (op, dtype, mode, causal, head dim). Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,12 +279,13 @@ def plot(docs: list[dict], path: str | os.PathLike) -> str:
     for doc in docs:
         for r in doc["cases"]:
             if r.get("status") == "ok":
-                key = (doc["op"], r["dtype"], r["mode"], bool((r.get("params") or {}).get("causal")))
+                p = r.get("params") or {}
+                key = (doc["op"], r["dtype"], r["mode"], bool(p.get("causal")), p.get("d"))
                 panels.setdefault(key, (doc, []))[1].append(r)
     if not panels:
         raise ValueError("nothing to plot: no case was timed")
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), squeeze=False)
-    for ((op, dtype, mode, causal), (doc, rows)), (ax_s, ax_t) in zip(panels.items(), axes):
+    for ((op, dtype, mode, causal, d), (doc, rows)), (ax_s, ax_t) in zip(panels.items(), axes):
         metric = doc.get("metric", "tflops")
         unit = "TFLOP/s" if metric == "tflops" else "GB/s"
         for b in dict.fromkeys(r["backend"] for r in rows):
@@ -309,7 +310,7 @@ def plot(docs: list[dict], path: str | os.PathLike) -> str:
         if ceiling and (metric == "gbps" or {c.get("matmul_dtype"), dtype} <= {"bfloat16", "float16"}
                         or c.get("matmul_dtype") == dtype):
             ax_t.axhline(ceiling, color="black", lw=0.8, ls=":", label="measured ceiling")
-        title = f"{op} {mode} {dtype}" + (" causal" if causal else "")
+        title = f"{op} {mode} {dtype}" + (" causal" if causal else "") + (f" d={d}" if d else "")
         ax_s.set_title(f"{title}: speedup vs eager")
         ax_t.set_title(f"{title}: {unit}")
         ax_t.legend(fontsize=8, loc="best")
@@ -318,7 +319,7 @@ def plot(docs: list[dict], path: str | os.PathLike) -> str:
     fig.suptitle(f"mmkernels {d0['versions'].get('mmkernels', '')} on {d0['device'].get('name')}{smoke} — torch "
                  f"{d0['versions'].get('torch')}, commit {str(d0.get('commit'))[:7]}, {str(d0.get('date'))[:10]}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (4.2 * len(panels))))  # room for the suptitle
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

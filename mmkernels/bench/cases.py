@@ -1,11 +1,6 @@
-"""The case registry: what an op's benchmark module (``cases_<op>.py``) defines, and how it is found.
-
-A module ``mmkernels/bench/cases_<op>.py`` defines ``BENCH``, an :class:`OpBench`: the op's
-presets (the model shapes of DESIGN.md), its :class:`Backend` s, random inputs, how a backend is
-called on them, a float64 reference and a FLOP/byte model. The runner, the CLI, the reports and
-the pytest-benchmark suite know nothing else about an op. :func:`op_names` finds the modules
-without importing them (``--help`` stays instant); :func:`load` imports one when asked.
-"""
+"""The case registry: what ``cases_<op>.py`` defines (``BENCH``, an :class:`OpBench`), and how it is
+found (:func:`op_names` without importing, so ``--help`` stays instant; :func:`load`). The runner,
+CLI, reports and suite know nothing else about an op; the package docstring says how to add one."""
 
 from __future__ import annotations
 
@@ -36,10 +31,9 @@ class OpUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One benchmark shape: ``preset``/``id`` make the stable case key, ``shape`` is the op's own
-    frozen dataclass, ``dtype`` the model's where it is not the run's default (HF keeps the
-    Q-Former in float32), ``scaled_from`` the real shape when a CPU run shrank it, ``cpu_sized``
-    a generated shape that the CPU scaling leaves alone."""
+    """One shape: ``preset``/``id`` in the case key, ``shape`` the op's frozen dataclass, ``dtype`` the
+    model's (HF keeps the Q-Former in float32), ``scaled_from`` the real shape a CPU run shrank,
+    ``cpu_sized``: a generated shape the CPU scaling leaves alone."""
 
     preset: str
     id: str
@@ -52,10 +46,9 @@ class ShapeSpec:
 
 @dataclass
 class Backend:
-    """A way of computing an op that the benchmark times. ``call`` is the op module's business
-    (a function, or a factory taking the shape); ``why_not(device)`` says why it cannot run here
-    at all (None: it can); ``context()`` is entered around every call (SDPA's backend pinning,
-    ``mmkernels.use_backend``); ``gpu_kernel``: named as "not timed" on a CPU."""
+    """A way of computing an op: ``call`` is the op module's business (usually ``call(shape)`` returns
+    the function to time); ``why_not(device)``: why it cannot run here at all (None: it can);
+    ``context()`` is entered around its calls (SDPA pinning, ``mmkernels.use_backend``)."""
 
     name: str
     description: str
@@ -63,17 +56,14 @@ class Backend:
     why_not: Callable[[Any], str | None] = lambda device: None
     context: Callable[[], Any] = contextlib.nullcontext
     gpu_kernel: bool = False
-    #: attention: "blhd" when the backend takes (B, L, H, D) tensors
-    layout: str = "bhld"
-    #: bytes per element of the B·H·Lq·Lk scores it materialises (attention's memory guard)
-    score_bytes: int | None = None
+    layout: str = "bhld"  # attention: "blhd" when it takes (B, L, H, D) tensors
+    score_bytes: int | None = None  # attention: bytes per element of the L×L scores it holds
 
 
 @dataclass
 class Bound:
-    """One backend bound to one input set: ``fn()`` runs the op; ``leaves`` (name -> tensor) get
-    gradients in the grad modes; ``dout`` is the backward's random gradient in the backend's
-    layout; ``canonical(t)`` maps an output or a leaf's gradient back to the op's layout."""
+    """A backend bound to one input set: ``fn()`` runs the op; ``leaves`` (name -> tensor) get grads;
+    ``dout``: the backward's gradient; ``canonical(t)``: an output or grad in the op's layout."""
 
     fn: Callable[[], Any]
     leaves: dict = field(default_factory=dict)
@@ -100,8 +90,8 @@ def mk_unavailable(op: str, name: str, device) -> str | None:
 
 
 def mk_backend(op: str, name: str, call, description: str) -> Backend:
-    """An mmkernels backend, forced with ``mmkernels.use_backend``: a case it cannot run raises
-    the dispatcher's reasons instead of silently falling back."""
+    """An mmkernels backend, forced with ``mmkernels.use_backend``: a case it cannot run raises the
+    dispatcher's reasons instead of silently falling back."""
 
     def context():
         import mmkernels
@@ -175,38 +165,14 @@ class OpBench:
     def params(self, shape) -> dict:
         return asdict(shape)
 
-    # ---- what a cases module defines ---------------------------------------------------
-    def backends(self) -> dict[str, Backend]:
-        raise NotImplementedError
-
-    def parse_shape(self, text: str) -> ShapeSpec:
-        raise NotImplementedError
-
+    # what a cases module defines (the package docstring lists them): backends, parse_shape, describe,
+    # x, make_inputs, bind, reference; and where the default does not fit, these
     def scale_for_cpu(self, shape, quick: bool):
         """A smaller shape of the same structure (head dims, grids kept) for a CPU run."""
         return shape
 
-    def describe(self, shape) -> str:
-        raise NotImplementedError
-
-    def x(self, shape) -> int:
-        """The plots' x axis: the sequence length (keys / tokens)."""
-        raise NotImplementedError
-
-    def make_inputs(self, shape, dtype, device, generator) -> dict:
-        """Random inputs (``randn``, never zeros) in the op's layout, plus ``dout`` for backward."""
-        raise NotImplementedError
-
-    def bind(self, backend: Backend, shape, inputs: dict, grad: bool) -> Bound:
-        raise NotImplementedError
-
-    def reference(self, shape, inputs: dict, grad: bool = False) -> tuple[Any, dict]:
-        """float64 ground truth of :meth:`ref_slice` of the output and, when ``grad``, of the
-        checked inputs' gradients (``{name: tensor}``, the same slice)."""
-        raise NotImplementedError
-
     def ref_slice(self, t):
-        """The part of an output or input gradient that the reference covers (default: batch 0)."""
+        """The part of an output or input gradient that ``reference`` covers (default: batch 0)."""
         return t[0]
 
     def memory_guard(self, backend: Backend, shape, itemsize: int, mode: str, device) -> str | None:

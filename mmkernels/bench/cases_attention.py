@@ -1,24 +1,16 @@
 """Benchmark cases of ``mmkernels.attention``: the vision encoders' and the Q-Former's attention.
 
-Backends (names as in reports and ``--backends``):
+Backends: ``eager`` (``mmkernels.reference.attention``: matmul + softmax + matmul in the input dtype,
+what a model without fused attention runs); ``sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``
+(SDPA pinned with ``sdpa_kernel``) and ``sdpa`` (torch's choice, opt-in); ``flex``
+(``torch.compile(flex_attention)``, CUDA only); ``flash-attn`` and ``xformers`` (when importable);
+``triton`` (``mmkernels.attention`` forced to its Triton kernels) and ``triton-pad`` (opt-in: the
+launchers' ``split=False``, the head dim padded to a power of two instead of split — 88 -> 128
+rather than 64 + 32 — what the split saves).
 
-==================  ===================================================================
-``eager``           ``mmkernels.reference.attention``: matmul + softmax + matmul in the input
-                    dtype (what a model without fused attention runs)
-``sdpa``            ``F.scaled_dot_product_attention``, torch's own backend choice (opt-in)
-``sdpa-flash`` ...  SDPA pinned with ``sdpa_kernel(SDPBackend.X)``: ``-flash``, ``-efficient``,
-                    ``-cudnn`` (CUDA only), ``-math``
-``flex``            ``torch.compile(flex_attention)``, causal as a block mask (CUDA only)
-``flash-attn``      ``flash_attn_func`` on (B, L, H, D) inputs (when importable)
-``xformers``        ``xformers.ops.memory_efficient_attention`` (when importable)
-``triton``          ``mmkernels.attention`` forced to its Triton kernel
-``triton-pad``      the same kernels with the head dim padded to the next power of two instead
-                    of split (88 -> 128 rather than 64 + 32): what the split saves (opt-in)
-==================  ===================================================================
-
-FLOPs (the FlashAttention papers' convention): fwd = 2·B·H·Lq·Lk·(d + dv) (QKᵀ and PV, two FLOPs
-per multiply-add), halved when causal; bwd = 2.5 × fwd (five matmuls to the forward's two);
-fwd+bwd = 3.5 × fwd. Softmax and masks are not counted; a padding mask does not reduce the count.
+FLOPs (the FlashAttention papers' convention): fwd = 2·B·H·Lq·Lk·(d + dv), halved when causal;
+bwd = 2.5 × fwd (five matmuls to the forward's two); fwd+bwd = 3.5 × fwd; softmax and masks not
+counted (a padding mask does not reduce the count).
 """
 
 from __future__ import annotations
@@ -99,9 +91,7 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
 }
 
 
-# --------------------------------------------------------------------------------------
 # backends: `call(shape)` returns f(q, k, v, attn_mask=None) in the backend's layout, or raises Skip
-# --------------------------------------------------------------------------------------
 def _no_mask(s: AttnShape, who: str) -> None:
     if s.mask:
         raise Skip(f"{who} is not benchmarked with a padding mask")
@@ -169,15 +159,10 @@ def _triton_pad(s: AttnShape):
 
 
 class _Flex:
-    """One static ``torch.compile`` of flex_attention (fair timings), causal block masks cached."""
+    """One static ``torch.compile`` of flex_attention per shape (fair timings), causal block masks cached."""
 
     def __init__(self):
         self.compiled, self.masks = None, {}
-
-    def why_not(self, device):
-        if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_FLEX_CPU"):
-            return "FlexAttention is benchmarked on CUDA only (its CPU path compiles for tens of seconds per shape)"
-        return None
 
     def __call__(self, s: AttnShape):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -186,19 +171,18 @@ class _Flex:
         if self.compiled is None:
             import torch._dynamo.config as dcfg
 
-            # one compile per shape: past the default recompile limit of 8, dynamo would silently
-            # fall back to unfused eager flex
-            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-                if hasattr(dcfg, name):
-                    setattr(dcfg, name, max(getattr(dcfg, name), 4096))
+            # past the default recompile limit of 8 dynamo would silently run unfused eager flex
+            dcfg.recompile_limit = dcfg.accumulated_recompile_limit = 4096
             self.compiled = torch.compile(flex_attention, dynamic=False)
-        block = None
-        if s.causal:
-            key = (s.Lq, s.Lk)
-            if key not in self.masks:
-                self.masks = {key: create_block_mask(lambda b, h, q, kv: q >= kv, None, None, s.Lq, s.Lk)}
-            block = self.masks[key]
-        return partial(self.compiled, block_mask=block, scale=s.scale)
+        if s.causal and (s.Lq, s.Lk) not in self.masks:
+            self.masks = {(s.Lq, s.Lk): create_block_mask(lambda b, h, q, kv: q >= kv, None, None, s.Lq, s.Lk)}
+        return partial(self.compiled, block_mask=self.masks.get((s.Lq, s.Lk)) if s.causal else None, scale=s.scale)
+
+
+def _flex_why_not(device):
+    if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_FLEX_CPU"):
+        return "FlexAttention is benchmarked on CUDA only (its CPU path compiles for tens of seconds per shape)"
+    return None
 
 
 def _importable(module: str, what: str):
@@ -245,9 +229,6 @@ def _ref(q, k, v, s: AttnShape, mask, rows: int):
     return torch.cat(outs, dim=2)
 
 
-# --------------------------------------------------------------------------------------
-# the op's benchmark
-# --------------------------------------------------------------------------------------
 _SHAPE_KEYS = {"B": int, "H": int, "Lq": int, "Lk": int, "L": int, "d": int, "dv": int, "causal": as_bool, "mask": str}
 
 
@@ -307,8 +288,8 @@ class AttentionBench(OpBench):
             "sdpa": sdpa_backend("sdpa", None, description="F.scaled_dot_product_attention, torch's choice"),
             **{f"sdpa-{n.split('_')[0].lower()}": sdpa_backend(f"sdpa-{n.split('_')[0].lower()}", n)
                for n in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")},
-            "flex": Backend("flex", "torch.compile(flex_attention), causal as a block mask", flex := _Flex(),
-                            flex.why_not, gpu_kernel=True),
+            "flex": Backend("flex", "torch.compile(flex_attention), causal as a block mask", _Flex(), _flex_why_not,
+                            gpu_kernel=True),
             "flash-attn": Backend("flash-attn", "flash_attn.flash_attn_func on (B, L, H, D)", _flash_attn,
                                   _importable("flash_attn", "flash-attn"), gpu_kernel=True, layout="blhd"),
             "xformers": Backend("xformers", "xformers.ops.memory_efficient_attention on (B, L, H, D)", _xformers,

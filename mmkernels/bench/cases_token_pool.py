@@ -1,27 +1,15 @@
-"""Benchmark cases of ``mmkernels.token_pool``: the visual-token reducer in front of the LLM.
+"""Benchmark cases of ``mmkernels.token_pool``: the visual-token reducer in front of the LLM, at
+issue 4's shapes — each model's reducer (``eager``: its chain as transformers writes it) at the
+batch it runs: LLaVA-OneVision's ``apply_pooling`` (bilinear 27×27 → 14×14), Gemma 3's projector
+(AvgPool2d(4) 64×64 → 16×16, ``Gemma3RMSNorm``), InternVL (drop CLS, ``pixel_shuffle(0.5)``,
+``LayerNorm(4C)``), LLaVA-NeXT-Video's pooler (AvgPool2d(2) 24×24 → 12×12). A ``--shape`` case's
+eager baseline is ``mmkernels.reference.token_pool`` in the input dtype.
 
-The shapes are issue 4's, each model's reducer at the batch it runs (bf16 on CUDA):
-
-===========  ==================  ==========================================================
-preset       x (B, N, C)         the model's chain (``eager``), as transformers writes it
-===========  ==================  ==========================================================
-llava-ov     (64, 729, 1152)     ``LlavaOnevisionModel.apply_pooling``: B = batch·frames,
-                                 27×27 → bilinear 14×14
-gemma3       (8, 4096, 1152)     ``Gemma3MultiModalProjector``: AvgPool2d(4) 64×64 → 16×16,
-                                 then ``Gemma3RMSNorm`` (× (1 + w) in fp32)
-internvl     (16, 1 + 1024,      InternVL: drop CLS, ``pixel_shuffle(0.5)`` 32×32 → 16×16 of
-             1024)               4C, then the projector's ``LayerNorm(4C)`` (eps 1e-5)
-llava-video  (64, 576, 1024)     ``LlavaNextVideoPooler``: AvgPool2d(2) 24×24 → 12×12
-===========  ==================  ==========================================================
-
-A memory-bound op: GB/s against the measured copy bandwidth. Bytes: x read once + the output
-written once (+ the norm's parameters); ``fwd+bwd`` adds dout read once + dx written once (+ the
-parameters' grads); saved tensors and workspaces are the implementation's cost, not counted.
-Modes: ``fwd`` and ``fwd+bwd`` by default. Backends: ``eager`` (the model's chain above; a
-``--shape`` case runs a generic view/pool/permute chain with the norm in fp32), ``compile``
-(``torch.compile`` of it, static shapes; CUDA only unless ``MMK_BENCH_COMPILE_CPU=1``: does the
-compiler already fuse it?), ``triton`` and ``cuda`` (``mmkernels.token_pool`` forced to each fused
-kernel). When both fused backends ran, the notes say which was faster per case and mode.
+Memory-bound: GB/s against the measured copy bandwidth. Bytes: x read once + the output written
+once (+ the norm's parameters); ``fwd+bwd`` adds dout read + dx written (+ the parameters' grads);
+saved tensors are the implementation's cost, not counted. Backends: ``eager``, ``compile``
+(``torch.compile`` of it; CUDA only unless ``MMK_BENCH_COMPILE_CPU=1``: does the compiler already
+fuse it?), ``triton`` and ``cuda`` (forced); the notes name the faster fused one per case and mode.
 """
 
 from __future__ import annotations
@@ -74,8 +62,7 @@ class PoolShape:
 
     @property
     def n_out(self) -> int:
-        ho, wo = self.grid_out
-        return ho * wo
+        return self.grid_out[0] * self.grid_out[1]
 
     @property
     def c_out(self) -> int:
@@ -86,34 +73,12 @@ class PoolShape:
         return 0 if self.norm is None else self.c_out * (2 if self.norm == "layernorm" else 1)
 
 
-# --------------------------------------------------------------------------------------
 # the models' chains: f(x, s, weight, bias) with the norm's parameters as the model stores them
-# --------------------------------------------------------------------------------------
 def _generic(x, s: PoolShape, weight=None, bias=None):
-    """Any ``--shape``: the view/pool/permute chain of the reference, the norm in fp32, one rounding."""
-    if s.cls:
-        x = x[:, 1:]
-    B, _, C = x.shape
-    if s.mode == "merge":
-        y = x.reshape(B, s.h // s.k, s.k, s.w // s.k, s.k, C).permute(0, 1, 3, 2, 4, 5)
-        y = y.reshape(B, -1, s.k * s.k * C)
-    else:
-        img = x.reshape(B, s.h, s.w, C).permute(0, 3, 1, 2)
-        if s.mode == "avg":
-            img = F.avg_pool2d(img, s.k, s.k)
-        elif s.mode == "max":
-            img = F.max_pool2d(img, s.k, s.k)
-        else:
-            img = F.interpolate(img, size=s.grid_out, mode="bilinear", align_corners=False)
-        y = img.flatten(2).transpose(1, 2)
-    if s.norm is None:
-        return y
-    yf = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    if s.norm == "layernorm":
-        out = F.layer_norm(yf, (yf.shape[-1],), weight.to(yf.dtype), bias.to(yf.dtype), s.eps)
-    else:
-        out = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + s.eps) * weight.to(yf.dtype)
-    return out.to(y.dtype)
+    """Any ``--shape``: the reference's view/pool/permute chain, run in the input dtype."""
+    from mmkernels.reference.token_pool import token_pool
+
+    return token_pool(x, **_mk_kwargs(s), norm_weight=weight, norm_bias=bias)
 
 
 def _llava_ov(x, s: PoolShape, weight=None, bias=None):
@@ -220,9 +185,7 @@ class _Compiled:
             import torch._dynamo.config as dcfg
 
             # past the default recompile limit of 8 (custom shapes) dynamo would silently run eagerly
-            for limit in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dcfg, limit):
-                    setattr(dcfg, limit, max(getattr(dcfg, limit), 256))
+            dcfg.recompile_limit = max(dcfg.recompile_limit, 256)
             self.compiled[fn] = torch.compile(fn, dynamic=False)
         return lambda x, nw, nb: self.compiled[fn](x, s, nw, nb)
 

@@ -222,16 +222,17 @@ def _cmd_run(args) -> int:
 
     total = len(specs) * len(cfg.modes) * len(names)
     so_far: list[dict] = []
-    with report.Progress(f"bench {op.name}", enabled=not args.quiet) as progress:
-        def on_row(row, event):
-            if event == "done":
-                so_far.append(row)
-                progress(len(so_far), total, row)
-            if args.json:  # a run killed mid-way (a time box, a hang, a fault) keeps what it measured
-                report.write_json(args.json, {**doc, "cases": so_far, "running": row["key"] if event == "start" else
-                                              None, "notes": notes + [f"PARTIAL: {len(so_far)} of {total} cases"]})
+    progress = report.Progress(f"bench {op.name}", enabled=not args.quiet)
 
-        rows, not_timed, fatal = runner.run(op, specs, cfg, done=done, died_in=died_in, on_row=on_row)
+    def on_row(row, event):
+        if event == "done":
+            so_far.append(row)
+            progress(len(so_far), total, row)
+        if args.json:  # a run killed mid-way (a time box, a hang, a fault) keeps what it measured
+            report.write_json(args.json, {**doc, "cases": so_far, "running": row["key"] if event == "start" else None,
+                                          "notes": notes + [f"PARTIAL: {len(so_far)} of {total} cases"]})
+
+    rows, not_timed, fatal = runner.run(op, specs, cfg, done=done, died_in=died_in, on_row=on_row)
     backends = op.backends()
     gpu_idle = [n for n in not_timed if backends[n].gpu_kernel]
     if device.type == "cpu":

@@ -221,39 +221,21 @@ def print_table(doc: dict, *, plain: bool = False, file=None) -> None:
 
 
 class Progress:
-    """A rich progress bar on a terminal; elsewhere (CI logs) a line at most every ``every_s``
-    seconds, so a long run shows it is alive without flooding the log."""
+    """Progress on stderr: one line rewritten in place on a terminal; elsewhere (CI logs) a line at
+    most every ``every_s`` seconds, so a long run shows it is alive without flooding the log."""
 
     def __init__(self, description: str, *, enabled: bool = True, every_s: float = 10.0):
         self.description, self.enabled, self.every_s = description, enabled, every_s
-        self._bar = None
-        self._last = time.monotonic()
-
-    def __enter__(self):
-        if self.enabled and sys.stderr.isatty():
-            try:
-                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-                from rich.progress import Progress as RichProgress
-            except ImportError:
-                return self
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[case]}"), transient=True)
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=None, case="")
-        return self
+        self.tty, self._last = sys.stderr.isatty(), time.monotonic()
 
     def __call__(self, done: int, total: int, row: dict) -> None:
-        what = f"{row['preset']}/{row['case']} {row['mode']} {row['backend']}"
-        if self._bar is not None:
-            self._bar.update(self._task, completed=done, total=total, case=what)
-        elif self.enabled and (time.monotonic() - self._last >= self.every_s or (done == total and total > 20)):
+        if self.enabled and (self.tty or time.monotonic() - self._last >= self.every_s or done == total):
             self._last = time.monotonic()
             state = _ms(row.get("ms_p50")) + " ms" if row.get("status") == "ok" else row["status"]
-            print(f"[{done}/{total}] {self.description} {what}: {state}", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+            text = f"[{done}/{total}] {self.description} {row['preset']}/{row['case']} {row['mode']} {row['backend']}: "
+            end = "" if self.tty and done < total else "\n"
+            print(("\r\033[K" if self.tty else "") + short_text(text + state, WIDTH), end=end, file=sys.stderr,
+                  flush=True)
 
 
 # --------------------------------------------------------------------------------------

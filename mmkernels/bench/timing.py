@@ -1,8 +1,7 @@
 """Timing done right, on CUDA and on the CPU.
 
 - CUDA: ``triton.testing.do_bench`` (CUDA events around each call, the L2 cache flushed by zeroing
-  a 256 MiB buffer before each call, gradients reset to None), median and 20/80 % quantiles;
-  CUDA events with the same flush when that ``do_bench`` lacks ``quantiles``.
+  a 256 MiB buffer before each call, gradients reset to None), median and 20/80 % quantiles.
 - CPU: a ``perf_counter`` loop after a timed warm-up, same statistics.
 - Rotating input sets: :func:`rotation_count` copies of a case's inputs add up to more than twice
   the L2 cache and :func:`cycle` uses the next copy on every call, so even without the flush no
@@ -11,7 +10,6 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import time
@@ -21,7 +19,6 @@ from dataclasses import dataclass
 __all__ = ["Timing", "cycle", "quantiles", "rotation_count", "sync", "time_fn"]
 
 MIB = 1 << 20
-_FLUSH_BYTES = 256 * MIB  # what triton's do_bench zeroes: larger than any current L2 (H100: 50 MiB)
 
 
 @dataclass(frozen=True)
@@ -65,15 +62,10 @@ def time_fn(fn: Callable[[], object], device, *, grads: Sequence = (), warmup_ms
     import torch
 
     if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench  # triton >= 2.1: quantiles, grad_to_none
 
-        params = inspect.signature(do_bench).parameters
-        if "quantiles" in params:
-            kw = dict(warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            kw.update({"grad_to_none": list(grads) or None} if "grad_to_none" in params else {})
-            kw.update({"return_mode": "median"} if "return_mode" in params else {})
-            return Timing(*(float(x) for x in do_bench(fn, **kw)), "triton.testing.do_bench")
-        return _time_events(fn, grads, device, warmup_ms, rep_ms, min_reps, max_reps)
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grads) or None)
+        return Timing(*(float(x) for x in ms), "triton.testing.do_bench")
     t_end = time.perf_counter() + warmup_ms / 1e3
     while True:  # at least one warm-up call, whatever warmup_ms
         reset_grads(grads)
@@ -88,37 +80,6 @@ def time_fn(fn: Callable[[], object], device, *, grads: Sequence = (), warmup_ms
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return Timing(*quantiles(times, [0.5, 0.2, 0.8]), "perf_counter", len(times))
-
-
-def _time_events(fn, grads, device, warmup_ms, rep_ms, min_reps, max_reps) -> Timing:
-    import torch
-
-    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
-
-    def event():
-        return torch.cuda.Event(enable_timing=True)
-
-    start, end = event(), event()
-    start.record()
-    for _ in range(5):
-        flush.zero_()
-        reset_grads(grads)
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    est = max(start.elapsed_time(end) / 5, 1e-3)  # includes the flush: a safe over-estimate
-    for _ in range(max(1, int(warmup_ms / est))):
-        reset_grads(grads)
-        fn()
-    ev = [(event(), event()) for _ in range(min(max_reps, max(min_reps, int(rep_ms / est))))]
-    for s, e in ev:
-        flush.zero_()
-        reset_grads(grads)
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize(device)
-    return Timing(*quantiles([s.elapsed_time(e) for s, e in ev], [0.5, 0.2, 0.8]), "cuda-events", len(ev))
 
 
 def rotation_count(set_bytes: int, device, *, max_sets: int = 32, max_total_bytes: int = 2 << 30) -> int:

@@ -3,7 +3,7 @@
 Subcommands:
   info     versions, devices, CUDA extension state, each op's usable backends and the
            device's measured ceilings (copy GB/s, matmul TFLOP/s; cached per device)
-  bench    times an op across backends on the model shapes of DESIGN.md
+  bench    times an op across backends on the model shapes of docs/design.md
            (``mmkernels bench attention --quick``); ``bench compare A.json B.json`` is the
            performance gate
 

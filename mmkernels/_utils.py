@@ -14,8 +14,8 @@ def describe(t: torch.Tensor) -> str:
 
 
 def broadcasts_to(mask: torch.Tensor, target: tuple) -> bool:
-    """True when ``mask`` (at most 4-D) broadcasts to exactly ``target`` (B, H, Lq, Lk)."""
-    if mask.dim() > 4:
+    """True when ``mask`` broadcasts to exactly ``target`` (e.g. (B, H, Lq, Lk)) without adding dims to it."""
+    if mask.dim() > len(target):
         return False
     try:
         return torch.broadcast_shapes(mask.shape, target) == torch.Size(target)

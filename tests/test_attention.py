@@ -332,19 +332,19 @@ def test_forced_triton_raises_with_reasons():
     q, k, v = _inputs(1, 1, 1, 5, 7, 16, torch.float64)
     with mk.use_backend("triton"), pytest.raises(mk.BackendNotSupportedError, match="float64"):
         mk.attention(q, k, v)
-    q, k, v = _inputs(1, 1, 1, 5, 7, 12, torch.float32)
-    with pytest.raises(mk.BackendNotSupportedError, match="head dim 12"):
+    q, k, v = _inputs(1, 1, 1, 5, 7, 264, torch.float32)
+    with pytest.raises(mk.BackendNotSupportedError, match="head dim 264"):
         mk.attention(q, k, v, backend="triton")
 
 
 def test_auto_falls_back_with_one_warning():
     dispatch._warned.clear()
-    q, k, v = _inputs(1, 1, 1, 5, 7, 12, torch.float32)
+    q, k, v = _inputs(1, 1, 1, 5, 7, 264, torch.float32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         out = mk.attention(q, k, v)
         mk.attention(q, k, v)
-    msgs = [str(w.message) for w in rec if "head dim 12" in str(w.message)]
+    msgs = [str(w.message) for w in rec if "head dim 264" in str(w.message)]
     assert len(msgs) == 1, msgs
     assert_close_abs("fallback", out, torch.nn.functional.scaled_dot_product_attention(q, k, v), 1e-6)
 
@@ -390,24 +390,26 @@ def _bad(**over):
 @pytest.mark.parametrize(
     "over,match",
     [
-        (dict(query=torch.randn(4, 8, 16)), r"query: expected a 4-D tensor .*shape=\(4, 8, 16\)"),
+        (dict(query=torch.randn(16)), r"query: expected a tensor \(\.\.\., L, E\) of at least 2 dims.*shape=\(16,\)"),
+        (dict(query=torch.randn(4, 8, 16)), r"key: expected 3 dims like query"),
         (dict(key=torch.randn(2, 4, 10, 16, dtype=torch.float64)), r"key: expected dtype torch.float32"),
         (dict(query=torch.randint(0, 3, (2, 4, 8, 16))), r"query: expected a floating dtype"),
         (dict(key=torch.randn(2, 4, 10, 8)), r"key: head dim must equal query's head dim 16"),
-        (dict(value=torch.randn(2, 4, 11, 16)), r"value: expected \(B, Hkv, Lk, Dv\)"),
-        (dict(key=torch.randn(3, 4, 10, 16)), r"key/value: batch must equal"),
+        (dict(value=torch.randn(2, 4, 11, 16)), r"value: expected \(\.\.\., Hkv, Lk, Dv\)"),
+        (dict(key=torch.randn(3, 4, 10, 16)), r"key: batch dims .* do not broadcast"),
         (dict(key=torch.randn(2, 2, 10, 16), value=torch.randn(2, 2, 10, 16)), r"key: query has 4 heads but key has 2"),
         (dict(key=torch.randn(2, 3, 10, 16), value=torch.randn(2, 3, 10, 16), enable_gqa=True),
          r"key: query heads \(4\) must be a multiple"),
         (dict(attn_mask=torch.ones(2, 4, 8, 9, dtype=torch.bool)), r"attn_mask: expected a shape broadcastable"),
-        (dict(attn_mask=torch.ones(8, 10, dtype=torch.int32)), r"attn_mask: expected dtype torch.bool or torch.float32"),
+        (dict(attn_mask=torch.ones(8, 10, dtype=torch.int32)), r"attn_mask: expected dtype torch.bool \(True = attend\), or an\s+additive float32"),
         (dict(attn_mask=torch.ones(8, 10, dtype=torch.float64)), r"attn_mask: expected dtype"),
-        (dict(dropout_p=1.0), r"dropout_p: expected a float in \[0, 1\)"),
+        (dict(dropout_p=1.5), r"dropout_p: expected a float in \[0, 1\]"),
         (dict(dropout_p=-0.1), r"dropout_p"),
         (dict(scale="x"), r"scale: expected a float"),
     ],
-    ids=["rank", "dtype-mismatch", "int-dtype", "head-dim", "value-len", "batch", "heads-no-gqa", "heads-not-multiple",
-         "mask-shape", "mask-int", "mask-dtype", "dropout-1", "dropout-neg", "scale"],
+    ids=["rank", "rank-mismatch",
+         "dtype-mismatch", "int-dtype", "head-dim", "value-len", "batch", "heads-no-gqa", "heads-not-multiple",
+         "mask-shape", "mask-int", "mask-dtype", "dropout-above-1", "dropout-neg", "scale"],
 )
 def test_bad_inputs(over, match):
     with pytest.raises(ValueError, match=match):
@@ -422,9 +424,9 @@ def test_device_mismatch_cuda():
 
 
 def test_compile_fullgraph_with_fallback():
-    """A fallback inside a compiled graph (head dim 12 → sdpa) must not break the graph."""
+    """A fallback inside a compiled graph (head dim 264 → sdpa) must not break the graph."""
     dispatch._warned.clear()
-    q, k, v = _inputs(1, 2, 2, 5, 7, 12, torch.float32)
+    q, k, v = _inputs(1, 2, 2, 5, 7, 264, torch.float32)
     compiled = torch.compile(lambda q, k, v: mk.attention(q, k, v), fullgraph=True, backend="aot_eager")
     assert_close_abs("fallback compiled", compiled(q, k, v),
                      torch.nn.functional.scaled_dot_product_attention(q, k, v), 1e-6)

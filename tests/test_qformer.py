@@ -235,3 +235,33 @@ def _bad(**over):
 def test_bad_inputs(over, match):
     with pytest.raises(ValueError, match=match):
         mk.qformer_cross_attention(**_bad(**over))
+
+
+# ---------------------------------------------------------------- empty inputs, 1-D masks
+@pytest.mark.parametrize("b, lq, lk", [(0, 5, 7), (2, 0, 7), (2, 5, 0)], ids=["B0", "Lq0", "Lk0"])
+@pytest.mark.parametrize("backend", [None, "reference", "sdpa"])
+def test_empty_inputs(b, lq, lk, backend):
+    """The empty result (B, Lq, A); no image tokens (Lk = 0) gives zeros with zero gradients."""
+    tensors = _make(b, b, lq, lk, 16, 12)
+    if backend == "sdpa" and lk == 0:
+        with pytest.raises(mk.BackendNotSupportedError, match="Lk = 0"):
+            mk.qformer_cross_attention(*tensors, 2, backend=backend)
+        return
+    out = mk.qformer_cross_attention(*tensors, 2, backend=backend)
+    assert out.shape == (b, lq, 16)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = _grads(out, tensors, torch.randn_like(out))
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.abs().gt(0).any()
+
+
+def test_one_dim_mask_is_an_sdpa_key_mask():
+    """A (Lk,) encoder_attention_mask (SDPA semantics: True = attend) runs on every backend."""
+    tensors = _make(2, 2, 5, 9, 16, 12)
+    keep = torch.rand(9, device=DEVICE) > 0.4
+    keep[0] = True
+    expected = mk.qformer_cross_attention(*tensors, 2, encoder_attention_mask=keep[None].expand(2, -1),
+                                          backend="reference")
+    for backend in (None, "triton", "sdpa", "reference"):
+        out = mk.qformer_cross_attention(*tensors, 2, encoder_attention_mask=keep, backend=backend)
+        assert_close_abs(f"1-D mask [{backend}]", out, expected, 2e-5)

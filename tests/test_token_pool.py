@@ -299,6 +299,13 @@ def test_bad_tensors():
         mk.token_pool(torch.randint(0, 3, (1, 36, 8)))
     with pytest.raises(ValueError, match="keep_cls"):
         mk.token_pool(torch.randn(1, 37, 8), mode="merge", grid=(6, 6), has_cls=True, keep_cls=True)
+    with pytest.raises(ValueError, match=r"x: expected at least one channel \(C > 0\)"):
+        mk.token_pool(torch.randn(2, 16, 0))
+
+
+def test_empty_batch_gives_empty_result():
+    out = mk.token_pool(torch.randn(0, 16, 8, device=DEVICE), mode="avg", norm="rmsnorm")
+    assert out.shape == (0, 4, 8)
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="norm_weight"):
             mk.token_pool(torch.randn(1, 36, 8, device="cuda"), norm="rmsnorm", norm_weight=torch.ones(8))

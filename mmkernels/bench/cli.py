@@ -40,13 +40,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="time an op across backends on the model shapes; compare two results files",
         description="Time an op across backends (eager, torch SDPA, FlexAttention, flash-attn, xformers, "
-                    "mmkernels triton/cuda) on the model shapes of DESIGN.md, with a float64 check of every "
+                    "mmkernels triton/cuda) on the model shapes of docs/design.md, with a float64 check of every "
                     "backend's output; show saved results; compare two results files (the performance gate).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", metavar="OP")
     for op in cases.op_names():
         po = bsub.add_parser(op, help=f"time {op} (--list: its presets and backends)", epilog=_EPILOG,
-                             description=f"Time {op} across backends on the model shapes of DESIGN.md.",
+                             description=f"Time {op} across backends on the model shapes of docs/design.md.",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_run_args(po)
         po.set_defaults(func=_cmd_run, op=op)

@@ -105,14 +105,45 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------
-# validation
+# validation and normalisation to (B, H, L, E)
 # --------------------------------------------------------------------------------------
-def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+def _from_causal_bias(attn_mask, is_causal, query, key):
+    """PyTorch's ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``) passed as
+    ``attn_mask`` → (mask or None, is_causal).  Upper-left is SDPA's ``is_causal``; lower-right
+    with Lq != Lk becomes its (Lq, Lk) bool mask (query i sees keys j <= i + Lk - Lq)."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover - torch without torch.nn.attention.bias
+        return attn_mask, is_causal
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal
+    lq, lk = query.shape[-2], key.shape[-2]
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lq, lk):
+        raise ValueError(
+            f"attn_mask: a CausalBias for Lq={attn_mask.seq_len_q}, Lk={attn_mask.seq_len_kv}, but query has "
+            f"Lq={lq} and key Lk={lk} (query {describe(query)}, key {describe(key)})"
+        )
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or lq == lk:
+        return None, True
+    if is_causal:
+        raise ValueError("is_causal: cannot be combined with a lower-right CausalBias attn_mask (pick one)")
+    return attn_mask._materialize(query.device), False
+
+
+def _broadcast_batch(name, shapes):
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise ValueError(f"{name}: batch dims {[tuple(s) for s in shapes]} of query/key/value do not broadcast")
+
+
+def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple:
+    """Check the SDPA contract; returns the broadcast batch shape (the dims before H, L, E)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor (B, H, L, D), got {describe(t)}")
+        if t.dim() < 2:
+            raise ValueError(f"{name}: expected a tensor (..., L, E) of at least 2 dims, got {describe(t)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(t)}"
@@ -122,19 +153,18 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(
                 f"{name}: expected dtype {query.dtype} on {query.device} like query, got {describe(t)}"
             )
-    b, hq, lq, d = query.shape
-    if key.shape[0] != b or value.shape[0] != b:
-        raise ValueError(
-            f"key/value: batch must equal query's batch {b}, got key {describe(key)}, value {describe(value)}"
-        )
+        if t.dim() != query.dim():
+            raise ValueError(f"{name}: expected {query.dim()} dims like query {describe(query)}, got {describe(t)}")
+    lq, d = query.shape[-2:]
     if key.shape[-1] != d:
         raise ValueError(f"key: head dim must equal query's head dim {d}, got {describe(key)}")
-    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+    if key.shape[-2] != value.shape[-2] or (key.dim() > 2 and key.shape[-3] != value.shape[-3]):
         raise ValueError(
-            f"value: expected (B, Hkv, Lk, Dv) with Hkv={key.shape[1]} and Lk={key.shape[2]} as key, "
+            f"value: expected (..., Hkv, Lk, Dv) with the heads and length of key {describe(key)}, "
             f"got {describe(value)}"
         )
-    hkv = key.shape[1]
+    hq = query.shape[-3] if query.dim() > 2 else 1
+    hkv = key.shape[-3] if key.dim() > 2 else 1
     if hkv != hq:
         if not enable_gqa:
             raise ValueError(
@@ -143,22 +173,48 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             )
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads, got {describe(key)}")
+    batch = _broadcast_batch("key", [query.shape[:-3], key.shape[:-3], value.shape[:-3]])
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
-            raise ValueError(f"attn_mask: expected a tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise ValueError(f"attn_mask: expected a tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise ValueError(
-                f"attn_mask: expected dtype torch.bool or {query.dtype} (additive, like query), "
-                f"got {describe(attn_mask)}"
+                f"attn_mask: expected dtype torch.bool (True = attend), or an additive float32 or {query.dtype} "
+                f"mask, got {describe(attn_mask)}"
             )
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: expected device {query.device}, got {describe(attn_mask)}")
-        target = (b, hq, lq, key.shape[2])
+        target = (*batch, hq, lq, key.shape[-2])
         if not broadcasts_to(attn_mask, target):
             raise ValueError(
-                f"attn_mask: expected a shape broadcastable to (B, H, Lq, Lk) = {target}, got {describe(attn_mask)}"
+                f"attn_mask: expected a shape broadcastable to (..., H, Lq, Lk) = {target}, got {describe(attn_mask)}"
             )
-    check_dropout_and_scale(dropout_p, scale)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
+    check_dropout_and_scale(0.0, scale)
+    return batch
+
+
+def _as_4d(query, key, value, attn_mask, batch):
+    """Views of the inputs as (B, H, L, E) (leading batch dims broadcast and flattened, a 2-/3-D
+    input gets unit batch/head dims) and the output shape to restore."""
+    hq = query.shape[-3] if query.dim() > 2 else 1
+    lq, lk = query.shape[-2], key.shape[-2]
+    nb = math.prod(batch)
+
+    def four(t):
+        t = t.reshape((1,) * max(0, 3 - t.dim()) + tuple(t.shape)) if t.dim() < 3 else t
+        t = t.expand(*batch, *t.shape[-3:])
+        return t.reshape(nb, *t.shape[-3:])
+
+    q4, k4, v4 = four(query), four(key), four(value)
+    mask = attn_mask
+    if mask is not None:
+        mask = mask.expand(*batch, hq, lq, lk).reshape(nb, hq, lq, lk) if len(batch) != 1 or mask.dim() > 4 else mask
+        while mask.dim() < 4:  # (Lk,) or (Lq, Lk): SDPA itself fails on a 1-D mask
+            mask = mask.unsqueeze(0)
+    out_shape = (*batch, hq, lq, value.shape[-1]) if query.dim() > 2 else (lq, value.shape[-1])
+    return q4, k4, v4, mask, out_shape
 
 
 # --------------------------------------------------------------------------------------
@@ -172,13 +228,13 @@ def _triton_check(inp) -> list:
     reasons: list = []
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    d = q.shape[-1]
-    if d % 8 != 0 or not 8 <= d <= _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: multiples of 8 up to {_TRITON_MAX_HEAD_DIM})")
-    if v.shape[-1] != d:
-        reasons.append(f"value head dim {v.shape[-1]} differs from query/key head dim {d}")
+    d = max(q.shape[-1], v.shape[-1])
+    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
     if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
         reasons.append("a float attn_mask that requires grad (mask gradients are not computed)")
+    if inp["dropout_p"] >= 1.0:
+        reasons.append("dropout_p = 1 (every probability is dropped)")
     if 0 in q.shape or 0 in k.shape:
         reasons.append("an empty tensor")
     return reasons
@@ -189,28 +245,46 @@ def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if dropout_p > 0.0:
         # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
+    d, dv = query.shape[-1], value.shape[-1]
+    # Dv != D: the kernels take one head dim, so the narrower side is zero-padded (zero columns
+    # of Q/K add nothing to QKᵀ; zero columns of V give output columns that are sliced off).
+    # A copy of that side per call: this case is rare in VLMs, the common one pays nothing.
+    if dv < d:
+        value = F.pad(value, (0, d - dv))
+    elif dv > d:
+        query, key = F.pad(query, (0, dv - d)), F.pad(key, (0, dv - d))
     out, _ = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), float(scale))
-    return out
+    return out[..., :dv] if dv < d else out
 
 
 def _sdpa_check(inp) -> list:
-    reasons = []
-    if inp["attn_mask"] is not None and inp["is_causal"]:
-        reasons.append("attn_mask together with is_causal (SDPA rejects the combination)")
-    return reasons
+    if inp["key"].shape[-2] == 0:
+        return ["no keys (Lk = 0): SDPA gives NaN where mmkernels gives 0"]
+    return []
 
 
 def _sdpa_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     if enable_gqa and key.shape[1] != query.shape[1]:
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if attn_mask is not None and is_causal:
+        # older torch rejects the pair; recent torch applies both: the same, made explicit
+        tril = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        attn_mask = attn_mask & tril if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~tril, float("-inf"))
+        is_causal = False
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
 
 
 def _reference_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    return ref.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # a fallback must not be less accurate than SDPA: fp16/bf16 are computed in fp32
+    # (measured before: forward errors of 0.02-0.17 in fp16 with a causal float bias)
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+    out = ref.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return out.to(dtype)
 
 
 dispatch.register(dispatch.Backend("triton", "attention", _triton_check, _triton_run,
@@ -238,14 +312,17 @@ def attention(
 ) -> torch.Tensor:
     r"""Scaled-dot-product attention, a drop-in for ``F.scaled_dot_product_attention``.
 
-    Shapes: ``query`` (B, Hq, Lq, D), ``key`` (B, Hkv, Lk, D), ``value`` (B, Hkv, Lk, Dv)
-    → (B, Hq, Lq, Dv).  Lq may differ from Lk.  Hkv < Hq needs ``enable_gqa=True`` and
+    Shapes: ``query`` (..., Hq, Lq, D), ``key`` (..., Hkv, Lk, D), ``value`` (..., Hkv, Lk, Dv)
+    → (..., Hq, Lq, Dv), as SDPA: the leading batch dims (any number, 2-D inputs included)
+    broadcast between query and key/value (a query batch of 1 against a key batch of B).
+    Lq may differ from Lk; Dv may differ from D.  Hkv < Hq needs ``enable_gqa=True`` and
     Hq % Hkv == 0 (query head h reads key/value head h // (Hq // Hkv)).
 
-    ``attn_mask``: bool (True = attend) or additive float of query's dtype, any shape
-    broadcastable to (B, Hq, Lq, Lk) — e.g. HF's (B, 1, 1, Lk) padding mask or
-    (B, 1, Lq, Lk) — never materialised at full size.  ``is_causal`` is top-left aligned
-    as in SDPA (it may be combined with ``attn_mask`` here, unlike SDPA)::
+    ``attn_mask``: bool (True = attend) or additive float (float32 or query's dtype), any shape
+    broadcastable to (..., Hq, Lq, Lk) — e.g. HF's (B, 1, 1, Lk) padding mask, (B, 1, Lq, Lk),
+    or a (Lk,) key mask — never materialised at full size; or PyTorch's ``CausalBias``
+    (``causal_upper_left`` is ``is_causal``; ``causal_lower_right`` aligns the diagonal to the
+    last key).  ``is_causal`` is top-left aligned as in SDPA; with ``attn_mask`` both apply::
 
         Lq=3, Lk=5, is_causal=True      1 0 0 0 0
                                         1 1 0 0 0
@@ -259,17 +336,21 @@ def attention(
     ``backend``: None (auto / ``MMKERNELS_BACKEND`` / ``mmkernels.use_backend``), "triton",
     "sdpa" or "reference".  Dtypes: float16, bfloat16, float32 (honouring
     ``torch.get_float32_matmul_precision()``: "highest" is IEEE fp32, otherwise TF32) on the
-    Triton path; float64 goes to the reference.
+    Triton path, every head dim up to 256; float64, ``dropout_p=1`` and float masks that require
+    grad go to SDPA / the reference (which computes fp16/bf16 in fp32).
 
     Equivalent PyTorch::
 
         F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale=scale, enable_gqa=enable_gqa)
     """
-    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)
+    batch = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    inputs = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=float(dropout_p),
+    q, k, v, mask, out_shape = _as_4d(query, key, value, attn_mask, batch)
+    inputs = dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=float(dropout_p),
                   is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa))
     chosen = dispatch.select("attention", inputs, backend)
-    return chosen.run(**inputs)
+    out = chosen.run(**inputs)
+    return out if out.shape == out_shape else out.reshape(out_shape)

@@ -36,7 +36,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _heads(t: torch.Tensor, b: int, length: int, num_heads: int) -> torch.Tensor:
     """(b, L, H·d) → (b, H, L, d) view."""
-    return t.view(b, length, num_heads, -1).transpose(1, 2)
+    return t.view(b, length, num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -243,6 +243,12 @@ def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight
     return out
 
 
+def _sdpa_check(inp) -> list:
+    if inp["encoder_hidden_states"].shape[1] == 0:
+        return ["no image tokens (Lk = 0): SDPA gives NaN where mmkernels gives 0"]
+    return []
+
+
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
@@ -257,7 +263,7 @@ def _reference_run(**inp):
 
 dispatch.register(dispatch.Backend("triton", "qformer_cross_attention", _triton_check, _triton_run,
                                    description="fused Triton: K/V projected inside the attention kernel"))
-dispatch.register(dispatch.Backend("sdpa", "qformer_cross_attention", lambda inp: [], _sdpa_run,
+dispatch.register(dispatch.Backend("sdpa", "qformer_cross_attention", _sdpa_check, _sdpa_run,
                                    description="cuBLAS projections + torch SDPA"))
 dispatch.register(dispatch.Backend("reference", "qformer_cross_attention", lambda inp: [], _reference_run,
                                    description="plain PyTorch (mmkernels.reference.qformer)"))
@@ -308,6 +314,9 @@ def qformer_cross_attention(
               num_heads, encoder_attention_mask, dropout_p, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q_weight.shape[0] // num_heads)
+    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
+        # an SDPA mask over the keys (Lk,): the 4-D view every backend takes (SDPA fails on 1-D)
+        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
     inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                   q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
                   v_weight=v_weight, v_bias=v_bias, num_heads=num_heads,

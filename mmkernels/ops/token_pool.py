@@ -159,6 +159,8 @@ def make_spec(x: torch.Tensor, *, grid=None, mode: str = "avg", kernel_size=2, s
         raise ValueError(f"x: expected a 3-D tensor (B, N, C) of tokens, got {describe(x)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(x)}")
+    if x.shape[2] == 0:
+        raise ValueError(f"x: expected at least one channel (C > 0) in (B, N, C), got {describe(x)}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if norm is not None and norm not in NORMS:

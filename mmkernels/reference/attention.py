@@ -40,6 +40,8 @@ def attention_probs(
             scores = scores + attn_mask.to(scores.dtype)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if lk == 0:  # no keys: every row is fully masked (its P·V is then an empty sum, 0)
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
     # a row with every key masked has max -inf: shift by 0 instead, its exp() is then all 0

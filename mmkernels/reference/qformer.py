@@ -41,7 +41,8 @@ def project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weig
     b = max(bq, bk)
 
     def heads(t, batch, length):
-        return t.view(batch, length, num_heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+        # the head width is explicit: with an empty batch or length, view(..., -1) is ambiguous
+        return t.view(batch, length, num_heads, t.shape[-1] // num_heads).transpose(1, 2).expand(b, -1, -1, -1)
 
     return (heads(F.linear(hidden_states, q_weight, q_bias), bq, lq),
             heads(F.linear(encoder_hidden_states, k_weight, k_bias), bk, lk),

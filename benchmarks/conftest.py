@@ -1,17 +1,10 @@
-"""The pytest-benchmark suite (performance CI): ``pytest benchmarks [--mmk-json FILE]``.
-
-Without a GPU it runs the CPU backends at CPU-scaled sizes on one thread, as ``mmkernels bench``
-does: a smoke test of seconds (``scripts/test.sh`` runs it with ``--benchmark-disable``). On CUDA
-the real sizes. ``--mmk-json FILE`` writes every case's row as one ``mmkernels bench --json``
-document, the file ``scripts/perf_gate.sh`` compares with ``benchmarks/baselines/<device>.json``.
-The Triton interpreter is never switched on here: interpreted kernels are not timed.
-"""
+"""The pytest-benchmark suite (performance CI): ``pytest benchmarks [--mmk-json FILE]``. Without a
+GPU: the CPU backends at CPU-scaled sizes on one thread, a smoke test of seconds (``scripts/test.sh``
+runs it with ``--benchmark-disable``); the Triton interpreter is never switched on here. On CUDA the
+real sizes. ``--mmk-json FILE`` writes the cases as one ``mmkernels bench --json`` document: what
+``scripts/perf_gate.sh`` compares with ``benchmarks/baselines/<device>.json``."""
 
 from __future__ import annotations
-
-import importlib.util
-
-import pytest
 
 
 def pytest_addoption(parser):
@@ -36,17 +29,3 @@ def pytest_sessionfinish(session):
                              ceilings=env.ceilings(suite.device()))
         report.write_json(path, {**doc, "cases": suite.ROWS})
 
-
-if importlib.util.find_spec("pytest_benchmark") is None:  # without the plugin each case still runs once
-
-    class _Once:
-        def __init__(self):
-            self.extra_info = {}
-
-        def pedantic(self, target, setup=None, **_):
-            setup and setup()
-            return target()
-
-    @pytest.fixture
-    def benchmark():
-        return _Once()

@@ -116,6 +116,12 @@ def parse_kv(text: str, types: dict[str, Callable[[str], Any]], aliases: dict[st
     return out
 
 
+def short_text(text: str, n: int) -> str:
+    """One line of at most ``n`` characters (whitespace folded, "..." where cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def as_bool(v: str) -> bool:
     if v.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise ValueError("expected 0/1")

@@ -1,15 +1,8 @@
 """Benchmark cases of ``mmkernels.qformer_cross_attention``: the BLIP-2 / InstructBLIP Q-Former's
-cross-attention (Q = Linear(queries), K, V = Linear(image features), attention, heads merged).
-
-Backends: ``eager`` (HF ``Blip2QFormerMultiHeadAttention``'s eager chain: three ``F.linear``,
-matmul, softmax, matmul; K and V go through memory), ``sdpa`` (the same projections +
-``F.scaled_dot_product_attention``, HF's sdpa path; also pinned: ``sdpa-flash``, ``-efficient``,
-``-cudnn``, ``-math``), ``mk-attention`` (the projections + ``mmkernels.attention``: the unfused
-mmkernels route) and ``triton`` (the fused kernel: K/V projected in-kernel, never in memory).
-Float32 by default, as HF keeps the Q-Former (``--dtype`` overrides).
-
-FLOPs: the projections (2·B·Lq·Dq² for Q, 2·2·B·Lk·Dk·Dq for K and V) plus the attention with
-d = Dq / H; bwd = 2 × projections (input and weight grads) + 2.5 × attention.
+cross-attention, in float32 as HF keeps it. Backends: ``eager`` (HF's eager chain: three
+``F.linear``, matmul, softmax, matmul; K and V through memory), ``sdpa`` (HF's sdpa path; also
+pinned: ``sdpa-flash`` ...), ``mk-attention`` (the Linears + ``mmkernels.attention``: the unfused
+mmkernels route), ``triton`` (the fused kernel: K/V projected in-kernel, never in memory).
 """
 
 from __future__ import annotations

@@ -23,12 +23,9 @@ CPU_THREADS = 1
 _EPILOG = """\
 examples:
   mmkernels bench attention --quick                       # every model preset, seconds on a CPU
-  mmkernels bench attention --preset llava15,gemma3 --mode fwd,fwd+bwd --json attn.json --plot attn.png
-  mmkernels bench attention --preset sweep --backends eager,sdpa-flash,triton --plot sweep.png
-  mmkernels bench attention --shape B=8,H=16,L=1025,d=64 --shape B=1,H=16,Lq=32,Lk=257,d=64,mask=pad
-  mmkernels bench token_pool --preset gemma3 --json tp.json --budget-s 300   # then again with --resume
-  mmkernels bench show attn.json --markdown               # the table again (README), or --plot
-  mmkernels bench compare base.json new.json --threshold 0.10   # the performance gate
+  mmkernels bench attention --preset sweep --mode fwd,fwd+bwd --json s.json --plot s.png
+  mmkernels bench attention --shape B=1,H=16,Lq=32,Lk=257,d=64,mask=pad --backends eager,triton
+  mmkernels bench token_pool --json tp.json --budget-s 300   # then again with --resume
 """
 
 

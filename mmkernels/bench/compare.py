@@ -18,8 +18,8 @@ from .report import _ms, read_json
 __all__ = ["compare", "main"]
 
 
-def _medians(docs: list[dict]) -> dict[str, float]:
-    return {r["key"]: r["ms_p50"] for d in docs for r in d["cases"]
+def _medians(doc: dict) -> dict[str, float]:
+    return {r["key"]: r["ms_p50"] for r in doc["cases"]
             if r.get("status") == "ok" and isinstance(r.get("ms_p50"), (int, float))}
 
 
@@ -34,22 +34,18 @@ def compare(base: dict[str, float], new: dict[str, float], threshold: float) -> 
     return rows
 
 
-def main(baseline: list[str] | str, new: list[str] | str, *, threshold: float = 0.10,
-         fail_on_missing: bool = False) -> int:
-    """Compare (lists of) results files; each side's cases are the union of its files."""
-    base_files, new_files = ([f] if isinstance(f, str) else f for f in (baseline, new))
+def main(baseline: str, new: str, *, threshold: float = 0.10, fail_on_missing: bool = False) -> int:
     try:
-        bdocs, ndocs = [read_json(f) for f in base_files], [read_json(f) for f in new_files]
+        bdoc, ndoc = read_json(baseline), read_json(new)
     except (OSError, ValueError) as exc:
         print(f"mmkernels bench compare: cannot read the results: {exc}", file=sys.stderr)
         return 2
-    bdev, ndev = (sorted({d["device"].get("name") for d in docs}) for docs in (bdocs, ndocs))
-    rows = compare(_medians(bdocs), _medians(ndocs), threshold)
+    rows = compare(_medians(bdoc), _medians(ndoc), threshold)
     if not rows:
-        print("nothing to compare: neither side has a timed case")
+        print("nothing to compare: neither file has a timed case")
         return 2
-    print(f"{' '.join(base_files)} ({', '.join(map(str, bdev))}, {str(bdocs[0].get('commit'))[:12]}) -> "
-          f"{' '.join(new_files)} ({', '.join(map(str, ndev))}, {str(ndocs[0].get('commit'))[:12]}); "
+    bdev, ndev = bdoc["device"].get("name"), ndoc["device"].get("name")
+    print(f"{baseline} ({bdev}, {str(bdoc.get('commit'))[:12]}) -> {new} ({ndev}, {str(ndoc.get('commit'))[:12]}); "
           f"threshold {100 * threshold:.0f}%")
     width = max(len(r["key"]) for r in rows)
     print(f"{'case':<{width}}  {'baseline ms':>11}  {'new ms':>9}  {'change':>8}  verdict")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import env
-from .runner import short_text
+from .cases import short_text
 
 __all__ = ["COLUMNS", "SCHEMA", "Progress", "format_markdown", "format_table", "new_doc", "plot", "print_table",
            "read_json", "write_csv", "write_json"]

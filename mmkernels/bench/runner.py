@@ -1,12 +1,10 @@
 """Runs an op's cases: plan, inputs, the float64 check, timing, memory, derived columns.
 
-One row per (shape, dtype, mode, backend), ``status`` ok | skipped | not_run. Every failure of a
-case (an unsupported combination, an out-of-memory, a compile error) is ``skipped`` with the
-exception text and the warnings that explain it (SDPA says why it refuses only through warnings);
-the run goes on. A CUDA error that poisons the context stops the run (every later case would fail
-for it): the rest is ``not_run`` and :func:`run` reports it as fatal. Resuming: rows of an earlier
-run that are ok or skipped are kept as they are, and the case it died in (``running``: a hang
-killed by the watchdog, a crash) is recorded as skipped, so every rerun makes progress.
+A row per (shape, dtype, mode, backend), ``status`` ok | skipped | not_run. A failing case (an
+unsupported combination, an out-of-memory, a compile error) is ``skipped`` with the exception text
+and the warnings that explain it (SDPA explains a refusal only through warnings). A CUDA error that
+poisons the context stops the run: the rest is ``not_run``, reported as fatal. Resuming keeps an
+earlier run's ok/skipped rows and skips the case it died in, so every rerun makes progress.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import timing
-from .cases import OpBench, ShapeSpec
+from .cases import OpBench, ShapeSpec, short_text
 from .env import percent_of
 
 __all__ = ["MODES", "RunConfig", "case_key", "plan", "run"]
@@ -104,12 +102,6 @@ def exc_text(exc: BaseException, caught: list, limit: int = 1500) -> str:
     text = str(exc) if isinstance(exc, Exception) and type(exc).__name__ == "Skip" else f"{type(exc).__name__}: {exc}"
     msgs = list(dict.fromkeys(short_text(str(w.message), 300) for w in caught))
     return short_text(text + (" | warnings: " + " / ".join(msgs[:4]) if msgs else ""), limit)
-
-
-def short_text(text: str, n: int) -> str:
-    """One line of at most ``n`` characters (whitespace folded, "..." where cut)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def cuda_alive(device) -> bool:

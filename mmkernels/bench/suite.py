@@ -1,18 +1,9 @@
-"""The pytest-benchmark suite (``benchmarks/test_bench_<op>.py``) on the CLI's case definitions.
-
-Every suite file is three lines::
-
-    from mmkernels.bench.suite import params, run
-    @pytest.mark.parametrize("case", params("attention"))
-    def test_attention(benchmark, case): run(benchmark, case)
-
-:func:`params` expands the op's model presets × ``suite_backends`` × ``suite_modes`` at collection
-(on the CPU the CPU backends at CPU-scaled sizes: a smoke test of seconds; on CUDA the real sizes);
-``torch.cuda.is_available()`` is the only device query there. :func:`run` runs the case through
-:func:`mmkernels.bench.runner.run` — the same inputs, float64 check, timer and row as
-``mmkernels bench`` — fails on a wrong output, and lets pytest-benchmark time the same call
-(its own statistics). The rows go to ``ROWS``; ``benchmarks/conftest.py`` writes them as one
-``mmkernels bench --json`` document (``--mmk-json FILE``), which ``mmkernels bench compare`` gates.
+"""The pytest-benchmark suite (``benchmarks/test_bench_<op>.py``: ``params(op)`` and ``run``) on the
+CLI's case definitions. :func:`params`: the op's model presets × ``suite_backends`` × ``suite_modes``
+(``torch.cuda.is_available()`` is the only device query at collection). :func:`run`: the case
+through :func:`mmkernels.bench.runner.run` — the inputs, float64 check, timer and row of ``mmkernels
+bench`` — failing on a wrong output; pytest-benchmark times the same call. The rows go to ``ROWS``,
+which ``benchmarks/conftest.py --mmk-json`` writes as one ``mmkernels bench --json`` document.
 """
 
 from __future__ import annotations

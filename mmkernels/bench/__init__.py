@@ -24,8 +24,8 @@ Write one module, ``mmkernels/bench/cases_<name>.py``, ending in ``BENCH = <Name
 
 1. A frozen dataclass for one shape (``VarlenShape(seqlens, H, d, window)``) and ``PRESETS``:
    ``{"qwen2vl": [ShapeSpec("qwen2vl", "vit-4img", "label", VarlenShape(...), dtype=None)], ...}``;
-   a model without the op maps to a string saying why (it is reported as a skipped preset).
-   Presets of models outside ``cases.MODEL_PRESETS`` (``qwen25vl``) go in ``extra_presets``.
+   every model of ``cases.MODEL_PRESETS`` without the op maps to a string saying why (a skipped
+   preset); presets beyond the models (a sweep, another model) are listed in ``extra_presets``.
 2. A subclass of :class:`cases.OpBench` with ``name`` (the CLI's ``mmkernels bench <name>``), ``title``,
    ``api`` (the ``mmkernels`` attribute it needs: absent, the op is skipped with the reason),
    ``metric`` ("tflops" or "gbps"), ``convention``, ``presets`` and these methods:

@@ -18,7 +18,7 @@ __all__ = ["Backend", "Bound", "MODEL_PRESETS", "OpBench", "OpUnavailable", "Sha
 #: (eager bf16 attention measured near 5e-3 at L = 64); gradients get 2.5x more room
 OUT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 2e-3, "float64": 1e-10}
 GRAD_RTOL_FACTOR = 2.5
-MODEL_PRESETS = ("blip2", "instructblip", "llava15", "llava-ov", "gemma3", "qwen2vl", "internvl")
+MODEL_PRESETS = ("blip2", "instructblip", "llava15", "llava-ov", "gemma3", "qwen2vl", "qwen25vl", "internvl")
 
 
 class Skip(Exception):

@@ -44,7 +44,8 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
                                "instruction tokens skip cross-attn), batch 32, fp32", QFormerShape(B=32, **_BLIP),
                                "float32")],
     **{p: _NO_QFORMER.format(m) for p, m in (("llava15", "LLaVA-1.5"), ("llava-ov", "LLaVA-OneVision"),
-                                             ("gemma3", "Gemma 3"), ("qwen2vl", "Qwen2-VL"), ("internvl", "InternVL"))},
+                                             ("gemma3", "Gemma 3"), ("qwen2vl", "Qwen2-VL"), ("qwen25vl", "Qwen2.5-VL"),
+                                             ("internvl", "InternVL"))},
 }
 _ARGS = ("hidden", "enc", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
 

@@ -146,6 +146,7 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
                                      model="internvl"))],
     "llava-video": [ShapeSpec("llava-video", "avg2", "LLaVA-NeXT-Video pooler: 64 frames of 24x24 CLIP tokens -> "
                               "AvgPool2d(2) 12x12", PoolShape(64, 24, 24, 1024, "avg", k=2, model="llava-video"))],
+    "qwen25vl": "Qwen2.5-VL's PatchMerger, as Qwen2-VL's, gets its tokens pre-grouped: its 2x2 merge is a view",
     "qwen2vl": "Qwen2-VL's PatchMerger gets its tokens pre-grouped, so its 2x2 merge is a view (nothing to fuse; "
                "its LayerNorm runs per token before the merge)",
     "llava15": "LLaVA-1.5 feeds all 576 CLIP tokens to its MLP projector: no pooling",

@@ -217,7 +217,8 @@ def _cmd_run(args) -> int:
         except (OSError, ValueError) as exc:
             print(f"--resume: cannot read {args.json} ({exc}); starting afresh")
 
-    total = len(specs) * len(cfg.modes) * len(names)
+    backends = op.backends()
+    total = len(specs) * len(cfg.modes) * sum(not backends[n].why_not(device) for n in names)
     so_far: list[dict] = []
     progress = report.Progress(f"bench {op.name}", enabled=not args.quiet)
 
@@ -230,7 +231,6 @@ def _cmd_run(args) -> int:
                                           "notes": notes + [f"PARTIAL: {len(so_far)} of {total} cases"]})
 
     rows, not_timed, fatal = runner.run(op, specs, cfg, done=done, died_in=died_in, on_row=on_row)
-    backends = op.backends()
     gpu_idle = [n for n in not_timed if backends[n].gpu_kernel]
     if device.type == "cpu":
         interp = sorted({r["backend"] for r in rows if backends[r["backend"]].gpu_kernel and r["status"] == "ok"})

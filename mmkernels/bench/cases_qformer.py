@@ -100,8 +100,10 @@ class QFormerBench(OpBench):
         return ShapeSpec("custom", self.describe(shape).replace(" ", ","), "--shape " + text, shape)
 
     def scale_for_cpu(self, s, quick):
-        # head dim 64 kept, widths cut: seconds on two cores
-        return replace(s, B=1, Dq=256, Dk=352, H=4) if quick else replace(s, B=min(s.B, 4))
+        # widths cut with the head dim kept (768 = 12 x 64 -> 4 x 64): seconds on two cores
+        if quick and s.Dq > 256 and s.Dq % s.H == 0 and 256 % (s.Dq // s.H) == 0:
+            return replace(s, B=1, Dq=256, Dk=min(s.Dk, 352), H=256 // (s.Dq // s.H))
+        return replace(s, B=1 if quick else min(s.B, 4))
 
     def describe(self, s):
         return f"B={s.B} Lq={s.Lq} Lk={s.Lk} Dq={s.Dq} Dk={s.Dk} H={s.H}"

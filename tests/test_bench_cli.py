@@ -286,6 +286,8 @@ def test_token_pool_chains_bytes_budget_and_fused_note():
     video = op.presets["llava-video"][0].shape
     x, y = 64 * 576 * 1024, 64 * 144 * 1024
     assert op.bytes(video, 2, "fwd") == 2 * (x + y) and op.bytes(video, 2, "fwd+bwd") == 4 * (x + y)
+    if not torch.version.cuda:  # no build switch helps a CPU-only torch, and none is suggested
+        assert "CPU-only" in op.backends()["cuda"].why_not(torch.device("cpu"))
     rows, _, _ = runner.run(op, specs[:1], _cfg(backends=["eager"], budget_s=1e-9))
     assert rows and all(r["status"] == "not_run" and "time budget" in r["reason"] for r in rows)
     row = {"preset": "gemma3", "case": "c", "dtype": "bfloat16", "mode": "fwd", "status": "ok", "check": {"ok": True}}

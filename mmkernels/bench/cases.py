@@ -76,7 +76,11 @@ def mk_unavailable(op: str, name: str, device) -> str | None:
     from .. import dispatch
     from .._utils import interpreting, triton_import_error
 
+    import torch
+
     have = {b.name: b for b in dispatch.backends(op)}
+    if name == "cuda" and not torch.version.cuda:  # no build switch helps: say so, suggest none
+        return "this torch is a CPU-only build: the CUDA extension needs torch with CUDA"
     if name not in have:
         return f"mmkernels.{op} has no {name!r} backend in this build (it has: {', '.join(have) or 'none'})"
     reasons = [getattr(r, "text", str(r)) for r in have[name].available()]

@@ -70,18 +70,9 @@ TINY_LM = dict(num_hidden_layers=1, num_attention_heads=4, vocab_size=128, max_p
 def backends_used():
     """Count (op, backend) of every mmkernels dispatch decision inside the block."""
     seen: Counter = Counter()
-    original = dispatch.select
-
-    def select(op, inputs, backend=None):
-        chosen = original(op, inputs, backend)
-        seen[f"{op}:{chosen.name}"] += 1
-        return chosen
-
-    dispatch.select = select
-    try:
+    with dispatch.record() as calls:
         yield seen
-    finally:
-        dispatch.select = original
+    seen.update(f"{op}:{name}" for op, name in calls)
 
 
 def set_variant(model, variant: str) -> None:

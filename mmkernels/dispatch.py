@@ -22,9 +22,12 @@ __all__ = [
     "AUTO",
     "Backend",
     "BackendNotSupportedError",
+    "Explanation",
     "Reason",
     "backends",
+    "explain",
     "forced_backend",
+    "record",
     "register",
     "select",
     "use_backend",
@@ -38,6 +41,8 @@ KNOWN_BACKENDS = ("triton", "cuda", "sdpa", "reference")
 _forced: list[str] = []
 _registry: dict[str, list["Backend"]] = {}
 _warned: set[str] = set()
+_recorders: list[tuple[list, bool]] = []  # active ``record()`` blocks (calls, with_inputs), innermost last
+_explaining: list[str] = []  # the op an ``explain()`` call is waiting for
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -160,6 +165,15 @@ def select(op: str, inputs: dict[str, Any], backend: str | None = None) -> Backe
     """
     candidates = _registry.get(op, [])
     forced = forced_backend(backend)
+    if _explaining and _explaining[-1] == op:
+        raise _Explained(_explanation(op, candidates, inputs, forced))
+    chosen = _select(op, candidates, inputs, forced)
+    for calls, with_inputs in _recorders:
+        calls.append((op, chosen.name, inputs) if with_inputs else (op, chosen.name))
+    return chosen
+
+
+def _select(op: str, candidates: list[Backend], inputs: dict[str, Any], forced: str | None) -> Backend:
     if forced is not None:
         matching = [b for b in candidates if b.name == forced]
         if not matching:
@@ -185,3 +199,84 @@ def select(op: str, inputs: dict[str, Any], backend: str | None = None) -> Backe
         rejected.append((b, reasons))
     detail = "; ".join(f"{b.name}: " + ", ".join(r.text for r in rr) for b, rr in rejected)
     raise BackendNotSupportedError(f"mmkernels.{op}: no backend can run this call ({detail})")
+
+
+# --------------------------------------------------------------------------------------
+# observing dispatch: explain() and record()
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Explanation:
+    """Which backend a call would run on (``chosen``: None when none can), whether the user forced
+    it (``forced``), and the reasons of every backend that cannot run it (empty: it can)."""
+
+    op: str
+    chosen: str | None
+    forced: str | None
+    reasons: dict[str, list[str]]
+
+    def __str__(self) -> str:
+        head = f"mmkernels.{self.op}: runs on {self.chosen!r}" if self.chosen else f"mmkernels.{self.op}: no backend"
+        if self.forced:
+            head += f" (forced: {self.forced!r})"
+        lines = [head]
+        for name, why in self.reasons.items():
+            mark = "->" if name == self.chosen else "  "
+            lines.append(f"  {mark} {name:10s} " + ("yes" if not why else "no: " + "; ".join(why)))
+        return "\n".join(lines)
+
+
+class _Explained(Exception):
+    def __init__(self, explanation: Explanation):
+        super().__init__(str(explanation))
+        self.explanation = explanation
+
+
+def _explanation(op: str, candidates: list[Backend], inputs: dict[str, Any], forced: str | None) -> Explanation:
+    reasons = {b.name: [r.text for r in b.not_supported_reasons(inputs)] for b in candidates}
+    if forced is not None:
+        chosen = forced if not reasons.get(forced, ["no such backend"]) else None
+    else:
+        chosen = next((name for name, why in reasons.items() if not why), None)
+    return Explanation(op, chosen, forced, reasons)
+
+
+def explain(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> Explanation:
+    """Which backend ``mmkernels.<op>(*args, **kwargs)`` would run on, and why every other one
+    would not — without running it (the op's validation still runs: bad input raises).
+
+    Example::
+
+        print(mk.dispatch.explain("attention", q, k, v, is_causal=True))
+    """
+    import mmkernels
+
+    fn = getattr(mmkernels, op, None)
+    if fn is None or op not in _registry:
+        raise ValueError(f"op: {op!r} is not an mmkernels op (ops: {', '.join(sorted(_registry))})")
+    _explaining.append(op)
+    try:
+        fn(*args, backend=backend, **kwargs)
+    except _Explained as exc:
+        return exc.explanation
+    finally:
+        _explaining.pop()
+    raise RuntimeError(f"mmkernels.{op} returned without dispatching (an empty or trivial input?)")
+
+
+@contextlib.contextmanager
+def record(with_inputs: bool = False) -> Iterator[list[tuple]]:
+    """Record which backend ran each mmkernels op call inside the block::
+
+        with mk.dispatch.record() as calls:
+            model(**inputs)
+        print(calls)          # [("attention", "triton"), ("token_pool", "triton"), ...]
+
+    ``with_inputs=True``: entries are (op, backend, inputs) with the inputs the backend received.
+    """
+    calls: list[tuple] = []
+    entry = (calls, with_inputs)
+    _recorders.append(entry)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(entry)

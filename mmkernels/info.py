@@ -2,10 +2,9 @@
 
 Every backend of every registered op is shown twice: ``available()`` (holds for every call:
 missing package, missing extension) and ``not_supported_reasons`` for a small representative
-call on the default device (CUDA when present, else CPU).  The probe call goes through the
-op's public function so the inputs are exactly what the dispatcher sees; it is stopped at
-dispatch, so no kernel is compiled or run.  Never runs nvidia-smi; reads the driver version
-from torch only when a GPU is present.
+call on the default device (CUDA when present, else CPU), as :func:`mmkernels.dispatch.explain`
+answers it for the op's public function: no kernel is compiled or run. Never runs nvidia-smi;
+reads the driver version from torch only when a GPU is present.
 
 The device's ceilings (:func:`mmkernels.bench.env.ceilings`: a large copy in GB/s, a large matmul
 in TFLOP/s) are read from the per-device cache, or measured on first use (~2 s on a GPU, ~0.3 s
@@ -16,7 +15,6 @@ them out.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -68,50 +66,25 @@ def _dt(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class _Captured(Exception):
-    def __init__(self, inputs: dict[str, Any]):
-        super().__init__("captured")
-        self.inputs = inputs
-
-
-@contextlib.contextmanager
-def _capture_dispatch(op: str):
-    """Stop the op at ``dispatch.select`` and hand back the inputs it would dispatch on."""
-    from . import dispatch
-
-    original = dispatch.select
-
-    def capture(name, inputs, backend=None):
-        if name == op:
-            raise _Captured(inputs)
-        return original(name, inputs, backend)
-
-    dispatch.select = capture
-    try:
-        yield
-    finally:
-        dispatch.select = original
-
-
-def _probe_inputs(op: str, device, dtype) -> tuple[dict[str, Any] | None, str]:
-    """(inputs dict as the dispatcher sees it, description) or (None, why not)."""
+def _probe(op: str, device, dtype) -> tuple[dict[str, list[str]] | None, str | None, str]:
+    """({backend: why it cannot run the probe call}, the auto-mode choice, description), from
+    :func:`mmkernels.dispatch.explain` (nothing runs); (None, None, why not) when no probe ran."""
     import torch
 
     import mmkernels
 
+    from . import dispatch
+
     build = PROBES.get(op)
-    fn = getattr(mmkernels, op, None) or getattr(mmkernels.ops, op, None)
-    if build is None or fn is None:
-        return None, "no probe call is defined for this op"
+    if build is None or getattr(mmkernels, op, None) is None:
+        return None, None, "no probe call is defined for this op"
     try:
         args, kwargs, desc = build(torch, device, dtype)
-        with _capture_dispatch(op), mmkernels.use_backend(None):
-            fn(*args, **kwargs)
-    except _Captured as cap:
-        return cap.inputs, f"{desc} on {device}"
+        with mmkernels.use_backend(None):
+            ex = dispatch.explain(op, *args, **kwargs)
     except Exception as exc:
-        return None, f"probe call failed: {exc.__class__.__name__}: {exc}"
-    return None, "probe call did not reach the dispatcher"
+        return None, None, f"probe call failed: {exc.__class__.__name__}: {exc}"
+    return ex.reasons, ex.chosen, f"{desc} on {device}"
 
 
 # --------------------------------------------------------------------------------------
@@ -196,32 +169,20 @@ def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | N
     dtype = torch.float16 if has_cuda else torch.float32
     ops: dict[str, Any] = {}
     for op in sorted(dispatch._registry):
-        inputs, probe_desc = _probe_inputs(op, device, dtype)
-        rows, auto = [], None
+        probe, auto, probe_desc = _probe(op, device, dtype)
+        rows = []
         for b in dispatch.backends(op):
             try:
                 unavailable = _reason_texts(b.available())
             except Exception as exc:
                 unavailable = [f"available() raised {exc.__class__.__name__}: {exc}"]
-            row: dict[str, Any] = {
-                "name": b.name,
-                "description": b.description,
-                "available": not unavailable,
-                "unavailable_reasons": unavailable,
-                "probe_ok": None,
-                "probe_reasons": [],
-            }
-            if inputs is not None:
-                try:
-                    reasons = _reason_texts(b.not_supported_reasons(inputs))
-                except Exception as exc:
-                    reasons = [f"not_supported_reasons raised {exc.__class__.__name__}: {exc}"]
-                row["probe_ok"] = not reasons
-                row["probe_reasons"] = reasons
-                if auto is None and not reasons:
-                    auto = b.name
-            rows.append(row)
-        ops[op] = {"probe": probe_desc, "probe_ran": inputs is not None, "auto": auto, "backends": rows}
+            if b.name == "cuda" and unavailable and not torch.version.cuda:
+                unavailable = [ext_reason]  # the build switches the extension's own reason names cannot help
+            reasons = None if probe is None else probe.get(b.name, [])
+            rows.append({"name": b.name, "description": b.description, "available": not unavailable,
+                         "unavailable_reasons": unavailable, "probe_ok": None if reasons is None else not reasons,
+                         "probe_reasons": reasons or []})
+        ops[op] = {"probe": probe_desc, "probe_ran": probe is not None, "auto": auto, "backends": rows}
     info["ops"] = ops
     if ceilings:
         from .bench import env

@@ -273,3 +273,27 @@ def test_pyproject_metadata():
     assert project["scripts"]["mmkernels"] == "mmkernels.__main__:main"
     assert {"dev", "hf", "bench", "timm"} <= set(project["optional-dependencies"])
     assert any(d.startswith("torch") for d in project["dependencies"])
+
+
+def test_dispatch_explain_and_record():
+    """The public hooks: explain() says which backend would run and why the others would not,
+    without running; record() lists the backend each call ran on."""
+    import mmkernels as mk
+
+    q = torch.randn(1, 2, 5, 16)
+    exp = mk.dispatch.explain("attention", q, q, q, is_causal=True)
+    assert exp.op == "attention" and exp.chosen in ("triton", "sdpa") and exp.forced is None
+    assert set(exp.reasons) == {"triton", "sdpa", "reference"} and exp.reasons["reference"] == []
+    assert "runs on" in str(exp)
+    forced = mk.dispatch.explain("attention", q.double(), q.double(), q.double(), backend="triton")
+    assert forced.chosen is None and forced.forced == "triton" and forced.reasons["triton"]
+    with pytest.raises(ValueError, match="query"):  # validation still runs
+        mk.dispatch.explain("attention", q[0, 0, 0], q, q)
+    with pytest.raises(ValueError, match="op: 'nope'"):
+        mk.dispatch.explain("nope")
+    with mk.dispatch.record() as calls, mk.dispatch.record(with_inputs=True) as detailed:
+        mk.attention(q, q, q, backend="reference")
+        mk.token_pool(torch.randn(1, 16, 8), backend="reference")
+    assert calls == [("attention", "reference"), ("token_pool", "reference")]
+    assert detailed[0][2]["query"] is q
+    assert not mk.dispatch._recorders and not mk.dispatch._explaining

@@ -37,22 +37,9 @@ def _cls(name: str):
     return cls
 
 
-@contextlib.contextmanager
 def spy_backends():
     """Record (op, backend) of every dispatch decision inside the block."""
-    calls: list[tuple[str, str]] = []
-    original = dispatch.select
-
-    def select(op, inputs, backend=None):
-        chosen = original(op, inputs, backend)
-        calls.append((op, chosen.name))
-        return chosen
-
-    dispatch.select = select
-    try:
-        yield calls
-    finally:
-        dispatch.select = original
+    return dispatch.record()
 
 
 @contextlib.contextmanager
@@ -535,19 +522,10 @@ def test_internvl_image_features_fused_layernorm():
     report = mk.patch(model, attention=False)
     assert [m for _, m, _ in report.methods] == ["pixel_shuffle", "get_image_features"], str(report)
     assert list(model.state_dict()) == keys
-    seen, select = [], dispatch.select
-
-    def recording_select(op, inputs, backend=None):  # the fused call's arguments
-        seen.append((inputs["spec"].mode, inputs["spec"].norm, inputs["spec"].has_cls,
-                     inputs["norm_weight"] is ln.weight, inputs["norm_bias"] is ln.bias))
-        return select(op, inputs, backend)
-
-    dispatch.select = recording_select
-    try:
-        with on_triton() as calls:
-            out, grads = run(backward=True)
-    finally:
-        dispatch.select = select
+    with dispatch.record(with_inputs=True) as recorded, on_triton() as calls:
+        out, grads = run(backward=True)
+    seen = [(inp["spec"].mode, inp["spec"].norm, inp["spec"].has_cls, inp["norm_weight"] is ln.weight,
+             inp["norm_bias"] is ln.bias) for _, _, inp in recorded]  # the fused call's arguments
     assert calls == [("token_pool", "triton")], calls
     assert seen == [("merge", "layernorm", True, True, True)], seen
     assert_close_abs("image features", out, ref_out, ATOL)

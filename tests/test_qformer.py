@@ -265,3 +265,9 @@ def test_one_dim_mask_is_an_sdpa_key_mask():
     for backend in (None, "triton", "sdpa", "reference"):
         out = mk.qformer_cross_attention(*tensors, 2, encoder_attention_mask=keep, backend=backend)
         assert_close_abs(f"1-D mask [{backend}]", out, expected, 2e-5)
+
+
+@pytest.mark.parametrize("heads, width", [(8, 32), (2, 24)], ids=["d4", "d12"])
+def test_head_dims_not_multiple_of_8(heads, width):
+    """HF's tiny test configs use head dims like 4: the Triton path runs them (padded tiles)."""
+    check(_make(2, 2, 5, 19, width, 20), heads)

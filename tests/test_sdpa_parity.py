@@ -207,3 +207,41 @@ def test_bad_input_names_the_argument(bad, match):
 def test_rank_mismatch_raises():
     with pytest.raises(ValueError, match="key: expected 4 dims like query"):
         mk.attention(torch.randn(1, 2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 8))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 13, 21), (2, 1, 13, 21), (13, 21)], ids=["per-head", "per-batch", "2-D"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_learnable_mask_gradient(shape, dtype):
+    """A float attn_mask that requires grad (BEiT-style relative-position bias): its gradient is
+    dS summed over the dims it broadcasts along, vs float64 SDPA, by the 2x rule."""
+    q = torch.randn(2, 3, 13, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 3, 21, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 3, 21, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = mk.attention(q, k, v, attn_mask=bias, is_causal=True, backend="triton")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), do)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
+    # (SDPA itself refuses a mask that requires grad together with is_causal)
+    out64 = mk.attention(*leaves64[:3], attn_mask=leaves64[3], is_causal=True, backend="reference")
+    grads64 = torch.autograd.grad(out64, leaves64, do.double())
+    leaves_lp = [x.detach().requires_grad_() for x in (q, k, v, bias)]
+    out_lp = _plain_math(*leaves_lp[:3], dict(attn_mask=leaves_lp[3], is_causal=True, enable_gqa=False))
+    grads_lp = torch.autograd.grad(out_lp, leaves_lp, do)
+    for name, g, g64, glp in zip(("dq", "dk", "dv", "dmask"), grads, grads64, grads_lp):
+        assert g.shape == g64.shape and g.dtype == dtype, name
+        err, idx = worst(g, g64)
+        base = worst(glp, g64)[0]
+        bound = 2.0 * base + FLOOR[dtype] * max(1.0, float(g64.abs().max()))
+        assert err <= bound, f"{name}: error {err:.3g} at {idx} > 2x PyTorch's {base:.3g}"
+    assert grads[3].abs().sum() > 0
+
+
+def test_learnable_mask_opcheck():
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
+    bias = torch.randn(1, 2, 9, 9, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        out, lse = torch.ops.mmkernels.attention_fwd(q, k, v, bias, None, 0.0, False, 0.25)
+    torch.library.opcheck(torch.ops.mmkernels.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, bias.detach(), None, 0.0, False, 0.25, True))
+    torch.library.opcheck(torch.ops.mmkernels.attention_fwd.default, (q, k, v, bias, None, 0.0, False, 0.25))

@@ -73,10 +73,10 @@ class Bound:
 
 def mk_unavailable(op: str, name: str, device) -> str | None:
     """Why mmkernels' ``name`` backend of dispatcher op ``op`` cannot run on ``device`` (None: it can)."""
+    import torch
+
     from .. import dispatch
     from .._utils import interpreting, triton_import_error
-
-    import torch
 
     have = {b.name: b for b in dispatch.backends(op)}
     if name == "cuda" and not torch.version.cuda:  # no build switch helps: say so, suggest none

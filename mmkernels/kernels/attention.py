@@ -365,7 +365,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -376,7 +376,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -418,6 +418,11 @@ def _attn_bwd_dq(
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                           D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
+        if MASK_GRAD:
+            # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
+            # launcher sums it over the mask's broadcast dims
+            ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
+            tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
         ds = ds.to(Q.dtype.element_ty)
         dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
         if D1 > 0:
@@ -513,8 +518,11 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
 
 
 def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
-                       split=True):
-    """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs."""
+                       mask_grad=False, split=True):
+    """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs, and with
+    ``mask_grad`` (a float ``attn_mask``) also d(attn_mask) shaped like the mask — dS summed over
+    the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
+    memory, as the mask's own gradient can be)."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     d = meta["HEAD_DIM"]
@@ -537,14 +545,24 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, **kv_cfg,
     )
+    ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
-        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, *common,
+        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, *common,
         h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, **q_cfg,
+        **meta, **q_cfg, MASK_GRAD=bool(mask_grad),
     )
-    return dq, dk, dv
+    if not mask_grad:
+        return dq, dk, dv
+    return dq, dk, dv, _sum_to(ds, attn_mask).to(attn_mask.dtype)
+
+
+def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (B, H, Lq, Lk) summed over the dims ``like`` broadcasts along, in ``like``'s shape."""
+    lead = full.dim() - like.dim()
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(like.shape) if n == 1 and full.shape[lead + i] != 1]
+    return full.sum(dims, keepdim=True).reshape(like.shape) if dims else full.reshape(like.shape)
 
 
 # --------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ and PV of the attention forward.  K and V are never written to memory.
 
 It stores O and the same per-row softmax statistics as :mod:`mmkernels.kernels.attention`
 (base-2 row max and log2 row sum) with the same Philox dropout stream (seed + (b·H + h)·1000003,
-counter = row·Lk + col), so the backward is that kernel's backward applied to K and V
-recomputed with cuBLAS (see :mod:`mmkernels.ops.qformer`).
+counter = row·Lk + col), so the backward (:func:`qformer_backward`) is that kernel's backward
+applied to Q, K and V recomputed with cuBLAS, then GEMMs for the input and weight gradients.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import gpu_launcher
-from .attention import _dot, _dot_precision, _dropout_keep, _finish_rows, _mask_args, _mask_logits, _softmax_step
+from .attention import (
+    _dot,
+    _dot_precision,
+    _dropout_keep,
+    _finish_rows,
+    _mask_args,
+    _mask_logits,
+    _softmax_step,
+    attention_backward,
+)
 
 
 @triton.jit
@@ -169,3 +178,48 @@ def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropo
         UPCAST=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, **cfg,
     )
     return out, stats
+
+
+# --------------------------------------------------------------------------------------
+# backward: cuBLAS recompute of Q/K/V, the attention backward kernels, GEMM weight grads
+# --------------------------------------------------------------------------------------
+def project_heads(x, enc, wq, bq, wk, bk, wv, bv, num_heads: int):
+    """Q, K, V (B, H, L, d) as views of three cuBLAS projections, a batch of 1 on either side
+    expanded over the other (the head width is explicit: ``view(..., -1)`` is ambiguous when a
+    batch or length is 0)."""
+    b = max(x.shape[0], enc.shape[0])
+    d = wq.shape[0] // num_heads
+
+    def heads(t):
+        return t.view(t.shape[0], t.shape[1], num_heads, d).transpose(1, 2).expand(b, -1, -1, -1)
+
+    return (heads(torch.nn.functional.linear(x, wq, bq)), heads(torch.nn.functional.linear(enc, wk, bk)),
+            heads(torch.nn.functional.linear(enc, wv, bv)))
+
+
+def qformer_backward(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed, num_heads, dropout_p, scale):
+    """Gradients (dx, denc, dWq, dbq, dWk, dbk, dWv, dbv) of the fused forward, from its output
+    ``out`` (B, Lq, A) and softmax statistics ``stats``; a broadcast batch of 1 is summed back."""
+    bx, lq, _ = x.shape
+    be, lk, _ = enc.shape
+    b, h, a = max(bx, be), num_heads, wq.shape[0]
+    q, k, v = project_heads(x, enc, wq, bq, wk, bk, wv, bv, h)
+
+    def heads(t, length):
+        return t.reshape(b, length, h, a // h).transpose(1, 2)
+
+    dq, dk, dv = attention_backward(heads(grad_out, lq), q, k, v, heads(out, lq), stats, mask, seed,
+                                    dropout_p, False, scale)
+
+    def rows(g, length, keep_batch):
+        """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""
+        g = g.transpose(1, 2).reshape(b, length, a)
+        if keep_batch == 1 and b > 1:
+            g = g.sum(0, keepdim=True)
+        return g.reshape(-1, a)
+
+    dq2, dk2, dv2 = rows(dq, lq, bx), rows(dk, lk, be), rows(dv, lk, be)
+    x2, e2 = x.reshape(-1, x.shape[-1]), enc.reshape(-1, enc.shape[-1])
+    dx = (dq2 @ wq).view(x.shape)
+    de = torch.addmm(dk2 @ wk, dv2, wv).view(enc.shape)
+    return dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0)

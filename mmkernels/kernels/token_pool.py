@@ -41,7 +41,7 @@ from .._utils import new_output, poisoning
 
 # The spec is defined triton-free (the reference layer) so the op, the reference and the CUDA
 # backend work where triton is absent; it is re-exported here, where the kernels that read it live.
-from ..reference.token_pool import MODES, NORMS, TokenPoolSpec
+from .token_pool_spec import MODES, NORMS, TokenPoolSpec
 
 __all__ = ["MAX_NORM_WIDTH", "MODES", "NORMS", "TokenPoolSpec", "backward", "forward", "saved_like"]
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import attention
-from ..ops.qformer import qformer_cross_attention
-from ..reference.qformer import normalize_encoder_mask
+from ..ops.qformer import normalize_encoder_mask, qformer_cross_attention
 
 __all__ = ["QFormerAttention"]
 

@@ -72,17 +72,21 @@ def _attention_bwd(
     dropout_p: float,
     is_causal: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_attn_mask); the last is an empty (0,) tensor unless ``mask_grad``."""
     from ..kernels import attention as kernels
 
-    return contiguous_outputs(*kernels.attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale
-    ))
+    grads = kernels.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad
+    )
+    return contiguous_outputs(*grads[:3], grads[3] if mask_grad else query.new_empty((0,)))
 
 
 @_attention_bwd.register_fake
-def _(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale):
-    return empty_contiguous(query), empty_contiguous(key), empty_contiguous(value)
+def _(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, mask_grad=False):
+    dmask = empty_contiguous(attn_mask) if mask_grad else query.new_empty((0,))
+    return empty_contiguous(query), empty_contiguous(key), empty_contiguous(value), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -90,15 +94,17 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.mask_grad = attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
-        grad_out, query, key, value, out, lse, attn_mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale
+    mask_grad = ctx.mask_grad and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _attention_bwd(
+        grad_out, query, key, value, out, lse, attn_mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale, mask_grad
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -203,6 +209,8 @@ def _as_4d(query, key, value, attn_mask, batch):
     nb = math.prod(batch)
 
     def four(t):
+        if t.dim() == 4 and t.shape[0] == nb:  # the common case: the caller's tensor itself
+            return t
         t = t.reshape((1,) * max(0, 3 - t.dim()) + tuple(t.shape)) if t.dim() < 3 else t
         t = t.expand(*batch, *t.shape[-3:])
         return t.reshape(nb, *t.shape[-3:])
@@ -221,7 +229,7 @@ def _as_4d(query, key, value, attn_mask, batch):
 # backends
 # --------------------------------------------------------------------------------------
 def _triton_check(inp) -> list:
-    q, k, v, mask = inp["query"], inp["key"], inp["value"], inp["attn_mask"]
+    q, k, v = inp["query"], inp["key"], inp["value"]
     r = triton_device_reason(q)
     if r is not None:
         return [r]
@@ -231,8 +239,6 @@ def _triton_check(inp) -> list:
     d = max(q.shape[-1], v.shape[-1])
     if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
-    if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
-        reasons.append("a float attn_mask that requires grad (mask gradients are not computed)")
     if inp["dropout_p"] >= 1.0:
         reasons.append("dropout_p = 1 (every probability is dropped)")
     if 0 in q.shape or 0 in k.shape:
@@ -336,8 +342,10 @@ def attention(
     ``backend``: None (auto / ``MMKERNELS_BACKEND`` / ``mmkernels.use_backend``), "triton",
     "sdpa" or "reference".  Dtypes: float16, bfloat16, float32 (honouring
     ``torch.get_float32_matmul_precision()``: "highest" is IEEE fp32, otherwise TF32) on the
-    Triton path, every head dim up to 256; float64, ``dropout_p=1`` and float masks that require
-    grad go to SDPA / the reference (which computes fp16/bf16 in fp32).
+    Triton path, every head dim up to 256; float64 and ``dropout_p=1`` go to SDPA / the
+    reference (which computes fp16/bf16 in fp32).  A float ``attn_mask`` that requires grad
+    (a learnable bias, e.g. BEiT's relative positions) gets its gradient: dS summed over the
+    dims it broadcasts along.
 
     Equivalent PyTorch::
 

@@ -26,17 +26,11 @@ from .._utils import (
     triton_device_reason,
 )
 from ..reference import qformer as ref
-from ..reference.qformer import merge_heads, normalize_encoder_mask, project_heads
 
 __all__ = ["qformer_cross_attention"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _heads(t: torch.Tensor, b: int, length: int, num_heads: int) -> torch.Tensor:
-    """(b, L, H·d) → (b, H, L, d) view."""
-    return t.view(b, length, num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -94,29 +88,11 @@ def _qformer_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    from ..kernels.attention import attention_backward
+    from ..kernels.qformer import qformer_backward
 
-    x, enc = hidden_states, encoder_hidden_states
-    bx, lq, _ = x.shape
-    be, lk, _ = enc.shape
-    b, h = max(bx, be), num_heads
-    q, k, v = project_heads(x, enc, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, h)
-    dq, dk, dv = attention_backward(_heads(grad_out.reshape(out.shape), b, lq, h), q, k, v,
-                                    _heads(out, b, lq, h), stats, attn_mask, seed, dropout_p, False, scale)
-    a = q_weight.shape[0]
-
-    def rows(g, length, keep_batch):
-        """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""
-        g = g.transpose(1, 2).reshape(b, length, a)
-        if keep_batch == 1 and b > 1:
-            g = g.sum(0, keepdim=True)
-        return g.reshape(-1, a)
-
-    dq2, dk2, dv2 = rows(dq, lq, bx), rows(dk, lk, be), rows(dv, lk, be)
-    x2, e2 = x.reshape(-1, x.shape[-1]), enc.reshape(-1, enc.shape[-1])
-    dx = (dq2 @ q_weight).view(x.shape)
-    de = torch.addmm(dk2 @ k_weight, dv2, v_weight).view(enc.shape)
-    return contiguous_outputs(dx, de, dq2.t() @ x2, dq2.sum(0), dk2.t() @ e2, dk2.sum(0), dv2.t() @ e2, dv2.sum(0))
+    return contiguous_outputs(*qformer_backward(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                                k_weight, k_bias, v_weight, v_bias, out, stats, attn_mask, seed,
+                                                num_heads, dropout_p, scale))
 
 
 @_qformer_bwd.register_fake
@@ -217,8 +193,8 @@ def _triton_check(inp) -> list:
     if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     d = inp["q_weight"].shape[0] // inp["num_heads"]
-    if d % 8 != 0 or d > 128:
-        reasons.append(f"head dim {d} (supported: multiples of 8 up to 128)")
+    if d > 128:
+        reasons.append(f"head dim {d} (supported: up to 128)")
     mask = inp["encoder_attention_mask"]
     if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
         reasons.append("a float encoder_attention_mask that requires grad (mask gradients are not computed)")
@@ -243,6 +219,17 @@ def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight
     return out
 
 
+def normalize_encoder_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The op's mask forms as an SDPA mask broadcastable to (B, H, Lq, Lk): a (B, Lk) padding
+    mask (1/True = keep, HF's ``encoder_attention_mask``) becomes bool (B, 1, 1, Lk); 3-D/4-D
+    masks keep SDPA semantics (bool True = attend, float additive, cast to ``dtype``)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return (mask if mask.dtype == torch.bool else mask != 0).view(mask.shape[0], 1, 1, mask.shape[1])
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
 def _sdpa_check(inp) -> list:
     if inp["encoder_hidden_states"].shape[1] == 0:
         return ["no image tokens (Lk = 0): SDPA gives NaN where mmkernels gives 0"]
@@ -251,10 +238,13 @@ def _sdpa_check(inp) -> list:
 
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
+    from ..kernels.qformer import project_heads
+
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                             v_weight, v_bias, num_heads)
     mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).flatten(2)
 
 
 def _reference_run(**inp):

@@ -21,8 +21,8 @@ import torch
 from .. import dispatch
 from .._utils import contiguous_outputs, describe, empty_contiguous, triton_device_reason
 from ..dispatch import Reason
+from ..kernels.token_pool_spec import MODES, NORMS, TokenPoolSpec
 from ..reference import token_pool as ref
-from ..reference.token_pool import MODES, NORMS, TokenPoolSpec
 
 __all__ = ["token_pool", "make_spec"]
 

@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 __all__ = ["Timing", "cycle", "quantiles", "rotation_count", "sync", "time_fn"]
 
@@ -30,6 +30,9 @@ class Timing:
     ms_p80: float
     timer: str
     reps: int | None = None
+
+    def asdict(self) -> dict:
+        return asdict(self)
 
 
 def quantiles(xs: Sequence[float], qs: Sequence[float]) -> list[float]:

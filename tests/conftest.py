@@ -18,7 +18,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU machines)")
-    config.addinivalue_line("markers", "slow: long-running case")
+    config.addinivalue_line("markers", "slow: long-running case (a subprocess, an AOT compile, an emulation build)")
+    config.addinivalue_line("markers", "fuzz: seeded random-shape fuzz cases (`-m fuzz` draws the long run)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -65,17 +65,3 @@ def triton_has_cuda_backend() -> bool:
         return "nvidia" in backends
     except Exception:
         return False
-
-
-def run_aot_compile(*args: str):
-    """Run tests/aot_compile.py (GPU code generation without a GPU) in a child process without
-    TRITON_INTERPRET, which would replace the kernels by interpreted ones."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, str(root / "tests" / "aot_compile.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=600)

@@ -360,6 +360,7 @@ def test_env_backend_forces(monkeypatch):
         dispatch.select("attention", inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU route without the interpreter")
 def test_cpu_without_interpreter_goes_to_sdpa():
     code = (

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess / an emulation build: `-m "not slow"` skips it
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

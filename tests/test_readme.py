@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a subprocess / an emulation build: `-m "not slow"` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

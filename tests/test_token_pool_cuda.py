@@ -37,7 +37,7 @@ import mmkernels as mk
 from mmkernels.kernels import token_pool_cuda as tpc
 from mmkernels.ops.token_pool import make_spec
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]  # emulation builds, subprocesses
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_KEYS = ("grid", "mode", "kernel_size", "stride", "output_size", "has_cls", "keep_cls", "norm", "eps")

@@ -82,8 +82,16 @@ def mmkernels_attention_forward(
         if attention_mask.shape[-1] != key.shape[2]:
             # HF slices static-cache masks to the key length; keep the visible part
             attention_mask = attention_mask[..., : key.shape[2]]
-    out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
-                    scale=scaling, enable_gqa=enable_gqa)
+    request = getattr(module, "_mmkernels_scores_request", None)
+    if request is not None:
+        # token pruning (mmkernels.integrations.prune) asked this layer for attention scores:
+        # one forward, the scores reuse its row statistics; the keys are kept for VisionZip's merge
+        out, scores = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
+                                is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, return_scores=request)
+        module._mmkernels_scores = (scores, key.detach())
+    else:
+        out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
+                        scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

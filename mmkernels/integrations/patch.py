@@ -116,6 +116,7 @@ class _State:
     modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)   # (parent, name, original)
     configs: list[tuple[Any, Any]] = field(default_factory=list)                     # (config, old internal value)
     methods: list[tuple[nn.Module, str]] = field(default_factory=list)               # (owner, name)
+    undo: list[Callable[[], None]] = field(default_factory=list)                     # prune hooks' removers
     report: PatchReport | None = None
 
 
@@ -323,11 +324,16 @@ def _internvl_fusion_mismatch(m: nn.Module) -> str:
     return ""
 
 
-def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True) -> PatchReport:
+def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True,
+          prune=None) -> PatchReport:
     """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
     ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
     MultiheadAttention`, Q-Former attention → :class:`mmkernels.nn.QFormerAttention`, token
     poolers → :mod:`mmkernels.nn.token_pool` drop-ins (see the module docstring for the list).
+
+    ``prune``: ``mmkernels.FastV(layer=2, keep=0.5)`` (LLaVA-family / Qwen2-VL language models) or
+    ``mmkernels.VisionZip(dominant=54, contextual=10)`` (CLIP / SigLIP towers): visual-token
+    pruning scored by :func:`mmkernels.attention_scores` (see :mod:`mmkernels.integrations.prune`).
 
     Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
     unchanged.  Patching a patched model raises; :func:`unpatch` first.
@@ -405,6 +411,10 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
                         _override(m, "get_image_features", _internvl_get_image_features_fn(), path, state, report,
                                   "pixel shuffle + multi_modal_projector.layer_norm in one mk.token_pool call "
                                   "(mmkernels.nn.InternVLPixelShuffle), projector MLP in torch")
+        if prune is not None:
+            from . import prune as _prune
+
+            _prune.apply(model, prune, report, state.undo)
     except BaseException:
         _restore(state)
         raise
@@ -416,6 +426,8 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
 
 
 def _restore(state: _State) -> None:
+    for undo in reversed(state.undo):
+        undo()
     for parent, name, old in reversed(state.modules):
         parent._modules[name] = old
     for owner, name in reversed(state.methods):

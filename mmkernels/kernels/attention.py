@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from ._launch import gpu_launcher
+from ._launch import for_gpu, gpu_launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -54,37 +54,49 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
-    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0."""
+def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0.
+
+    ALIGNED: the launcher checked that every row starts 16-byte aligned (``_aligned``).  Triton
+    only learns alignment from 16-divisible integers, so without the hint head dims 72 and 88
+    (row strides 72, 88) load 2 bytes at a time and are not pipelined (sm_90 bf16 forward:
+    160 / 192 scalar loads and no cp.async; with it, 16-byte cp.async like d=64)."""
     ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [1, 16])  # pointer divisibility is in bytes
     return tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr):
-    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0."""
+def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0 (ALIGNED: as
+    in ``_load_rows``)."""
     ptrs = base + offs_d[:, None] * stride_d + cols[None, :] * stride_c
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16, 1])
     return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """The two head-dim chunks [rows, D0] and [rows, D1] of a (L, D) matrix (D1 = 0: the second
     is the first again, unused)."""
-    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
     t1 = t0
     if D1 > 0:
-        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
     return t0, t1
 
 
 @triton.jit
-def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """The two head-dim chunks of a transposed tile: [D0, cols] and [D1, cols]."""
-    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM)
+    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
     t1 = t0
     if D1 > 0:
-        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM)
+        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
     return t0, t1
 
 
@@ -182,7 +194,7 @@ def _attn_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -200,7 +212,7 @@ def _attn_fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -216,14 +228,14 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
         s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
                     D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
         p = p.to(V.dtype.element_ty)
-        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
         if D1 > 0:
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
@@ -272,7 +284,7 @@ def _attn_bwd_preprocess(
     sob, soh, som, sod,
     sdb, sdh, sdm, sdd,
     H, LQ,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -281,8 +293,8 @@ def _attn_bwd_preprocess(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * sob + h * soh, rows, row_ok, som, offs_d, sod, HEAD_DIM).to(tl.float32)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdm, offs_d, sdd, HEAD_DIM).to(tl.float32)
+    o = _load_rows(O + b * sob + h * soh, rows, row_ok, som, offs_d, sod, HEAD_DIM, ALIGNED).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdm, offs_d, sdd, HEAD_DIM, ALIGNED).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -298,7 +310,7 @@ def _attn_bwd_dkdv(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -312,8 +324,8 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
-    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+    kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
@@ -338,8 +350,8 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, LQ, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < LQ
-            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
-            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
+            q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
             m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
             log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
@@ -375,7 +387,7 @@ def _attn_bwd_dq(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
@@ -394,8 +406,8 @@ def _attn_bwd_dq(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1)
-    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
+    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -413,8 +425,8 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1)
-        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1)
+        kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                           D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
@@ -492,6 +504,14 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split):
     return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
 
 
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every row of these (..., L, D) tensors starts 16-byte aligned: unit last-dim
+    stride, every other stride a multiple of 8 elements, base address 16-byte aligned (the
+    kernels' ALIGNED hint; see ``_load_rows``)."""
+    return all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
 def _lk_bucket(lk: int) -> int:
     """Autotuning key for the key length: short (Q-Former, <= 256), medium (<= 1024), long."""
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
@@ -503,9 +523,10 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
+    meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype)
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"])
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](
         query, key, value, out, lse, mask, seed_arg,
@@ -526,11 +547,12 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     d = meta["HEAD_DIM"]
+    meta["ALIGNED"] = _aligned(query, key, value, grad_out)
     delta = new_output((b, h, lq), torch.float32, query.device)
     pre_m = 64
     _attn_bwd_preprocess[(triton.cdiv(lq, pre_m), b * h)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m, ALIGNED=_aligned(out, grad_out),
     )
     # written contiguous by the kernels; converted to the inputs' dtype/layout below
     dq = new_output((b, h, lq, d), query.dtype, query.device)
@@ -538,7 +560,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     dv = new_output((b, hkv, lk, d), value.dtype, value.device)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype)
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
@@ -546,7 +568,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         **meta, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype)
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, *common,
@@ -577,31 +599,73 @@ _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC"]
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
-    """A few (BLOCK_M, BLOCK_N, warps, stages) candidates per kernel; the first is the default
-    used without autotuning.  Not yet tuned on a GPU: the set is kept small (4) because every
-    candidate is one compile per specialisation."""
-    big = d > 128 or dtype == torch.float32
-    if kind == "fwd":
-        cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
-        if big:
-            cands = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
-    elif kind == "dkdv":
-        cands = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)]
-        if big:
-            cands = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)]
+# (BLOCK_M, BLOCK_N, warps, stages) candidates for 2-byte dtypes and d <= 128, best guess first
+# (the untuned default is the first that passes ``_fits``).  Hopper runs a 128-row tile over 8
+# warps as two 64-row wgmma warpgroups; BLOCK_N = 128 halves the per-tile softmax work.  Not
+# timed on a GPU yet: the order is the FlashAttention-2 / Triton-tutorial choice, and every
+# candidate was compiled for sm_90 by ``mmkernels inspect`` (d = 64/72/80/88/128, with and
+# without mask + dropout): none that ``_fits`` keeps spills.  Dropped after the first sweep:
+# dK/dV 64×128 over 8 warps (spilled 24-400 bytes at every head dim).
+_CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+            (128, 32, 8, 3), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+# fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
+_CANDIDATES_BIG = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+}
+# fp32 values a thread may keep live in accumulators and score tiles: half of the 255
+# registers, the rest holding operand fragments, addresses and the softmax state.
+_LIVE_FP32_PER_THREAD = 128
+# shared memory a candidate may stage: fits an A100 (163 KB) as well as an H100 (227 KB)
+_SHARED_BYTES = 160 * 1024
+
+
+def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool) -> bool:
+    """The pruning rule: a candidate is kept when its live fp32 state per thread and its staged
+    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1).
+
+    Live fp32 values per thread = (accumulators + score tiles) / threads, where the forward
+    keeps O (bm·dp) and S/P (bm·bn), dK/dV keeps dK and dV (2·bn·dp) and S, dP (2·bm·bn), dQ
+    keeps dQ (bm·dp) and S, dP (2·bm·bn); dropout counts as two more score tiles (the Philox
+    counters and draws).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
+    176 bytes at d=128 (192 values) but not at d=88 (160); with mask + dropout, 128×64 over 8
+    warps spilled 24 bytes at d=72/88 (136) but not at d=64 (128), dK/dV 32×64 over 4 warps
+    32 bytes at d=72 (144).  Staged bytes =
+    the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
+    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).
+    """
+    scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
+    acc = 2 * bn * dp if kind == "dkdv" else bm * dp
+    live = (acc + scores * bm * bn) / (32 * warps)
+    if kind == "dkdv":
+        staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
-        cands = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
-        if big:
-            cands = [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
+        staged = bm * dp + stages * 2 * bn * dp
+    return live <= _LIVE_FP32_PER_THREAD and staged * itemsize <= _SHARED_BYTES
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False) -> list:
+    """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
+    least live state is kept if all fail); the first is the default used without autotuning."""
+    big = d > 128 or dtype == torch.float32
+    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+    d0, d1 = split_head_dim(d)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+
+
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
-    if device_type != "cuda":
+    if not for_gpu(device_type):
         return _KERNELS[kind], _INTERP[kind]
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY, ("attention", kind, d, dtype))
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from ._launch import gpu_launcher
+from ._launch import for_gpu, gpu_launcher
 from .attention import (
+    _aligned,
     _dot,
     _dot_precision,
     _dropout_keep,
@@ -30,6 +31,7 @@ from .attention import (
     _mask_logits,
     _softmax_step,
     attention_backward,
+    attention_forward,
 )
 
 
@@ -37,17 +39,25 @@ from .attention import (
 def _proj_tile(
     base, rows, row_ok, s_row, s_k, W, s_wo, s_wi, w_row0, offs_d, d_ok, KDIM,
     BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """[rows, d] = X[rows, :] · W[w_row0 + d, :]ᵀ, reduced over KDIM in BLOCK_K steps (fp32)."""
+    """[rows, d] = X[rows, :] · W[w_row0 + d, :]ᵀ, reduced over KDIM in BLOCK_K steps (fp32).
+
+    ALIGNED: the launcher checked that X's and W's rows start 16-byte aligned; pointer
+    divisibility (bytes) is stated on the contiguous axis so the loads are 16-byte vectors and
+    pipelined (attention.py ``_load_rows``)."""
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, KDIM, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < KDIM
-        x = tl.load(base + rows[:, None] * s_row + kk[None, :] * s_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wT = tl.load(W + (w_row0 + offs_d)[None, :] * s_wo + kk[:, None] * s_wi,
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        x_ptrs = base + rows[:, None] * s_row + kk[None, :] * s_k
+        w_ptrs = W + (w_row0 + offs_d)[None, :] * s_wo + kk[:, None] * s_wi
+        if ALIGNED:
+            x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
+            w_ptrs = tl.multiple_of(w_ptrs, [16, 1])
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wT = tl.load(w_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         acc += _dot(x, wT, PREC, UPCAST)
     return acc
 
@@ -64,7 +74,7 @@ def _qformer_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -81,7 +91,7 @@ def _qformer_fwd(
 
     # Q_h = X · Wq_hᵀ + bq_h, rounded to the input dtype as nn.Linear's output would be
     q = _proj_tile(X + b * sxb, rows, row_ok, sxm, sxk, WQ, swq_o, swq_i, w_row0, offs_d, d_ok, DQ,
-                   BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_D)
+                   BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_D, ALIGNED)
     q = (q + tl.load(BQ + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(dtype)
     bk = tl.load(BK + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     bv = tl.load(BV + w_row0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -104,12 +114,16 @@ def _qformer_fwd(
         for k0 in range(0, DKV, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < DKV
-            e = tl.load(e_base + cols[:, None] * sen + kk[None, :] * sek,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            wkT = tl.load(WK + (w_row0 + offs_d)[None, :] * swk_o + kk[:, None] * swk_i,
-                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            wvT = tl.load(WV + (w_row0 + offs_d)[None, :] * swv_o + kk[:, None] * swv_i,
-                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            e_ptrs = e_base + cols[:, None] * sen + kk[None, :] * sek
+            wk_ptrs = WK + (w_row0 + offs_d)[None, :] * swk_o + kk[:, None] * swk_i
+            wv_ptrs = WV + (w_row0 + offs_d)[None, :] * swv_o + kk[:, None] * swv_i
+            if ALIGNED:
+                e_ptrs = tl.multiple_of(e_ptrs, [1, 16])
+                wk_ptrs = tl.multiple_of(wk_ptrs, [16, 1])
+                wv_ptrs = tl.multiple_of(wv_ptrs, [16, 1])
+            e = tl.load(e_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            wkT = tl.load(wk_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            wvT = tl.load(wv_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             k += _dot(e, wkT, PREC, UPCAST)
             v += _dot(e, wvT, PREC, UPCAST)
         k = (k + bk[None, :]).to(dtype)
@@ -139,7 +153,7 @@ _TUNE_KEY = ["HEAD_DIM", "DKV", "MASK_KIND", "HAS_DROPOUT", "PREC", "BLOCK_M"]
 
 
 def _kernel(device_type: str, dtype: torch.dtype):
-    if device_type != "cuda":
+    if not for_gpu(device_type):
         # interpreter: big tiles are fewer Python-level steps
         return _qformer_fwd, dict(BLOCK_N=64, BLOCK_K=64)
     return gpu_launcher(_qformer_fwd, lambda: _configs(dtype), _TUNE_KEY, ("qformer", dtype))
@@ -175,7 +189,8 @@ def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropo
         float(scale) * 1.4426950408889634, float(dropout_p),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, PREC=_dot_precision(x.dtype),
-        UPCAST=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, **cfg,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, ALIGNED=_aligned(x, enc, wq, wk, wv),
+        BLOCK_M=block_m, **cfg,
     )
     return out, stats
 
@@ -197,19 +212,23 @@ def project_heads(x, enc, wq, bq, wk, bk, wv, bv, num_heads: int):
             heads(torch.nn.functional.linear(enc, wv, bv)))
 
 
-def qformer_backward(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed, num_heads, dropout_p, scale):
-    """Gradients (dx, denc, dWq, dbq, dWk, dbk, dWv, dbv) of the fused forward, from its output
-    ``out`` (B, Lq, A) and softmax statistics ``stats``; a broadcast batch of 1 is summed back."""
+def qformer_backward(grad_out, x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale):
+    """Gradients (dx, denc, dWq, dbq, dWk, dbk, dWv, dbv) of the fused forward; a broadcast batch
+    of 1 is summed back.
+
+    Q, K, V are recomputed with cuBLAS and the attention forward is rerun on them (a small one:
+    the Q-Former has 32 queries) rather than reusing the fused forward's O and statistics: the
+    fused kernel sums each projection in its own order, so its bf16 V can differ from cuBLAS's by
+    an ulp, and delta = rowsum(dO∘O) from that O against dP from the recomputed V leaves a
+    spurious dS (measured: dx off by 0.028 in bf16 with a single image token, where the exact
+    gradient is 0).  Recomputed together, the two agree exactly."""
     bx, lq, _ = x.shape
     be, lk, _ = enc.shape
     b, h, a = max(bx, be), num_heads, wq.shape[0]
     q, k, v = project_heads(x, enc, wq, bq, wk, bk, wv, bv, h)
-
-    def heads(t, length):
-        return t.reshape(b, length, h, a // h).transpose(1, 2)
-
-    dq, dk, dv = attention_backward(heads(grad_out, lq), q, k, v, heads(out, lq), stats, mask, seed,
-                                    dropout_p, False, scale)
+    out, stats = attention_forward(q, k, v, mask, seed, dropout_p, False, scale)
+    dq, dk, dv = attention_backward(grad_out.reshape(b, lq, h, a // h).transpose(1, 2), q, k, v, out, stats,
+                                    mask, seed, dropout_p, False, scale)
 
     def rows(g, length, keep_batch):
         """(b, H, L, d) gradient → (rows, H·d), summed over a broadcast batch of 1."""

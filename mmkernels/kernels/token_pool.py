@@ -37,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+# The spec is defined triton-free (mmkernels/_token_pool_spec.py) so the op and the CUDA backend
+# work where triton is absent; it is re-exported here, where the kernels that read it live.
+from .._token_pool_spec import MODES, NORMS, TokenPoolSpec
 from .._utils import new_output, poisoning
-
-# The spec is defined triton-free (the reference layer) so the op, the reference and the CUDA
-# backend work where triton is absent; it is re-exported here, where the kernels that read it live.
-from .token_pool_spec import MODES, NORMS, TokenPoolSpec
+from ._launch import for_gpu, sm_count
 
 __all__ = ["MAX_NORM_WIDTH", "MODES", "NORMS", "TokenPoolSpec", "backward", "forward", "saved_like"]
 
@@ -389,7 +389,7 @@ def forward(x: torch.Tensor, spec: TokenPoolSpec, weight: Optional[torch.Tensor]
     tensors (layout in :func:`saved_like`; none with ``save=False``, for inference)."""
     b, _, c = x.shape
     c_out = spec.c_out(c)
-    interp = x.device.type != "cuda"
+    interp = not for_gpu(x.device.type)
     has_norm = spec.norm is not None
     out = new_output((b, spec.n_out, c_out), x.dtype, x.device)
     saved = []
@@ -422,9 +422,9 @@ def _norm_programs(x: torch.Tensor, total: int) -> int:
     """Persistent programs of the norm backward: each writes one (C_out,) partial of dweight
     and dbias, so 2 per SM keeps that traffic small (132 SMs, C_out 4608: 4.9 MB) next to the
     gradients it reads."""
-    if x.device.type != "cuda":
+    if not for_gpu(x.device.type):
         return min(total, 4)
-    return min(total, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(total, 2 * sm_count(x.device))
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, spec: TokenPoolSpec, weight: Optional[torch.Tensor],
@@ -434,7 +434,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, spec: TokenPoolSpec, weigh
     when weight / bias are None."""
     b, n, c = x.shape
     c_out = spec.c_out(c)
-    interp = x.device.type != "cuda"
+    interp = not for_gpu(x.device.type)
     saved = list(saved)
     idx = saved.pop(0) if spec.mode == "max" else x
     dx = new_output((b, n, c), x.dtype, x.device)

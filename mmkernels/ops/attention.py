@@ -315,6 +315,7 @@ def attention(
     enable_gqa: bool = False,
     *,
     backend: str | None = None,
+    return_scores: dict | None = None,
 ) -> torch.Tensor:
     r"""Scaled-dot-product attention, a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -347,11 +348,20 @@ def attention(
     (a learnable bias, e.g. BEiT's relative positions) gets its gradient: dS summed over the
     dims it broadcasts along.
 
+    ``return_scores=dict(query_index=..., reduce_heads=...)`` (4-D inputs): returns
+    ``(out, scores)``, the scores of :func:`mmkernels.attention_scores` for the same call, computed
+    from this forward's row statistics (no second softmax pass on the Triton path).
+
     Equivalent PyTorch::
 
         F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale=scale, enable_gqa=enable_gqa)
     """
+    if return_scores is not None:
+        from .attention_scores import attention_with_scores, scores_request
+
+        return attention_with_scores(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                     backend=backend, **scores_request(return_scores))
     attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)
     batch = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if scale is None:

@@ -79,8 +79,6 @@ def _qformer_bwd(
     k_bias: torch.Tensor,
     v_weight: torch.Tensor,
     v_bias: torch.Tensor,
-    out: torch.Tensor,
-    stats: torch.Tensor,
     attn_mask: Optional[torch.Tensor],
     seed: Optional[torch.Tensor],
     num_heads: int,
@@ -91,28 +89,29 @@ def _qformer_bwd(
     from ..kernels.qformer import qformer_backward
 
     return contiguous_outputs(*qformer_backward(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias,
-                                                k_weight, k_bias, v_weight, v_bias, out, stats, attn_mask, seed,
+                                                k_weight, k_bias, v_weight, v_bias, attn_mask, seed,
                                                 num_heads, dropout_p, scale))
 
 
 @_qformer_bwd.register_fake
 def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-      out, stats, attn_mask, seed, num_heads, dropout_p, scale):
+      attn_mask, seed, num_heads, dropout_p, scale):
     return tuple(empty_contiguous(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
                                               k_weight, k_bias, v_weight, v_bias))
 
 
 def _setup_context(ctx, inputs, output):
     x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale = inputs
-    out, stats = output
-    ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed)
+    ctx.mark_non_differentiable(output[1])
+    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer.qformer_backward):
+    # nothing of the fused forward's output is kept
+    ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed)
     ctx.num_heads, ctx.dropout_p, ctx.scale = num_heads, dropout_p, scale
-    ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, grad_out, grad_stats):
-    x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed = ctx.saved_tensors
-    grads = _qformer_bwd(grad_out, x, enc, wq, bq, wk, bk, wv, bv, out, stats, mask, seed,
+    x, enc, wq, bq, wk, bk, wv, bv, mask, seed = ctx.saved_tensors
+    grads = _qformer_bwd(grad_out, x, enc, wq, bq, wk, bk, wv, bv, mask, seed,
                          ctx.num_heads, ctx.dropout_p, ctx.scale)
     return (*grads, None, None, None, None, None)
 
@@ -207,12 +206,45 @@ def _zeros_if_none(bias, like):
     return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias
 
 
+# Which Triton path runs (``triton_path``): "fused" projects K/V inside the attention kernel
+# (never written to memory); "hoisted" projects Q, K and V for all heads with three cuBLAS GEMMs
+# and runs the attention kernels on them.  The fused kernel re-reads each head's weight slice per
+# key tile and the image features per head: counted for BLIP-2 at B=64 (32×257, 12×64 heads,
+# Dkv=1408) it issues 93 GFLOP against 75 and moves ~2 GB from L2, an estimated ~2× slower than
+# hoisting, while at small batches one launch instead of four and no K/V round trip should win.
+# Rule (an estimate until a GPU benchmark sets it): hoisted when the batch is >= HOIST_MIN_BATCH.
+HOIST_MIN_BATCH = 8
+
+
+def triton_path(batch: int) -> str:
+    """The Triton path the dispatcher takes for a Q-Former batch: "fused" or "hoisted".
+
+    ``HOIST_MIN_BATCH`` (module attribute) sets the rule; a benchmark overrules it by assigning
+    it (0: always hoisted; a huge value: always fused)."""
+    return "hoisted" if batch >= HOIST_MIN_BATCH else "fused"
+
+
+def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+             num_heads, mask, seed, dropout_p, scale):
+    """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""
+    from ..kernels.qformer import project_heads
+    from .attention import _attention_fwd
+
+    q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                            v_weight, v_bias, num_heads)
+    out, _ = _attention_fwd(q, k, v, mask, seed, float(dropout_p), False, float(scale))
+    return out.transpose(1, 2).flatten(2)
+
+
 def _triton_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                 num_heads, encoder_attention_mask, dropout_p, scale):
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=hidden_states.device)
     mask = normalize_encoder_mask(encoder_attention_mask, hidden_states.dtype)
+    if triton_path(max(hidden_states.shape[0], encoder_hidden_states.shape[0])) == "hoisted":
+        return _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                        num_heads, mask, seed, dropout_p, scale)
     out, _ = _qformer_fwd(hidden_states, encoder_hidden_states, q_weight, _zeros_if_none(q_bias, q_weight),
                           k_weight, _zeros_if_none(k_bias, k_weight), v_weight, _zeros_if_none(v_bias, v_weight),
                           mask, seed, num_heads, float(dropout_p), float(scale))

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 
 from .. import dispatch
+from .._token_pool_spec import MODES, NORMS, TokenPoolSpec
 from .._utils import contiguous_outputs, describe, empty_contiguous, triton_device_reason
 from ..dispatch import Reason
-from ..kernels.token_pool_spec import MODES, NORMS, TokenPoolSpec
 from ..reference import token_pool as ref
 
 __all__ = ["token_pool", "make_spec"]

@@ -1,4 +1,5 @@
-"""The validated form of one ``token_pool`` call, shared by the op layer and every backend.
+"""The validated form of one ``token_pool`` call, shared by the op layer and every backend
+(outside ``kernels/`` so that importing mmkernels imports no kernel module).
 
 Pure Python (no triton import): ``mmkernels.ops.token_pool`` builds it at validation time,
 before any kernel module is imported.

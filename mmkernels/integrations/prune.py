@@ -1,0 +1,428 @@
+"""Training-free visual-token pruning inside :func:`mmkernels.patch` (``prune=``).
+
+Both methods read attention scores that eager implementations get only from
+``output_attentions=True`` (a (B, H, L, L) tensor per layer).  Here the scoring layer's
+attention runs once on :func:`mmkernels.attention` and the scores come from its row statistics
+(:func:`mmkernels.attention_scores`): O(L) extra memory, no eager layer.
+
+* :class:`FastV` — the language model of LLaVA / LLaVA-NeXT / LLaVA-NeXT-Video /
+  LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL: after decoder layer K-1, drop the image (and video)
+  tokens that received the least attention from the last token, for every later layer and for
+  the KV cache they build (FastV, Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2").
+* :class:`VisionZip` — a CLIP or SigLIP vision tower: after one encoder layer, keep the
+  "dominant" tokens that received the most attention from CLS (SigLIP, which has no CLS: from
+  all query rows on average) and merge the rest into a few "contextual" tokens (VisionZip,
+  Yang et al. 2024, "VisionZip: Longer is Better but Not Necessary").
+
+Hooks, not copies of HF forwards: the scoring layer's attention module gets a
+``_mmkernels_scores_request`` that :func:`mmkernels.integrations.hf.mmkernels_attention_forward`
+answers, and forward (pre-)hooks on the decoder / encoder layers gather the hidden states, masks,
+RoPE tables and position ids.  :func:`mmkernels.unpatch` removes all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..ops.select_tokens import gather_tokens, select_tokens
+
+__all__ = ["FastV", "VisionZip", "kept_index"]
+
+_REQUEST = "_mmkernels_scores_request"
+_RESULT = "_mmkernels_scores"
+_STATE = "_mmkernels_prune_state"
+
+# multimodal models whose ``language_model`` FastV prunes (LLaMA / Qwen2 / Qwen2-VL text models)
+_FASTV_PARENTS = ("LlavaModel", "LlavaNextModel", "LlavaNextVideoModel", "LlavaOnevisionModel",
+                  "Qwen2VLModel", "Qwen2_5_VLModel")
+# vision towers VisionZip prunes, by config class (transformers 5 folds CLIPVisionTransformer into
+# CLIPVisionModel; older releases nest it as .vision_model): config class -> has a CLS token
+_VISIONZIP_CONFIGS = {"CLIPVisionConfig": True, "SiglipVisionConfig": False}
+
+
+@dataclass(frozen=True)
+class FastV:
+    """FastV pruning of the visual tokens in a VLM's language model.
+
+    The rule (FastV, Chen et al., ECCV 2024, §4; the ``inplace`` variant of its reference code):
+    take decoder layer ``layer - 1``'s attention, average it over heads, read the row of the
+    **last token** of the prompt, and keep the ``keep`` image tokens with the largest values
+    (``keep``: a fraction of each sample's image tokens, rounded as ``round(keep · n)``, FastV's
+    ``1 - R``; or an int count); every text token is kept.  Decoder layers ``layer``, ``layer+1``,
+    ... then run on the kept tokens only, in their original order and with their original
+    positions (RoPE / M-RoPE ids are gathered, not renumbered), and their KV cache holds only the
+    kept tokens, so ``generate()`` decodes against the pruned cache.  The paper's setting is
+    ``FastV(layer=2, keep=0.5)`` (K=2, R=50%).
+
+    Requirements, checked with ``ValueError``: ``layer`` >= 1 and below the number of decoder
+    layers; the model's attention on mmkernels (``patch(..., attention=True)``); prompts left-padded
+    when batched (the last position must be a real token in every row — HF's ``padding_side="left"``
+    for generation); the same number of image tokens in every sample (so the pruned batch stays
+    rectangular); ``input_ids`` given (image tokens are found by id).  A dynamic (default) cache;
+    the pruned ``forward`` returns logits for the kept positions only
+    (:func:`kept_index` says which).
+    """
+
+    layer: int = 2
+    keep: float | int = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"FastV.layer: expected an int >= 1 (scores come from layer - 1), got {self.layer!r}")
+        _check_keep("FastV.keep", self.keep)
+
+
+@dataclass(frozen=True)
+class VisionZip:
+    """VisionZip token reduction in a CLIP / SigLIP vision tower.
+
+    The rule (VisionZip, Yang et al., CVPR 2025, §3.2 and its reference code): after encoder
+    layer ``layer`` (default -2, the layer LLaVA reads features from), with that layer's attention
+    summed over heads —
+
+    1. **dominant**: CLIP keeps CLS plus the ``dominant - 1`` tokens CLS attends to most; SigLIP
+       (no CLS) keeps the ``dominant`` tokens with the largest attention averaged over all query
+       rows.  Original order is kept.
+    2. **contextual**: the remaining R tokens, in order, are split into ``contextual`` targets
+       (every ``max(1, R // contextual)``-th, the first ``contextual`` of them) and the others; each
+       other token goes to the target whose key (the layer's keys averaged over heads,
+       L2-normalised) has the largest cosine similarity; a contextual token is its target plus the
+       mean of the tokens assigned to it.
+
+    The layer's output becomes ``[dominant tokens, contextual tokens]`` (``dominant + contextual``
+    tokens) and the later layers run on it.  ``contextual=0`` is plain CLS-attention pruning.
+    ``VisionZip(dominant=54, contextual=10)`` is the paper's 64-token LLaVA-1.5 setting.
+
+    Supported on standalone towers (``CLIPVisionModel``, ``SiglipVisionModel``, or any model
+    holding one whose caller accepts a shorter sequence).  Inside LLaVA-family models the
+    processor has already written one placeholder per unpruned patch into ``input_ids``, so
+    :func:`patch` raises there.
+    """
+
+    dominant: int = 54
+    contextual: int = 10
+    layer: int = -2
+
+    def __post_init__(self):
+        for name in ("dominant", "contextual", "layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"VisionZip.{name}: expected an int, got {v!r}")
+        if self.dominant < 1 or self.contextual < 0:
+            raise ValueError(f"VisionZip: expected dominant >= 1 and contextual >= 0, got {self.dominant}, "
+                             f"{self.contextual}")
+
+
+def _check_keep(name: str, keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"{name}: expected a fraction in (0, 1] or an int count >= 0, got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}: a fraction must lie in (0, 1], got {keep}")
+    if isinstance(keep, int) and keep < 0:
+        raise ValueError(f"{name}: a count must be >= 0, got {keep}")
+
+
+def kept_index(model: nn.Module) -> torch.Tensor | None:
+    """The (B, n) positions FastV kept in the last pruned prefill of ``model`` (None if none)."""
+    for m in model.modules():
+        st = m.__dict__.get(_STATE)
+        if isinstance(st, _FastVState):
+            return st.index
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# FastV
+# --------------------------------------------------------------------------------------
+class _FastVState:
+    def __init__(self, spec: FastV, parent: nn.Module, lm: nn.Module, visual_ids: list[int]):
+        self.spec, self.parent, self.lm, self.visual_ids = spec, parent, lm, visual_ids
+        self.layers = lm.layers
+        self.scorer = self.layers[spec.layer - 1].self_attn
+        self.visual = None       # (B, L) bool, set by the parent's forward from input_ids
+        self.index = None        # (B, n) kept positions of the last pruned prefill
+        self.prefill_len = 0
+        self.cache = None        # the cache that prefill filled: decode steps are recognised by it
+        self.mode = None         # None | "prefill" | "decode" for the running LM forward
+        self.memo: dict = {}     # id(original kwarg tensor) -> gathered, per LM forward
+
+    # -- parent (multimodal model) -----------------------------------------------------
+    def parent_pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            self.visual = None
+            if embeds is not None and embeds.shape[1] > 1:
+                raise ValueError("FastV: pass input_ids (image tokens are found by id), not inputs_embeds")
+            return None
+        ids_t = torch.tensor(self.visual_ids, device=ids.device)
+        self.visual = torch.isin(ids, ids_t)
+        return None
+
+    def parent_post(self, module, args, kwargs, output):
+        self.visual = None
+        return None
+
+    # -- language model ------------------------------------------------------------------
+    def lm_pre(self, module, args, kwargs):
+        self.mode, self.memo = None, {}
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = embeds if embeds is not None else ids
+        if x is None:
+            return None
+        length = x.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        visual = self.visual
+        if length > 1 and past == 0 and visual is not None and visual.shape[1] == length and bool(visual.any()):
+            mask2d = kwargs.get("attention_mask")
+            if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and not bool(mask2d[:, -1].all()):
+                raise ValueError("FastV: the last position of every prompt must be a real token (scores come from "
+                                 "the last token): pad batched prompts on the left (padding_side='left')")
+            counts = visual.sum(1)
+            if not bool((counts == counts[0]).all()):
+                raise ValueError(f"FastV: every sample needs the same number of image tokens to stay a rectangular "
+                                 f"batch, got {counts.tolist()}")
+            n_vis = int(counts[0])
+            if isinstance(self.spec.keep, int) and self.spec.keep > n_vis:
+                raise ValueError(f"FastV.keep: {self.spec.keep} image tokens requested, the prompt has {n_vis}")
+            self.mode, self.index, self.prefill_len, self.cache = "prefill", None, length, cache
+            self.scorer.__dict__[_REQUEST] = dict(query_index=-1, reduce_heads="mean")
+        elif self.index is not None and cache is not None and cache is self.cache and past > 0:
+            self.mode = "decode"
+        else:
+            self.index, self.cache = None, None
+        return None
+
+    def lm_post(self, module, args, kwargs, output):
+        self.scorer.__dict__.pop(_REQUEST, None)
+        self.scorer.__dict__.pop(_RESULT, None)
+        if self.mode == "prefill":
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            self.cache = cache if cache is not None else self.cache
+        self.mode, self.memo = None, {}
+        return None
+
+    # -- decoder layers >= K ---------------------------------------------------------------
+    def _once(self, t, fn):
+        key = id(t)
+        if key not in self.memo:
+            self.memo[key] = (t, fn(t))  # keep t alive so its id is not reused within this forward
+        return self.memo[key][1]
+
+    def layer_pre(self, module, args, kwargs):
+        if self.mode is None:
+            return None
+        args = list(args)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.mode == "prefill":
+            if module is self.layers[self.spec.layer]:
+                result = self.scorer.__dict__.pop(_RESULT, None)
+                self.scorer.__dict__.pop(_REQUEST, None)
+                if result is None:
+                    raise RuntimeError("FastV: the scoring layer produced no attention scores (is its attention "
+                                       "still on attn_implementation='mmkernels'?)")
+                scores = result[0]
+                keep = self.spec.keep
+                n_vis = int(self.visual_or_raise().sum(1)[0])
+                k = int(round(keep * n_vis)) if isinstance(keep, float) else keep
+                hidden, self.index = select_tokens(hidden, scores.to(hidden.device), k, protect=~self.visual)
+            idx = self.index
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                kwargs["attention_mask"] = self._once(mask, lambda m: gather_tokens(m, idx, (-2, -1)))
+            pe = kwargs.get("position_embeddings")
+            if isinstance(pe, tuple):
+                kwargs["position_embeddings"] = tuple(self._once(t, lambda t: gather_tokens(t, idx, -2)) for t in pe)
+            pos = kwargs.get("position_ids")
+            if isinstance(pos, torch.Tensor) and pos.shape[-1] == self.prefill_len:
+                kwargs["position_ids"] = self._once(
+                    pos, lambda p: gather_tokens(p, idx, -1, batch_dim=0 if p.dim() == 2 else 1))
+        else:  # decode: the layer's cache holds the kept prefill tokens, then every generated one
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] > self.prefill_len:
+                def cols(m):
+                    b = max(m.shape[0], self.index.shape[0])
+                    new = torch.arange(self.prefill_len, m.shape[-1], device=m.device).expand(b, -1)
+                    return gather_tokens(m, torch.cat([self.index.to(m.device).expand(b, -1), new], 1), -1)
+                kwargs["attention_mask"] = self._once(mask, cols)
+        if args:
+            args[0] = hidden
+        else:
+            kwargs["hidden_states"] = hidden
+        return tuple(args), kwargs
+
+    def visual_or_raise(self):
+        if self.visual is None:
+            raise RuntimeError("FastV: lost track of the image-token mask during the forward")
+        return self.visual
+
+
+def _visual_token_ids(config) -> list[int]:
+    ids = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    return ids
+
+
+def _apply_fastv(model: nn.Module, spec: FastV, report, undo: list[Callable]) -> None:
+    found = False
+    for path, m in model.named_modules():
+        if type(m).__name__ not in _FASTV_PARENTS:
+            continue
+        lm = getattr(m, "language_model", None)
+        layers = getattr(lm, "layers", None)
+        if lm is None or not isinstance(layers, nn.ModuleList):
+            report.skipped.append((path, type(m).__name__, "FastV: no language_model.layers"))
+            continue
+        if spec.layer >= len(layers):
+            raise ValueError(f"FastV.layer: {spec.layer} must be below the number of decoder layers ({len(layers)}) "
+                             f"of {path or '<root>'}")
+        impl = getattr(lm.config, "_attn_implementation", None)
+        if impl != "mmkernels":
+            raise ValueError(f"prune=FastV(...): the language model's attention must run on mmkernels to give scores, "
+                             f"got attn_implementation={impl!r} (keep patch(..., attention=True))")
+        ids = _visual_token_ids(m.config)
+        if not ids:
+            raise ValueError(f"FastV: {type(m).__name__}'s config names no image_token_id")
+        st = _FastVState(spec, m, lm, ids)
+        handles = [m.register_forward_pre_hook(st.parent_pre, with_kwargs=True),
+                   m.register_forward_hook(st.parent_post, with_kwargs=True, always_call=True),
+                   lm.register_forward_pre_hook(st.lm_pre, with_kwargs=True),
+                   lm.register_forward_hook(st.lm_post, with_kwargs=True, always_call=True)]
+        handles += [layer.register_forward_pre_hook(st.layer_pre, with_kwargs=True) for layer in layers[spec.layer:]]
+        m.__dict__[_STATE] = st
+
+        def _undo(handles=handles, m=m, st=st):
+            for h in handles:
+                h.remove()
+            st.scorer.__dict__.pop(_REQUEST, None)
+            st.scorer.__dict__.pop(_RESULT, None)
+            m.__dict__.pop(_STATE, None)
+
+        undo.append(_undo)
+        report.methods.append((path, "language_model.forward",
+                               f"FastV(layer={spec.layer}, keep={spec.keep}): image tokens pruned after decoder layer "
+                               f"{spec.layer - 1} by the last token's attention (mk.attention_scores)"))
+        found = True
+    if not found:
+        raise ValueError(f"prune=FastV(...): no LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL model inside "
+                         f"{type(model).__name__} (supported: {', '.join(_FASTV_PARENTS)})")
+
+
+# --------------------------------------------------------------------------------------
+# VisionZip
+# --------------------------------------------------------------------------------------
+def visionzip_reduce(hidden: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int,
+                     contextual: int, has_cls: bool) -> torch.Tensor:
+    """VisionZip's reduction of one layer's output (see :class:`VisionZip` for the rule).
+
+    ``hidden`` (B, L, C) the layer's output; ``scores`` (B, L) the attention each token received
+    (CLS row for CLIP, summed over heads; mean over rows for SigLIP); ``keys`` (B, Hkv, L, d) the
+    layer's keys.  Returns (B, dominant + contextual, C).
+    """
+    b, length, c = hidden.shape
+    if dominant + contextual > length or (has_cls and dominant < 1):
+        raise ValueError(f"VisionZip: dominant + contextual = {dominant + contextual} exceeds the {length} tokens "
+                         f"of the layer")
+    protect = [0] if has_cls else None
+    dom, index = select_tokens(hidden, scores.float(), dominant - (1 if has_cls else 0), protect=protect)
+    if contextual == 0:
+        return dom
+    rest_mask = torch.ones(b, length, dtype=torch.bool, device=hidden.device)
+    rest_mask[torch.arange(b, device=hidden.device)[:, None], index] = False
+    r = length - dominant
+    rest = hidden[rest_mask].view(b, r, c)
+    metric = keys.mean(1)[rest_mask].view(b, r, -1).float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, r // contextual)
+    targets = torch.arange(0, r, step, device=hidden.device)[:contextual]
+    is_target = torch.zeros(r, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    sim = metric[:, ~is_target] @ metric[:, targets].transpose(1, 2)          # (B, R - contextual, contextual)
+    assign = torch.nn.functional.one_hot(sim.argmax(-1), contextual).to(hidden.dtype)
+    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)
+    merged = assign.transpose(1, 2) @ rest[:, ~is_target] / counts
+    return torch.cat([dom, rest[:, targets] + merged], dim=1)
+
+
+class _VisionZipHook:
+    """Forward hook of the scoring encoder layer: its output → VisionZip's reduced tokens.  An
+    object rather than a closure, so ``copy.deepcopy`` of a patched model points the copy's hook
+    at the copy's attention module."""
+
+    def __init__(self, spec: VisionZip, attn: nn.Module, has_cls: bool):
+        self.spec, self.attn, self.has_cls = spec, attn, has_cls
+
+    def __call__(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        result = self.attn.__dict__.pop(_RESULT, None)
+        if result is None:
+            raise RuntimeError("VisionZip: the scoring layer produced no attention scores")
+        scores, keys = result
+        if not self.has_cls:
+            scores = scores / hidden.shape[1]  # summed over rows → mean over query rows
+        reduced = visionzip_reduce(hidden, scores, keys, self.spec.dominant, self.spec.contextual, self.has_cls)
+        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
+
+
+def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Callable]) -> None:
+    for path, m in model.named_modules():
+        if type(m).__name__ in _FASTV_PARENTS:
+            raise ValueError(f"prune=VisionZip(...): {type(m).__name__} at {path or '<root>'} expects one image "
+                             "placeholder per unpruned patch in input_ids; VisionZip is supported on standalone "
+                             "CLIP / SigLIP vision towers")
+    found, seen = False, set()
+    for path, m in model.named_modules():
+        has_cls = _VISIONZIP_CONFIGS.get(type(getattr(m, "config", None)).__name__)
+        encoder = getattr(m, "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if has_cls is None or not hasattr(m, "embeddings") or id(encoder) in seen:
+            continue
+        if not isinstance(layers, nn.ModuleList):
+            report.skipped.append((path, type(m).__name__, "VisionZip: no encoder.layers"))
+            continue
+        seen.add(id(encoder))
+        n = len(layers)
+        if not -n <= spec.layer < n:
+            raise ValueError(f"VisionZip.layer: {spec.layer} is out of range for {n} encoder layers")
+        impl = getattr(m.config, "_attn_implementation", None)
+        if impl != "mmkernels":
+            raise ValueError(f"prune=VisionZip(...): the vision attention must run on mmkernels to give scores, got "
+                             f"attn_implementation={impl!r} (keep patch(..., attention=True))")
+        layer = layers[spec.layer]
+        attn = layer.self_attn
+        # CLIP: the CLS row summed over heads; SigLIP: every row, summed over heads (÷ L below)
+        attn.__dict__[_REQUEST] = dict(query_index=0 if has_cls else None, reduce_heads="sum")
+
+        h = layer.register_forward_hook(_VisionZipHook(spec, attn, has_cls))
+
+        def _undo(h=h, attn=attn):
+            h.remove()
+            attn.__dict__.pop(_REQUEST, None)
+            attn.__dict__.pop(_RESULT, None)
+
+        undo.append(_undo)
+        report.methods.append((path, f"encoder.layers[{spec.layer}].forward",
+                               f"VisionZip(dominant={spec.dominant}, contextual={spec.contextual}): "
+                               f"{'CLS' if has_cls else 'mean'}-attention tokens kept (mk.attention_scores)"))
+        found = True
+    if not found:
+        raise ValueError(f"prune=VisionZip(...): no CLIP / SigLIP vision transformer inside {type(model).__name__}")
+
+
+def apply(model: nn.Module, prune, report, undo: list[Callable]) -> None:
+    """The ``prune=`` step of :func:`mmkernels.patch`: register the hooks, record how to undo them."""
+    if isinstance(prune, FastV):
+        _apply_fastv(model, prune, report, undo)
+    elif isinstance(prune, VisionZip):
+        _apply_visionzip(model, prune, report, undo)
+    else:
+        raise ValueError(f"prune: expected mmkernels.FastV(...) or mmkernels.VisionZip(...), got {prune!r}")

@@ -1,9 +1,5 @@
-"""Performance suite: mmkernels.attention on the vision encoders' and Q-Former's attention shapes.
-
-Cases: the model presets of DESIGN.md × backends × modes (``mmkernels/bench/cases_attention.py``,
-``suite_backends`` / ``suite_modes``); CPU-scaled CPU backends without a GPU. Skips with the
-reason when the op is not in this build. See benchmarks/README.md.
-"""
+"""Performance suite of `mmkernels bench attention`'s cases (`mmkernels/bench/cases_attention.py`): the model
+presets × `suite_backends` × `suite_modes`. See benchmarks/README.md."""
 
 import pytest
 

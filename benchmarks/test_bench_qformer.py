@@ -1,9 +1,5 @@
-"""Performance suite: mmkernels.qformer_cross_attention (BLIP-2 / InstructBLIP Q-Former cross-attention).
-
-Cases: the model presets of DESIGN.md × backends × modes (``mmkernels/bench/cases_qformer.py``,
-``suite_backends`` / ``suite_modes``); CPU-scaled CPU backends without a GPU. Skips with the
-reason when the op is not in this build. See benchmarks/README.md.
-"""
+"""Performance suite of `mmkernels bench qformer`'s cases (`mmkernels/bench/cases_qformer.py`): the model
+presets × `suite_backends` × `suite_modes`. See benchmarks/README.md."""
 
 import pytest
 

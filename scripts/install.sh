@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one set-up command: torch (CPU or CUDA build), then mmkernels editable with the dev extras.
+# The one set-up command: torch (CPU or CUDA build), then mmkernels editable with its extras.
 #
 #   bash scripts/install.sh                 # PYTHON=python3.11 bash scripts/install.sh for another interpreter
-#   EXTRAS=dev,hf,bench bash scripts/install.sh   # extras (default dev,hf; also bench, timm)
+#   EXTRAS=dev,hf,bench,timm bash scripts/install.sh   # extras (default dev,hf,bench: tests, the HF
+#                                                      # integration, `mmkernels bench --plot` and rich tables)
+#   EXTRAS= bash scripts/install.sh        # no extras: mmkernels and its runtime dependencies only
 #
 # Idempotent: what is already installed is kept, and a second run takes about a second.
 # Never runs nvidia-smi: a GPU is detected from the driver's device nodes.  The CUDA extension
@@ -12,7 +14,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-dev,hf}"
+EXTRAS="${EXTRAS-dev,hf,bench}"   # set and empty: no extras
 TORCH_VERSION="${MMKERNELS_TORCH_VERSION:-2.13.0}"
 STAMP="$REPO/build/.install-stamp"
 
@@ -82,7 +84,7 @@ import json
 url = json.loads(md.distribution("mmkernels").read_text("direct_url.json") or "{}")
 if not url.get("dir_info", {}).get("editable") or os.path.realpath(url.get("url", "")[len("file://"):]) != repo:
     sys.exit(1)
-extras = [""] + os.environ.get("EXTRAS", "dev,hf").split(",")
+extras = [""] + [e for e in os.environ.get("EXTRAS", "").split(",") if e]
 for line in md.requires("mmkernels") or []:
     req = Requirement(line)
     if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
@@ -93,8 +95,8 @@ EOF
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(fingerprint)" ]] && EXTRAS="$EXTRAS" installed_here; then
     log "mmkernels already installed from $REPO: kept"
 else
-    log "installing mmkernels from $REPO (editable, extras: $EXTRAS)"
-    (cd "$REPO" && pip_install --no-build-isolation -e ".[$EXTRAS]")
+    log "installing mmkernels from $REPO (editable, extras: ${EXTRAS:-none})"
+    (cd "$REPO" && pip_install --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}")
     mkdir -p "$(dirname "$STAMP")"
     fingerprint > "$STAMP"
 fi

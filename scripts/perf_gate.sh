@@ -9,11 +9,11 @@
 #   MMK_PERF_REQUIRE_BASELINE=1 ...                 # a device without a baseline fails instead of passing
 #   MMK_PERF_PYTEST_ARGS="-k attention" ...         # extra pytest arguments (a subset)
 #
-# Writes under $OUT (default ./perf_out): perf_<device-slug>.json (pytest-benchmark JSON with
-# the device, versions and commit in machine_info; on CUDA extra_info.ms_p50 holds the
-# CUDA-event median the gate compares) and compare.txt.
-# The device slug: python -c "from mmkernels.bench.env import device_slug; print(device_slug())"
-# (e.g. nvidia-h100-80gb-hbm3). CPU timings on a shared box are too noisy to gate on: on a
+# Writes under $OUT (default ./perf_out): perf_<device-slug>.json (the suite's cases as one
+# `mmkernels bench --json` document: device, versions, commit; each case's do_bench median on
+# CUDA, the number the gate compares) and compare.txt.
+# The device slug is the suite JSON's device.slug (mmkernels.bench.env.device_slug(), e.g.
+# nvidia-h100-80gb-hbm3). CPU timings on a shared box are too noisy to gate on: on a
 # machine without a GPU the suite runs as a smoke test and the gate only reports.
 set -euo pipefail
 
@@ -25,15 +25,17 @@ THRESHOLD="${MMK_PERF_THRESHOLD:-0.10}"
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-slug=$("$PY" -c "from mmkernels.bench.env import device_slug; print(device_slug())")
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
-json="$OUT/perf_$slug.json"
-baseline="benchmarks/baselines/$slug.json"
 
-echo "== suite: $PY -m pytest benchmarks --benchmark-json $json (device $slug)"
+echo "== suite: $PY -m pytest benchmarks --mmk-json $OUT/perf.json"
 # shellcheck disable=SC2086
-"$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$json" \
+"$PY" -m pytest benchmarks -q -p no:cacheprovider --mmk-json "$OUT/perf.json" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=fullname ${MMK_PERF_PYTEST_ARGS:-}
+# the device's key as the suite measured it (on a CPU it holds the suite's thread count)
+slug=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['device']['slug'])" "$OUT/perf.json")
+json="$OUT/perf_$slug.json"
+mv "$OUT/perf.json" "$json"
+baseline="benchmarks/baselines/$slug.json"
 
 if [[ "${MMK_PERF_UPDATE:-0}" == "1" ]]; then
     cp "$json" "$baseline"
@@ -48,7 +50,7 @@ if [[ ! -f "$baseline" ]]; then
 fi
 echo "== gate: mmkernels bench compare $baseline $json --threshold $THRESHOLD"
 rc=0
-"$PY" -m mmkernels bench compare "$baseline" "$json" --threshold "$THRESHOLD" --plain | tee "$OUT/compare.txt" \
+"$PY" -m mmkernels bench compare "$baseline" "$json" --threshold "$THRESHOLD" | tee "$OUT/compare.txt" \
     || rc=${PIPESTATUS[0]}
 if [[ "$cuda" != "1" && "$rc" == "1" ]]; then
     echo "== CPU timings: the regression above is reported, not enforced (no GPU: a smoke test)"

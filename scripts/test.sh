@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
 # The test command: the unit tests, then the benchmark suite as a smoke test (each benchmark
-# body runs once, untimed).  Extra arguments go to the unit-test pytest run:
+# body runs once, untimed). Extra arguments go to the unit-test pytest run:
 #
 #   bash scripts/test.sh                    # everything
 #   bash scripts/test.sh -k attention -x    # a subset
 #
-# Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 so the Triton kernels run on CPU.
-set -euo pipefail
+# The last line is always the unit tests' counts (read from pytest's junit XML, so -qq, -p
+# no:terminal or a long benchmark log cannot hide it). Without a GPU, tests/conftest.py sets
+# TRITON_INTERPRET=1 so the Triton kernels run on CPU.
+set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 cd "$REPO"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
 echo "== unit tests: $PY -m pytest tests -q $*"
-"$PY" -m pytest tests -q "$@"
+"$PY" -m pytest tests -q "$@" --junitxml="$tmp/unit.xml"
+unit_rc=$?
+summary() {
+    "$PY" - "$tmp/unit.xml" "$unit_rc" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    s = ET.parse(sys.argv[1]).getroot()
+    s = s.find("testsuite") if s.tag == "testsuites" else s
+    n = {k: int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    print(f"== unit tests: {passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped "
+          f"in {float(s.get('time', 0)):.0f} s (pytest exit code {sys.argv[2]})")
+except Exception as exc:
+    print(f"== unit tests: no summary ({exc}); pytest exit code {sys.argv[2]}")
+PY
+}
+if (( unit_rc != 0 )); then
+    summary
+    exit "$unit_rc"
+fi
 
-shopt -s nullglob
-bench_files=(benchmarks/test_bench_*.py)
-if (( ${#bench_files[@]} == 0 )); then
-    echo "== benchmarks: no benchmarks/test_bench_*.py yet, smoke run skipped"
-    exit 0
+bench_rc=0
+if compgen -G "benchmarks/test_bench_*.py" >/dev/null; then
+    echo "== benchmark smoke: $PY -m pytest benchmarks -q --benchmark-disable"
+    "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable || bench_rc=$?
+    # 5 = pytest's "no tests collected": every benchmark needs a GPU or is deselected here
+    (( bench_rc == 5 )) && echo "== benchmarks: no benchmark collected (exit 5), counted as success" && bench_rc=0
+    echo "== benchmark smoke: exit code $bench_rc"
 fi
-echo "== benchmark smoke: $PY -m pytest benchmarks -q --benchmark-disable"
-rc=0
-"$PY" -m pytest benchmarks -q --benchmark-disable || rc=$?
-if (( rc == 5 )); then
-    # pytest's "no tests collected": every benchmark needs a GPU or is deselected here
-    echo "== benchmarks: no benchmark collected (exit 5), counted as success"
-    rc=0
-fi
-exit "$rc"
+summary
+exit "$bench_rc"

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _ext, dispatch
-from mmkernels.bench import info
+from mmkernels import _ext, dispatch, info
 
 ROOT = Path(__file__).resolve().parents[1]
 

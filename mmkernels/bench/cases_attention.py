@@ -1,57 +1,46 @@
-"""Benchmark cases of ``mmkernels.attention``: the vision encoders' and Q-Former's attention.
+"""Benchmark cases of ``mmkernels.attention``: the vision encoders' and the Q-Former's attention.
 
-Backends (names as in reports and ``--backends``):
+Backends: ``eager`` (``mmkernels.reference.attention``: matmul + softmax + matmul in the input dtype,
+what a model without fused attention runs); ``sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``
+(SDPA pinned with ``sdpa_kernel``) and ``sdpa`` (torch's choice, opt-in); ``flex``
+(``torch.compile(flex_attention)``, CUDA only); ``flash-attn`` and ``xformers`` (when importable);
+``triton`` (``mmkernels.attention`` forced to its Triton kernels) and ``triton-pad`` (opt-in: the
+launchers' ``split=False``, the head dim padded to a power of two instead of split — 88 -> 128
+rather than 64 + 32 — what the split saves).
 
-========================  ===============================================================
-``eager``                 ``mmkernels.reference.attention.attention``: matmul + softmax + matmul
-                          in the input dtype (what a model without fused attention runs)
-``sdpa``                  ``F.scaled_dot_product_attention`` with torch's own backend choice
-``sdpa-flash`` ...        SDPA inside ``sdpa_kernel(SDPBackend.X)``: ``-flash``, ``-efficient``,
-                          ``-cudnn`` (CUDA only), ``-math``
-``flex``                  ``torch.compile(flex_attention)``, causal as a block mask (CUDA only)
-``flash-attn``            ``flash_attn_func`` on (B, L, H, D) inputs (when importable)
-``xformers``              ``xformers.ops.memory_efficient_attention`` (when importable)
-``triton``                ``mmkernels.attention(..., backend="triton")``
-``triton-pad``            the same kernel with the head dim padded to the next power of two
-                          instead of split (88 -> 128 rather than 64 + 32): what the split saves
-``cuda``                  mmkernels' CUDA-extension backend, when one is registered
-========================  ===============================================================
-
-The backend classes keep the call convention of ``benchmarks/bench_attention.py`` (which imports
-them): ``prepare(case, device) -> Prepared(call, layout)`` with ``case`` carrying ``Lq``, ``Lk``,
-``d``, ``causal``, ``scale`` (and ``mask``); ``call(q, k, v[, attn_mask=])``.
+FLOPs (the FlashAttention papers' convention): fwd = 2·B·H·Lq·Lk·(d + dv), halved when causal;
+bwd = 2.5 × fwd (five matmuls to the forward's two); fwd+bwd = 3.5 × fwd; softmax and masks not
+counted (a padding mask does not reduce the count).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from . import flops as fl
-from .registry import BenchBackend, Bound, OpBench, ShapeSpec, Skip, as_bool, mk_backend_unavailable, parse_kv
-from .report import short_text
+from .cases import Backend, Bound, OpBench, ShapeSpec, Skip, as_bool, mk_backend, mk_unavailable, parse_kv
 
-__all__ = ["AttnShape", "BENCH", "Prepared", "make_backends", "ref_out_slice"]
+__all__ = ["BENCH", "AttnShape", "attention_flops", "sdpa_backend"]
 
-GIB = 1 << 30
-MIB = 1 << 20
+GIB, MIB = 1 << 30, 1 << 20
 CHECK_HEADS = 2
+#: the float64 gradient check runs when its slice's scores are at most this many elements
+GRAD_CHECK_MAX = 1 << 24
+CONVENTION = ("fwd = 2*B*H*Lq*Lk*(d+dv) (QK^T and PV, 2 FLOPs per multiply-add), halved when causal; bwd = 2.5 * fwd; "
+              "fwd+bwd = 3.5 * fwd; softmax/exp and masks not counted (the FlashAttention papers' convention)")
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 
-# --------------------------------------------------------------------------------------
-# shapes and presets (DESIGN.md, "Real shapes")
-# --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttnShape:
-    """(B, H, Lq, d) queries against (B, H, Lk, d) keys / (B, H, Lk, dv) values.
-
-    ``mask``: None, or ``"pad"``: a (B, 1, 1, Lk) bool padding mask (True = attend), batch
-    element b keeping the first Lk - (b % 4)·Lk/8 keys — the HF padding mask of a text batch."""
+    """(B, H, Lq, d) queries against (B, H, Lk, d) keys and (B, H, Lk, dv) values. ``mask="pad"``:
+    a (B, 1, 1, Lk) bool padding mask (True = attend), batch element b keeping the first
+    Lk - (b % 4)·Lk/8 keys — the HF padding mask of a text batch."""
 
     B: int
     H: int
@@ -63,16 +52,16 @@ class AttnShape:
     mask: str | None = None
 
     @property
-    def L(self) -> int:
-        return self.Lk
-
-    @property
     def Dv(self) -> int:
         return self.d if self.dv is None else self.dv
 
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.d)
+
+
+def attention_flops(B, H, Lq, Lk, d, dv=None, *, causal=False, mode="fwd") -> float:
+    return 2.0 * B * H * Lq * Lk * (d + (d if dv is None else dv)) * (0.5 if causal else 1.0) * MODE_FACTOR[mode]
 
 
 def _s(preset, id_, label, B, H, Lq, Lk, d, dtype=None, **kw) -> ShapeSpec:
@@ -83,411 +72,237 @@ _EVA = ("eva-vitg", "EVA ViT-g/14 vision self-attn (39 layers)", 32, 16, 257, 25
 _QF_CROSS = ("qformer-cross", "Q-Former cross-attn, 32 queries x 257 image tokens (fp32, as HF keeps it)",
              32, 12, 32, 257, 64, "float32")
 PRESETS: dict[str, list[ShapeSpec] | str] = {
-    "blip2": [
-        _s("blip2", *_EVA),
-        _s("blip2", "qformer-self", "Q-Former self-attn, 32 queries (fp32, as HF keeps it)",
-           32, 12, 32, 32, 64, "float32"),
-        _s("blip2", *_QF_CROSS),
-    ],
-    "instructblip": [
-        _s("instructblip", *_EVA),
-        _s("instructblip", "qformer-self-text", "Q-Former self-attn, 32 queries + 32 instruction tokens, "
-           "padding mask (fp32)", 32, 12, 64, 64, 64, "float32", mask="pad"),
-        _s("instructblip", *_QF_CROSS),
-    ],
-    "llava15": [_s("llava15", "clip-vitl336", "CLIP ViT-L/14-336 vision self-attn (24 layers)",
-                   16, 16, 577, 577, 64)],
+    "blip2": [_s("blip2", *_EVA), _s("blip2", *_QF_CROSS),
+              _s("blip2", "qformer-self", "Q-Former self-attn, 32 queries (fp32, as HF keeps it)",
+                 32, 12, 32, 32, 64, "float32")],
+    "instructblip": [_s("instructblip", *_EVA), _s("instructblip", *_QF_CROSS),
+                     _s("instructblip", "qformer-self-text", "Q-Former self-attn, 32 queries + 32 instruction "
+                        "tokens, padding mask (fp32)", 32, 12, 64, 64, 64, "float32", mask="pad")],
+    "llava15": [_s("llava15", "clip-vitl336", "CLIP ViT-L/14-336 vision self-attn (24 layers)", 16, 16, 577, 577, 64)],
     "llava-ov": [_s("llava-ov", "siglip-384", "SigLIP so400m/14-384 vision self-attn", 16, 16, 729, 729, 72)],
     "gemma3": [_s("gemma3", "siglip-896", "SigLIP 896 vision self-attn (Gemma 3)", 4, 16, 4096, 4096, 72)],
-    "qwen2vl": [
-        _s("qwen2vl", "vit-16k", "Qwen2-VL ViT, one 16k-token image (packed batch of one)",
-           1, 16, 16384, 16384, 80),
-        _s("qwen2vl", "vit-4x4k", "Qwen2-VL ViT, 4 images of 4096 tokens", 4, 16, 4096, 4096, 80),
-    ],
+    "qwen2vl": [_s("qwen2vl", "vit-16k", "Qwen2-VL ViT, one 16k-token image (packed batch of one)",
+                   1, 16, 16384, 16384, 80),
+                _s("qwen2vl", "vit-4x4k", "Qwen2-VL ViT, 4 images of 4096 tokens", 4, 16, 4096, 4096, 80)],
+    "qwen25vl": "Qwen2.5-VL's ViT attends within packed windows (cu_window_seqlens): a varlen op, not this one",
     "internvl": [_s("internvl", "internvit-300m", "InternViT-300M vision self-attn (InternVL 2.5)",
                     8, 16, 1025, 1025, 64)],
-    "sweep": "generated: d = 64, H = 16, B·L = 16384 tokens, L = 256 ... 16384 (CPU: 64 ... 512)",
+    "sweep": "generated: B·L = 16384 tokens, H·d = 2048, d = 64, 128, 88, L = 512 ... 16384, causal and not "
+             "(CPU: 512 tokens, H·d = 128, d = 64, 88, L = 64 ... 256)",
 }
 
 
-# --------------------------------------------------------------------------------------
-# backends
-# --------------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    call: object  # (q, k, v[, attn_mask=]) -> out, all in `layout`
-    layout: str = "bhld"  # or "blhd": inputs/outputs are (B, L, H, D)
-
-
-def _no_mask(case, who: str) -> None:
-    if getattr(case, "mask", None):
+# backends: `call(shape)` returns f(q, k, v, attn_mask=None) in the backend's layout, or raises Skip
+def _no_mask(s: AttnShape, who: str) -> None:
+    if s.mask:
         raise Skip(f"{who} is not benchmarked with a padding mask")
 
 
-class Backend(BenchBackend):
-    # bytes per element of the B·H·Lq·Lk scores it materialises (None: flash-style, O(L) memory)
-    score_itemsize = None
+def sdpa_backend(name: str, member: str | None, call=None, description: str = "") -> Backend:
+    """SDPA pinned to ``SDPBackend.<member>`` (None: torch's choice); also the Q-Former's."""
+    gpu = member in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
-    def score_bytes(self, dtype) -> int | None:
-        return None
+    def why_not(device):
+        from torch.nn.attention import SDPBackend
 
-    def prepare(self, case, device) -> Prepared:
-        raise NotImplementedError
+        if member and not hasattr(SDPBackend, member):
+            return f"SDPBackend.{member} does not exist in torch {torch.__version__}"
+        return f"SDPBackend.{member} is CUDA-only" if gpu and getattr(device, "type", device) != "cuda" else None
 
-
-class Eager(Backend):
-    name = "eager"
-    description = "mmkernels.reference.attention: matmul + softmax + matmul in the input dtype"
-
-    def __init__(self, dtype=None):
-        if dtype is not None:
-            self.score_itemsize = torch.empty((), dtype=dtype).element_size()
-
-    def score_bytes(self, dtype):
-        return torch.empty((), dtype=dtype).element_size()
-
-    def unavailable(self, device, dtype=None):
-        try:
-            from mmkernels.reference.attention import attention  # noqa: F401
-        except Exception as exc:
-            return f"cannot import mmkernels.reference.attention: {exc!r}"
-        return None
-
-    def prepare(self, case, device):
-        from mmkernels.reference.attention import attention
-
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v, attn_mask=None: attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
-                                                                  scale=scale))
-
-
-class Triton(Backend):
-    name = "triton"
-    description = 'mmkernels.attention(..., backend="triton")'
-    gpu_kernel = True
-    mk_name = "triton"
-
-    def unavailable(self, device, dtype=None):
-        try:
-            import mmkernels  # noqa: F401
-        except Exception as exc:
-            return f"cannot import mmkernels: {exc!r}"
-        return mk_backend_unavailable("attention", self.mk_name, device)
-
-    def prepare(self, case, device):
-        import mmkernels
-
-        causal, scale, name = case.causal, case.scale, self.mk_name
-        return Prepared(lambda q, k, v, attn_mask=None: mmkernels.attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, backend=name))
-
-
-class TritonPad(Triton):
-    """The Triton kernel with the head dim padded to the next power of two instead of split
-    into power-of-two chunks (88 → 128 rather than 64+32): measures what the split saves."""
-
-    name = "triton-pad"
-    description = "the triton kernel with MMKERNELS_ATTN_SPLIT_HEAD_DIM=0 (head dim padded, not split)"
-
-    def context(self):
-        @contextlib.contextmanager
-        def padded():
-            old = os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM")
-            os.environ["MMKERNELS_ATTN_SPLIT_HEAD_DIM"] = "0"
-            try:
-                yield
-            finally:
-                if old is None:
-                    os.environ.pop("MMKERNELS_ATTN_SPLIT_HEAD_DIM", None)
-                else:
-                    os.environ["MMKERNELS_ATTN_SPLIT_HEAD_DIM"] = old
-
-        return padded()
-
-    def prepare(self, case, device):
-        if case.d & (case.d - 1) == 0:
-            raise Skip(f"d={case.d} is a power of two: nothing to split, same kernel as triton")
-        return super().prepare(case, device)
-
-
-class CudaExt(Triton):
-    name = "cuda"
-    description = 'mmkernels.attention(..., backend="cuda") (the csrc/ extension)'
-    mk_name = "cuda"
-
-
-class Sdpa(Backend):
-    def __init__(self, name, member, dtype=None):
-        self.name, self.member = name, member
-        self.gpu_kernel = member in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
-        self.description = ("F.scaled_dot_product_attention, torch's backend choice" if member is None else
-                            f"F.scaled_dot_product_attention in sdpa_kernel(SDPBackend.{member})")
-        if member == "MATH" and dtype is not None:
-            # the math path upcasts fp16/bf16 to fp32 (torch >= 2.5) and materialises L×L
-            self.score_itemsize = max(4, torch.empty((), dtype=dtype).element_size())
-
-    def score_bytes(self, dtype):
-        return max(4, torch.empty((), dtype=dtype).element_size()) if self.member == "MATH" else None
-
-    def unavailable(self, device, dtype=None):
-        if self.member is None:
-            return None
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
-        except Exception as exc:
-            return f"torch.nn.attention.sdpa_kernel unavailable: {exc!r}"
-        if not hasattr(SDPBackend, self.member):
-            return f"SDPBackend.{self.member} does not exist in torch {torch.__version__}"
-        if getattr(device, "type", device) != "cuda" and self.gpu_kernel:
-            return f"SDPBackend.{self.member} is CUDA-only"
-        return None
-
-    def context(self):
-        if self.member is None:
-            return contextlib.nullcontext()
+    def context():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([getattr(SDPBackend, self.member)])
+        return sdpa_kernel([getattr(SDPBackend, member)])
 
-    def prepare(self, case, device):
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v, attn_mask=None: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale))
+    call = call or (lambda s: partial(F.scaled_dot_product_attention, is_causal=s.causal, scale=s.scale))
+    return Backend(name, description or f"F.scaled_dot_product_attention in sdpa_kernel(SDPBackend.{member})",
+                   call, why_not, context if member else Backend.context, gpu_kernel=gpu,
+                   score_bytes=4 if member == "MATH" else None)  # math upcasts to fp32 and holds L×L
 
 
-class Flex(Backend):
-    name = "flex"
-    description = "torch.compile(flex_attention), causal as a block mask"
-    gpu_kernel = True
+def _eager(s: AttnShape):
+    from mmkernels.reference.attention import attention
+
+    return partial(attention, is_causal=s.causal, scale=s.scale)
+
+
+def _triton(s: AttnShape):
+    import mmkernels
+
+    return partial(mmkernels.attention, is_causal=s.causal, scale=s.scale)
+
+
+class _Padded(torch.autograd.Function):
+    """The Triton launchers with ``split=False``: the head dim padded to a power of two."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        from mmkernels.kernels.attention import attention_forward
+
+        out, lse = attention_forward(q, k, v, mask, None, 0.0, causal, scale, split=False)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from mmkernels.kernels.attention import attention_backward
+
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        grads = attention_backward(dout, q, k, v, out, lse, mask, None, 0.0, ctx.causal, ctx.scale, split=False)
+        return (*grads, None, None, None)
+
+
+def _triton_pad(s: AttnShape):
+    if s.d & (s.d - 1) == 0:
+        raise Skip(f"d={s.d} is a power of two: nothing to split, the same kernel as triton")
+    return lambda q, k, v, attn_mask=None: _Padded.apply(q, k, v, attn_mask, s.causal, s.scale)
+
+
+class _Flex:
+    """One static ``torch.compile`` of flex_attention per shape (fair timings), causal block masks cached."""
 
     def __init__(self):
-        self._compiled = None
-        self._masks = {}
+        self.compiled, self.masks = None, {}
 
-    def unavailable(self, device, dtype=None):
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-        except Exception as exc:
-            return f"torch.nn.attention.flex_attention unavailable: {exc!r}"
-        if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_FLEX_CPU"):
-            # the CPU code path compiles for tens of seconds per shape and is not what users run
-            return "FlexAttention is benchmarked on CUDA only"
-        return None
-
-    def prepare(self, case, device):
+    def __call__(self, s: AttnShape):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        _no_mask(case, "flex")
-        if self._compiled is None:
-            # one static compile per shape (fair timings); the default limit of 8 recompiles
-            # would silently fall back to unfused eager flex after the 8th shape
+        _no_mask(s, "flex")
+        if self.compiled is None:
             import torch._dynamo.config as dcfg
 
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dcfg, name):
-                    setattr(dcfg, name, max(getattr(dcfg, name), 1024))
-            for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(dcfg, name):
-                    setattr(dcfg, name, max(getattr(dcfg, name), 4096))
-            self._compiled = torch.compile(flex_attention, dynamic=False)
-        block_mask = None
-        if case.causal:
-            key = (case.Lq, case.Lk, str(device))
-            if key not in self._masks:
-                def causal_mod(b, h, q_idx, kv_idx):
-                    return q_idx >= kv_idx
-                self._masks = {key: create_block_mask(causal_mod, None, None, case.Lq, case.Lk, device=device)}
-            block_mask = self._masks[key]
-        fn, scale = self._compiled, case.scale
-        return Prepared(lambda q, k, v: fn(q, k, v, block_mask=block_mask, scale=scale))
+            # past the default recompile limit of 8 dynamo would silently run unfused eager flex
+            dcfg.recompile_limit = dcfg.accumulated_recompile_limit = 4096
+            self.compiled = torch.compile(flex_attention, dynamic=False)
+        if s.causal and (s.Lq, s.Lk) not in self.masks:
+            self.masks = {(s.Lq, s.Lk): create_block_mask(lambda b, h, q, kv: q >= kv, None, None, s.Lq, s.Lk)}
+        return partial(self.compiled, block_mask=self.masks.get((s.Lq, s.Lk)) if s.causal else None, scale=s.scale)
 
 
-class FlashAttn(Backend):
-    name = "flash-attn"
-    description = "flash_attn.flash_attn_func on (B, L, H, D)"
-    gpu_kernel = True
+def _flex_why_not(device):
+    if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_FLEX_CPU"):
+        return "FlexAttention is benchmarked on CUDA only (its CPU path compiles for tens of seconds per shape)"
+    return None
 
-    def unavailable(self, device, dtype=None):
+
+def _importable(module: str, what: str):
+    def why_not(device):
         if getattr(device, "type", device) != "cuda":
-            return "flash-attn is CUDA-only"
+            return f"{what} is benchmarked on CUDA only"
         try:
-            from flash_attn import flash_attn_func  # noqa: F401
+            __import__(module)
         except Exception as exc:
-            return f"flash_attn not importable: {short_text(repr(exc), 200)}"
+            return f"{module} not importable: {type(exc).__name__}: {str(exc)[:200]}"
         return None
 
-    def prepare(self, case, device):
-        from flash_attn import flash_attn_func
-
-        if getattr(case, "mask", None):
-            raise Skip("flash_attn_func takes no padding mask (that needs the varlen API)")
-        causal, scale = case.causal, case.scale
-        return Prepared(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, softmax_scale=scale),
-                        layout="blhd")
+    return why_not
 
 
-class Xformers(Backend):
-    name = "xformers"
-    description = "xformers.ops.memory_efficient_attention on (B, L, H, D)"
-    gpu_kernel = True
+def _flash_attn(s: AttnShape):
+    from flash_attn import flash_attn_func
 
-    def unavailable(self, device, dtype=None):
-        if getattr(device, "type", device) != "cuda":
-            return "xformers is benchmarked on CUDA only"
-        try:
-            import xformers.ops  # noqa: F401
-        except Exception as exc:
-            return f"xformers not importable: {short_text(repr(exc), 200)}"
-        return None
-
-    def prepare(self, case, device):
-        import xformers.ops as xops
-
-        _no_mask(case, "xformers")
-        if case.causal and case.Lq != case.Lk:
-            raise Skip("xformers' LowerTriangularMask is bottom-right aligned for Lq != Lk; SDPA's is top-left")
-        bias = xops.LowerTriangularMask() if case.causal else None
-        scale = case.scale
-        return Prepared(lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale),
-                        layout="blhd")
+    _no_mask(s, "flash_attn_func (the varlen API takes padding)")
+    return partial(flash_attn_func, causal=s.causal, softmax_scale=s.scale)
 
 
-def make_backends(dtype=None) -> dict[str, Backend]:
-    """Every attention backend, in report order (``dtype`` only sets the legacy
-    ``score_itemsize`` attribute that ``benchmarks/bench_attention.py`` reads)."""
-    return {
-        "eager": Eager(dtype),
-        "sdpa": Sdpa("sdpa", None, dtype),
-        "sdpa-flash": Sdpa("sdpa-flash", "FLASH_ATTENTION", dtype),
-        "sdpa-efficient": Sdpa("sdpa-efficient", "EFFICIENT_ATTENTION", dtype),
-        "sdpa-cudnn": Sdpa("sdpa-cudnn", "CUDNN_ATTENTION", dtype),
-        "sdpa-math": Sdpa("sdpa-math", "MATH", dtype),
-        "flex": Flex(),
-        "flash-attn": FlashAttn(),
-        "xformers": Xformers(),
-        "triton": Triton(),
-        "triton-pad": TritonPad(),
-        "cuda": CudaExt(),
-    }
+def _xformers(s: AttnShape):
+    import xformers.ops as xops
+
+    _no_mask(s, "xformers")
+    if s.causal and s.Lq != s.Lk:
+        raise Skip("xformers' LowerTriangularMask is bottom-right aligned for Lq != Lk; SDPA's is top-left")
+    bias = xops.LowerTriangularMask() if s.causal else None
+    return lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=s.scale)
 
 
-# --------------------------------------------------------------------------------------
-# float64 reference on a slice
-# --------------------------------------------------------------------------------------
-def ref_out_slice(q, k, v, causal, scale, nh, mask=None) -> torch.Tensor:
-    """float64 attention of batch 0, heads [0, nh), chunked over query rows (bounded memory).
+def _ref(q, k, v, s: AttnShape, mask, rows: int):
+    """float64 attention of the slice, chunked over query rows (bounded memory)."""
+    from mmkernels.reference.attention import attention
 
-    ``mask``: bool (True = attend) or additive, broadcastable to (B, H, Lq, Lk)."""
-    qs, ks, vs = (t[0, :nh].double() for t in (q, k, v))
-    Lq, Lk = qs.shape[1], ks.shape[1]
-    m = None
-    if mask is not None:
-        m = mask[0] if mask.dim() == 4 else mask
-        m = m[:nh] if m.shape[0] > 1 else m
-    out = torch.empty(nh, Lq, vs.shape[-1], dtype=torch.float64, device=q.device)
-    rows = max(1, min(Lq, (256 * MIB) // (nh * Lk * 8)))
-    cols = torch.arange(Lk, device=q.device)
-    for i in range(0, Lq, rows):
-        s = torch.matmul(qs[:, i:i + rows], ks.transpose(-1, -2)) * scale
-        if causal:
-            r = torch.arange(i, min(i + rows, Lq), device=q.device)
-            s.masked_fill_(cols[None, :] > r[:, None], float("-inf"))
-        if m is not None:
-            mi = m[..., i:i + rows, :] if m.shape[-2] > 1 else m
-            if mi.dtype == torch.bool:
-                s.masked_fill_(~mi, float("-inf"))
-            else:
-                s = s + mi.double()
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # fully masked rows: 0, as mk.attention
-        out[:, i:i + rows] = torch.matmul(p, vs)
-    return out
+    outs = []
+    for i in range(0, s.Lq, rows):
+        m = mask
+        if s.causal:  # top-left aligned, as SDPA: row r sees keys 0..r
+            c = torch.arange(i, min(i + rows, s.Lq), device=q.device)[:, None] >= torch.arange(s.Lk, device=q.device)
+            m = c if m is None else m & c
+        outs.append(attention(q[:, :, i:i + rows], k, v, attn_mask=m, scale=s.scale))
+    return torch.cat(outs, dim=2)
 
 
-def _to_layout(t, layout):
-    return t.transpose(1, 2).contiguous() if layout == "blhd" else t
-
-
-def _from_layout(t, layout):
-    return t.transpose(1, 2) if layout == "blhd" else t
-
-
-# --------------------------------------------------------------------------------------
-# the op's benchmark
-# --------------------------------------------------------------------------------------
-_SWEEP_GPU = (256, 512, 1024, 2048, 4096, 8192, 16384)
-_SWEEP_CPU = (64, 128, 256, 512)
-_SHAPE_KEYS = {"B": int, "H": int, "Lq": int, "Lk": int, "L": int, "d": int, "dv": int, "causal": as_bool,
-               "mask": str}
+_SHAPE_KEYS = {"B": int, "H": int, "Lq": int, "Lk": int, "L": int, "d": int, "dv": int, "causal": as_bool, "mask": str}
 
 
 class AttentionBench(OpBench):
     name = "attention"
     title = "mmkernels.attention (scaled-dot-product attention)"
     api = "attention"
-    dispatch_op = "attention"
-    metric = "tflops"
-    convention = fl.ATTENTION_CONVENTION
+    convention = CONVENTION
     presets = PRESETS
+    opt_in = {"sdpa": "torch's own choice among the sdpa-* backends",
+              "triton-pad": "the triton kernels with the head dim padded, not split (the split's gain)"}
+    grad_checked = ("q", "k", "v")
 
-    def preset_specs(self, preset: str, *, cpu: bool, quick: bool) -> list[ShapeSpec]:
+    def preset_specs(self, preset, *, cpu, quick):
         if preset != "sweep":
-            entry = self.presets[preset]
-            return list(entry) if isinstance(entry, list) else []
-        Ls = _SWEEP_CPU[:3] if (cpu and quick) else _SWEEP_CPU if cpu else _SWEEP_GPU[1:6:2] if quick else _SWEEP_GPU
-        tokens, H = (512, 2) if cpu else (16384, 16)
-        return [ShapeSpec("sweep", f"L{L}", f"d=64 sweep, B·L = {tokens} tokens",
-                          AttnShape(max(1, tokens // L), H, L, L, 64), cpu_sized=cpu) for L in Ls]
+            return super().preset_specs(preset, cpu=cpu, quick=quick)
+        Ls = (64, 128, 256) if cpu else (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        tokens, hidden, ds = (512, 128, (64, 88)) if cpu else (16384, 2048, (64, 128, 88))
+        # 2048 is no multiple of 88: d = 88 runs with H = 23 (H·d = 2024)
+        return [ShapeSpec("sweep", f"d{d}-L{L}" + ("-causal" if c else ""), f"B·L = {tokens}, H·d ~ {hidden}",
+                          AttnShape(max(1, tokens // L), max(1, hidden // d), L, L, d, causal=c), cpu_sized=cpu)
+                for d in ds for c in (False, True) for L in Ls]
 
-    def parse_shape(self, text: str) -> ShapeSpec:
+    def parse_shape(self, text):
         kv = parse_kv(text, _SHAPE_KEYS)
         if "L" in kv:
             kv.setdefault("Lq", kv["L"])
             kv.setdefault("Lk", kv.pop("L"))
-        kv.pop("L", None)
         missing = [k for k in ("B", "H", "Lq", "Lk", "d") if k not in kv]
         if missing:
             raise ValueError(f"--shape {text!r}: missing {', '.join(missing)} (e.g. B=16,H=16,L=577,d=64)")
         if kv.get("mask") not in (None, "pad", "none"):
             raise ValueError(f"--shape {text!r}: mask must be 'pad' or 'none'")
-        if kv.get("mask") == "none":
-            kv["mask"] = None
-        shape = AttnShape(**kv)
+        shape = AttnShape(**{**kv, "mask": kv.get("mask") if kv.get("mask") != "none" else None})
         return ShapeSpec("custom", self.describe(shape).replace(" ", ","), "--shape " + text, shape)
 
-    def scale_for_cpu(self, shape: AttnShape, quick: bool) -> AttnShape:
-        cap_l = 128 if quick else 512
-        return replace(shape, B=1 if quick else min(shape.B, 2), H=min(shape.H, 2 if quick else 4),
-                       Lq=min(shape.Lq, cap_l), Lk=min(shape.Lk, cap_l))
+    def scale_for_cpu(self, s, quick):
+        cap = 128 if quick else 512
+        return replace(s, B=1 if quick else min(s.B, 2), H=min(s.H, 2 if quick else 4), Lq=min(s.Lq, cap),
+                       Lk=min(s.Lk, cap))
 
-    def describe(self, s: AttnShape) -> str:
+    def describe(self, s):
         L = f"L={s.Lq}" if s.Lq == s.Lk else f"Lq={s.Lq} Lk={s.Lk}"
-        extra = (f" dv={s.dv}" if s.dv not in (None, s.d) else "") + (" causal" if s.causal else "") + \
-            (f" mask={s.mask}" if s.mask else "")
-        return f"B={s.B} H={s.H} {L} d={s.d}{extra}"
+        return (f"B={s.B} H={s.H} {L} d={s.d}" + (f" dv={s.dv}" if s.dv not in (None, s.d) else "")
+                + (" causal" if s.causal else "") + (f" mask={s.mask}" if s.mask else ""))
 
-    def x(self, s: AttnShape) -> int:
+    def x(self, s):
         return s.Lk
 
-    # ---- backends --------------------------------------------------------------------
-    def make_backends(self):
-        return make_backends()
+    def backends(self):
+        def triton_why_not(device):
+            return mk_unavailable("attention", "triton", device)
 
-    def default_backends(self, device):
-        names = [n for n in make_backends() if n not in ("sdpa", "triton-pad")]
-        notes = {"sdpa": "torch's own choice among the sdpa-* backends",
-                 "triton-pad": "the triton kernel with the head dim padded, not split (the split's gain)"}
-        from .._utils import interpreting
+        return {
+            "eager": Backend("eager", "mmkernels.reference.attention: matmul + softmax + matmul in the input dtype",
+                             _eager, score_bytes=1),
+            "sdpa": sdpa_backend("sdpa", None, description="F.scaled_dot_product_attention, torch's choice"),
+            **{f"sdpa-{n.split('_')[0].lower()}": sdpa_backend(f"sdpa-{n.split('_')[0].lower()}", n)
+               for n in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")},
+            "flex": Backend("flex", "torch.compile(flex_attention), causal as a block mask", _Flex(), _flex_why_not,
+                            gpu_kernel=True),
+            "flash-attn": Backend("flash-attn", "flash_attn.flash_attn_func on (B, L, H, D)", _flash_attn,
+                                  _importable("flash_attn", "flash-attn"), gpu_kernel=True, layout="blhd"),
+            "xformers": Backend("xformers", "xformers.ops.memory_efficient_attention on (B, L, H, D)", _xformers,
+                                _importable("xformers.ops", "xformers"), gpu_kernel=True, layout="blhd"),
+            "triton": mk_backend("attention", "triton", _triton, 'mmkernels.attention(..., backend="triton")'),
+            "triton-pad": Backend("triton-pad", "the triton kernels with the head dim padded to a power of two",
+                                  _triton_pad, triton_why_not, gpu_kernel=True),
+        }
 
-        if getattr(device, "type", device) == "cpu" and interpreting():
-            names.remove("triton")
-            notes["triton"] = ("TRITON_INTERPRET=1 runs the Triton kernel in the interpreter: a correctness "
-                               "tool, far too slow for timings to mean anything")
-        return names, notes
-
-    # ---- inputs, calls, checks -------------------------------------------------------
-    def make_inputs(self, s: AttnShape, dtype, device, generator):
+    def make_inputs(self, s, dtype, device, generator):
         def rnd(*shape):
-            return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+            return torch.randn(shape, generator=generator, device=device).to(dtype)
 
         inp = {"q": rnd(s.B, s.H, s.Lq, s.d), "k": rnd(s.B, s.H, s.Lk, s.d), "v": rnd(s.B, s.H, s.Lk, s.Dv),
                "dout": rnd(s.B, s.H, s.Lq, s.Dv)}
@@ -496,46 +311,57 @@ class AttentionBench(OpBench):
             inp["mask"] = (torch.arange(s.Lk, device=device)[None, :] < keep[:, None]).view(s.B, 1, 1, s.Lk)
         return inp
 
-    def bind(self, backend: Backend, s: AttnShape, inputs, device, grad):
-        prep = backend.prepare(s, device)
-        layout = prep.layout
-        leaves = [_to_layout(inputs[n], layout).detach().requires_grad_(grad) for n in ("q", "k", "v")]
-        call, mask = prep.call, inputs.get("mask")
-        fn = (lambda: call(*leaves)) if mask is None else (lambda: call(*leaves, attn_mask=mask))
-        return Bound(fn, leaves if grad else [], _to_layout(inputs["dout"], layout) if grad else None,
-                     lambda o: _from_layout(o, layout))
+    def bind(self, backend, s, inputs, grad):
+        call, blhd = backend.call(s), backend.layout == "blhd"
 
-    def reference(self, s: AttnShape, inputs):
+        def layout(t):
+            return t.transpose(1, 2).contiguous() if blhd else t
+
+        leaves = {n: layout(inputs[n]).detach().requires_grad_(grad) for n in ("q", "k", "v")}
+        mask = {"attn_mask": inputs["mask"]} if "mask" in inputs else {}
+        return Bound(lambda: call(*leaves.values(), **mask), leaves if grad else {},
+                     layout(inputs["dout"]) if grad else None, (lambda t: t.transpose(1, 2)) if blhd else (lambda t: t))
+
+    def reference(self, s, inputs, grad=False):
         nh = min(CHECK_HEADS, s.H)
-        return ref_out_slice(inputs["q"], inputs["k"], inputs["v"], s.causal, s.scale, nh, inputs.get("mask"))
+        q, k, v, dout = (inputs[n][0:1, :nh].double() for n in ("q", "k", "v", "dout"))
+        mask = inputs["mask"][0:1] if "mask" in inputs else None
+        if not grad or nh * s.Lq * s.Lk > GRAD_CHECK_MAX:
+            with torch.no_grad():
+                return _ref(q, k, v, s, mask, max(1, (256 * MIB) // (nh * s.Lk * 8)))[0], {}
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        out = _ref(*leaves, s, mask, s.Lq)
+        out.backward(dout)
+        return out.detach()[0], {n: t.grad[0] for n, t in zip("qkv", leaves)}
 
-    def ref_slice(self, out):
-        return out[0, :CHECK_HEADS]
+    def ref_slice(self, t):
+        return t[0, :CHECK_HEADS]
 
-    def memory_guard(self, backend, s: AttnShape, dtype, mode, device):
-        itemsize = backend.score_bytes(dtype) if hasattr(backend, "score_bytes") else None
-        if not itemsize:
+    def memory_guard(self, backend, s, itemsize, mode, device):
+        if not backend.score_bytes:
             return None
-        # eager and math hold ~3 B·H·Lq·Lk tensors at the peak forward and ~6 with autograd
+        # eager and math hold ~3 B·H·Lq·Lk tensors at the forward's peak and ~6 with autograd
         # (measured on the reference: scores, shifted, exp, probs)
-        factor = 3 if mode == "fwd" else 6
-        need = factor * s.B * s.H * s.Lq * s.Lk * itemsize
+        factor, nbytes = (3 if mode == "fwd" else 6), max(backend.score_bytes, itemsize)
+        need = factor * s.B * s.H * s.Lq * s.Lk * nbytes
         if getattr(device, "type", device) == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            limit = min(20 * GIB, 0.85 * (free + torch.cuda.memory_reserved(device)
-                                          - torch.cuda.memory_allocated(device)))
+            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            limit = min(20 * GIB, 0.85 * (free - torch.cuda.memory_allocated(device)))
         else:
             limit = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > limit:
-            return (f"needs ~{need / GIB:.1f} GiB for the Lq×Lk scores ({factor} × B·H·Lq·Lk × {itemsize} B) "
+            return (f"needs ~{need / GIB:.1f} GiB for the Lq×Lk scores ({factor} × B·H·Lq·Lk × {nbytes} B) "
                     f"> {limit / GIB:.1f} GiB available")
         return None
 
-    def flops(self, s: AttnShape, mode):
-        return fl.attention_flops(s.B, s.H, s.Lq, s.Lk, s.d, s.Dv, causal=s.causal, mode=mode)
+    def flops(self, s, mode):
+        return attention_flops(s.B, s.H, s.Lq, s.Lk, s.d, s.Dv, causal=s.causal, mode=mode)
 
-    def bytes(self, s: AttnShape, itemsize, mode):
-        return fl.attention_bytes(s.B, s.H, s.Lq, s.Lk, s.d, s.Dv, itemsize=itemsize, mode=mode)
+    def bytes(self, s, itemsize, mode):
+        """q, k, v read once and o written once (fwd); bwd reads q, k, v, o, do and writes dq, dk, dv."""
+        q, k, v, o = s.B * s.H * s.Lq * s.d, s.B * s.H * s.Lk * s.d, s.B * s.H * s.Lk * s.Dv, s.B * s.H * s.Lq * s.Dv
+        fwd, bwd = q + k + v + o, 2 * (q + k + v) + 2 * o
+        return float(itemsize * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode])
 
 
 BENCH = AttentionBench()

@@ -1,43 +1,15 @@
-"""Benchmark cases of ``mmkernels.token_pool``: the visual-token reducer in front of the LLM.
+"""Benchmark cases of ``mmkernels.token_pool``: the visual-token reducer in front of the LLM, at
+issue 4's shapes — each model's reducer (``eager``: its chain as transformers writes it) at the
+batch it runs: LLaVA-OneVision's ``apply_pooling`` (bilinear 27×27 → 14×14), Gemma 3's projector
+(AvgPool2d(4) 64×64 → 16×16, ``Gemma3RMSNorm``), InternVL (drop CLS, ``pixel_shuffle(0.5)``,
+``LayerNorm(4C)``), LLaVA-NeXT-Video's pooler (AvgPool2d(2) 24×24 → 12×12). A ``--shape`` case's
+eager baseline is ``mmkernels.reference.token_pool`` in the input dtype.
 
-The shapes are issue 4's, each model's reducer at the batch it runs (bf16 on CUDA):
-
-===========  ==================  ==========================================================
-preset       x (B, N, C)         the model's chain (``eager``), as transformers writes it
-===========  ==================  ==========================================================
-llava-ov     (64, 729, 1152)     ``LlavaOnevisionModel.apply_pooling``: B = batch·frames,
-                                 27×27 → bilinear 14×14
-gemma3       (8, 4096, 1152)     ``Gemma3MultiModalProjector``: AvgPool2d(4) 64×64 → 16×16,
-                                 then ``Gemma3RMSNorm`` (× (1 + w) in fp32)
-internvl     (16, 1 + 1024,      InternVL: drop CLS, ``pixel_shuffle(0.5)`` 32×32 → 16×16 of
-             1024)               4C, then the projector's ``LayerNorm(4C)`` (eps 1e-5)
-llava-video  (64, 576, 1024)     ``LlavaNextVideoPooler``: AvgPool2d(2) 24×24 → 12×12
-===========  ==================  ==========================================================
-
-A memory-bound op, so the report's throughput is GB/s against the device's measured copy
-bandwidth (``ceilings.py``). Bytes (``flops.token_pool_bytes``): x read once + the output
-written once (+ the norm's parameters); ``fwd+bwd`` adds dout read once + dx written once
-(+ the parameters' grads). Saved tensors and workspaces are not counted: they are the
-implementation's cost, so a kernel that reads x twice shows as slower. Modes: ``fwd`` and
-``fwd+bwd`` by default (``--mode``).
-
-Backends:
-
-===========  ==================================================================================
-``eager``    the model's own chain (above); a ``--shape`` case runs the generic chain: view as
-             (B, C, h, w), ``F.avg_pool2d`` / ``F.max_pool2d`` / ``F.interpolate`` / the pixel
-             shuffle's view-permute-reshape, back to tokens, the norm in fp32
-``compile``  ``torch.compile`` of that chain (static shapes; CUDA only unless
-             ``MMK_BENCH_COMPILE_CPU=1``): does the compiler already fuse it?
-``triton``   ``mmkernels.token_pool`` forced to its Triton kernel (one pass, norm fused)
-``cuda``     the same forced to the CUDA extension (``csrc/token_pool.cu``), when built
-===========  ==================================================================================
-
-Every backend's first output is checked against the float64 reference
-(``mmkernels.reference.token_pool``, batch element 0); the chains themselves equal it
-(``tests/test_bench_cli.py``). When both fused backends ran, the notes say which was faster per
-case and mode (the issue: the benchmark decides the default per mode). Skipped, with the reason,
-when ``mmkernels.token_pool`` is not in the build.
+Memory-bound: GB/s against the measured copy bandwidth. Bytes: x read once + the output written
+once (+ the norm's parameters); ``fwd+bwd`` adds dout read + dx written (+ the parameters' grads);
+saved tensors are the implementation's cost, not counted. Backends: ``eager``, ``compile``
+(``torch.compile`` of it; CUDA only unless ``MMK_BENCH_COMPILE_CPU=1``: does the compiler already
+fuse it?), ``triton`` and ``cuda`` (forced); the notes name the faster fused one per case and mode.
 """
 
 from __future__ import annotations
@@ -50,14 +22,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from . import flops as fl
-from .registry import BenchBackend, Bound, MkBackend, OpBench, ShapeSpec, as_bool, parse_kv
+from .cases import Backend, Bound, OpBench, ShapeSpec, as_bool, mk_backend, parse_kv
 
-__all__ = ["BENCH", "CHAINS", "PoolShape", "eager_pool"]
+__all__ = ["BENCH", "CHAINS", "PoolShape"]
 
 MODES = ("avg", "max", "bilinear", "merge")
 NORMS = (None, "layernorm", "rmsnorm")
-FUSED = ("triton", "cuda")
 
 
 @dataclass(frozen=True)
@@ -92,8 +62,7 @@ class PoolShape:
 
     @property
     def n_out(self) -> int:
-        ho, wo = self.grid_out
-        return ho * wo
+        return self.grid_out[0] * self.grid_out[1]
 
     @property
     def c_out(self) -> int:
@@ -104,34 +73,12 @@ class PoolShape:
         return 0 if self.norm is None else self.c_out * (2 if self.norm == "layernorm" else 1)
 
 
-# --------------------------------------------------------------------------------------
 # the models' chains: f(x, s, weight, bias) with the norm's parameters as the model stores them
-# --------------------------------------------------------------------------------------
 def _generic(x, s: PoolShape, weight=None, bias=None):
-    """Any ``--shape``: the view/pool/permute chain of the reference, the norm in fp32, one rounding."""
-    if s.cls:
-        x = x[:, 1:]
-    B, _, C = x.shape
-    if s.mode == "merge":
-        y = x.reshape(B, s.h // s.k, s.k, s.w // s.k, s.k, C).permute(0, 1, 3, 2, 4, 5)
-        y = y.reshape(B, -1, s.k * s.k * C)
-    else:
-        img = x.reshape(B, s.h, s.w, C).permute(0, 3, 1, 2)
-        if s.mode == "avg":
-            img = F.avg_pool2d(img, s.k, s.k)
-        elif s.mode == "max":
-            img = F.max_pool2d(img, s.k, s.k)
-        else:
-            img = F.interpolate(img, size=s.grid_out, mode="bilinear", align_corners=False)
-        y = img.flatten(2).transpose(1, 2)
-    if s.norm is None:
-        return y
-    yf = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    if s.norm == "layernorm":
-        out = F.layer_norm(yf, (yf.shape[-1],), weight.to(yf.dtype), bias.to(yf.dtype), s.eps)
-    else:
-        out = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + s.eps) * weight.to(yf.dtype)
-    return out.to(y.dtype)
+    """Any ``--shape``: the reference's view/pool/permute chain, run in the input dtype."""
+    from mmkernels.reference.token_pool import token_pool
+
+    return token_pool(x, **_mk_kwargs(s), norm_weight=weight, norm_bias=bias)
 
 
 def _llava_ov(x, s: PoolShape, weight=None, bias=None):
@@ -173,32 +120,16 @@ def _llava_video(x, s: PoolShape, weight=None, bias=None):
     return t.flatten(2).transpose(1, 2).contiguous()
 
 
-@dataclass(frozen=True)
-class Chain:
-    """A model's eager chain; ``weight_offset``: its norm scales by (offset + w), w stored near 0
-    (Gemma3RMSNorm: 1 + w in fp32), which mmkernels takes as ``norm_weight = 1 + w.float()``."""
-
-    fn: Callable
-    weight_offset: float = 0.0
-
-
-CHAINS: dict[str | None, Chain] = {
-    None: Chain(_generic),
-    "llava-ov": Chain(_llava_ov),
-    "gemma3": Chain(_gemma3, weight_offset=1.0),
-    "internvl": Chain(_internvl),
-    "llava-video": Chain(_llava_video),
-}
-
-
-def eager_pool(x, s: PoolShape, norm_weight=None, norm_bias=None):
-    """The eager chain of ``s`` (its model's, or the generic one)."""
-    return CHAINS[s.model].fn(x, s, norm_weight, norm_bias)
+#: each model's eager chain; its norm weight is stored as the model stores it: Gemma3RMSNorm scales by
+#: (1 + w) with w near 0, which mmkernels takes as ``norm_weight = 1 + w.float()`` (WEIGHT_OFFSET)
+CHAINS: dict[str | None, Callable] = {None: _generic, "llava-ov": _llava_ov, "gemma3": _gemma3,
+                                      "internvl": _internvl, "llava-video": _llava_video}
+WEIGHT_OFFSET = {"gemma3": 1.0}
 
 
 def _fused_weight(s: PoolShape, weight, dtype):
     """The model's stored norm weight as ``token_pool``'s ``norm_weight`` (offset added in ``dtype``)."""
-    off = CHAINS[s.model].weight_offset
+    off = WEIGHT_OFFSET.get(s.model)
     return weight if weight is None or not off else off + weight.to(dtype)
 
 
@@ -215,6 +146,7 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
                                      model="internvl"))],
     "llava-video": [ShapeSpec("llava-video", "avg2", "LLaVA-NeXT-Video pooler: 64 frames of 24x24 CLIP tokens -> "
                               "AvgPool2d(2) 12x12", PoolShape(64, 24, 24, 1024, "avg", k=2, model="llava-video"))],
+    "qwen25vl": "Qwen2.5-VL's PatchMerger, as Qwen2-VL's, gets its tokens pre-grouped: its 2x2 merge is a view",
     "qwen2vl": "Qwen2-VL's PatchMerger gets its tokens pre-grouped, so its 2x2 merge is a view (nothing to fuse; "
                "its LayerNorm runs per token before the merge)",
     "llava15": "LLaVA-1.5 feeds all 576 CLIP tokens to its MLP projector: no pooling",
@@ -225,53 +157,47 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
 
 def _mk_kwargs(s: PoolShape) -> dict:
     kw = dict(grid=(s.h, s.w), mode=s.mode, has_cls=s.cls, norm=s.norm, eps=s.eps)
-    if s.mode == "bilinear":
-        kw["output_size"] = s.grid_out
-    else:
-        kw["kernel_size"] = s.k
+    kw.update({"output_size": s.grid_out} if s.mode == "bilinear" else {"kernel_size": s.k})
     return kw
 
 
-# --------------------------------------------------------------------------------------
-# backends
-# --------------------------------------------------------------------------------------
-class _Eager(BenchBackend):
-    name = "eager"
-    description = "the model's chain as transformers writes it (view/permute/contiguous, pool, norm)"
+def _mk_call(s: PoolShape):
+    import mmkernels
 
-    def chain(self, s: PoolShape):
-        return CHAINS[s.model].fn
+    kw = _mk_kwargs(s)
+    # the weight's offset is added per call, as the drop-in module does (mk.nn.Gemma3MultiModalProjector)
+    return lambda x, nw, nb: mmkernels.token_pool(x, **kw, norm_weight=_fused_weight(s, nw, torch.float32),
+                                                  norm_bias=nb)
 
 
-class _Compile(_Eager):
-    name = "compile"
-    description = "torch.compile of the eager chain (static shapes)"
+def _eager_call(s: PoolShape):
+    return lambda x, nw, nb: CHAINS[s.model](x, s, nw, nb)
+
+
+class _Compiled:
+    """``torch.compile`` of each model's chain: one static graph per shape and grad mode."""
 
     def __init__(self):
-        self._compiled: dict = {}
+        self.compiled: dict = {}
 
-    def unavailable(self, device, dtype=None):
-        if not hasattr(torch, "compile"):
-            return "torch.compile is missing from this torch"
-        if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_COMPILE_CPU"):
-            # measured on the 2-core CI box: inductor's C++ build took 8.6 s for the first graph and
-            # ~5 s for each later one, a minute for the presets against a few seconds for the rest
-            return ("torch.compile is timed on CUDA only: on the CPU inductor builds C++ for ~5 s per shape "
-                    "and mode (MMK_BENCH_COMPILE_CPU=1 runs it)")
-        return None
-
-    def chain(self, s: PoolShape):
-        fn = CHAINS[s.model].fn
-        if fn not in self._compiled:
+    def __call__(self, s: PoolShape):
+        fn = CHAINS[s.model]
+        if fn not in self.compiled:
             import torch._dynamo.config as dcfg
 
-            # one static graph per shape and grad mode: past the default limit of 8 (custom
-            # shapes) dynamo would silently run the chain eagerly
-            for limit in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dcfg, limit):
-                    setattr(dcfg, limit, max(getattr(dcfg, limit), 256))
-            self._compiled[fn] = torch.compile(fn, dynamic=False)
-        return self._compiled[fn]
+            # past the default recompile limit of 8 (custom shapes) dynamo would silently run eagerly
+            dcfg.recompile_limit = max(dcfg.recompile_limit, 256)
+            self.compiled[fn] = torch.compile(fn, dynamic=False)
+        return lambda x, nw, nb: self.compiled[fn](x, s, nw, nb)
+
+
+def _compile_why_not(device):
+    if getattr(device, "type", device) != "cuda" and not os.environ.get("MMK_BENCH_COMPILE_CPU"):
+        # measured on the 2-core CI box: inductor's C++ build took 8.6 s for the first graph and ~5 s
+        # for each later one, a minute for the presets against a few seconds for the rest
+        return ("torch.compile is timed on CUDA only: on the CPU inductor builds C++ for ~5 s per shape and mode "
+                "(MMK_BENCH_COMPILE_CPU=1 runs it)")
+    return None
 
 
 def _out_size(text: str) -> tuple[int, int]:
@@ -287,15 +213,15 @@ class TokenPoolBench(OpBench):
     name = "token_pool"
     title = "mmkernels.token_pool (visual-token pooling / merge + fused norm)"
     api = "token_pool"
-    dispatch_op = "token_pool"
     metric = "gbps"
-    convention = fl.BYTES_CONVENTION
+    convention = ("minimum traffic: fwd reads x once and writes the output once (+ the norm's weight/bias read once); "
+                  "bwd reads dout once and writes dx once (+ dweight/dbias written once); fwd+bwd = the sum; "
+                  "saved tensors and workspaces are not counted (they are the implementation's cost)")
     presets = PRESETS
+    extra_presets = ("llava-video",)
     default_modes = ("fwd", "fwd+bwd")
     suite_backends = {"cpu": ("eager",), "cuda": ("eager", "triton", "cuda")}
-
-    def model_presets(self):
-        return super().model_presets() + ["llava-video"]
+    grad_checked = ("x",)
 
     def parse_shape(self, text):
         kv = parse_kv(text, _SHAPE_KEYS, aliases={"grid": "h", "kernel_size": "k", "output_size": "out"})
@@ -304,93 +230,76 @@ class TokenPoolBench(OpBench):
         missing = [k for k in ("B", "h", "C") if k not in kv]
         if missing:
             raise ValueError(f"--shape {text!r}: missing {', '.join(missing)} (e.g. B=4,h=64,C=1152,mode=avg,k=4)")
-        if kv.get("norm") in ("none", ""):
-            kv["norm"] = None
-        shape = PoolShape(**kv)
+        shape = PoolShape(**{**kv, "norm": None if kv.get("norm") in ("none", "") else kv.get("norm")})
         if shape.mode not in MODES or shape.norm not in NORMS:
             raise ValueError(f"--shape {text!r}: mode in {MODES}, norm in layernorm/rmsnorm/none")
         return ShapeSpec("custom", self.describe(shape).replace(" ", ","), "--shape " + text, shape)
 
-    def scale_for_cpu(self, s: PoolShape, quick: bool):
+    def scale_for_cpu(self, s, quick):
         return replace(s, B=1 if quick else min(s.B, 2), C=min(s.C, 64 if quick else 256))
 
-    def describe(self, s: PoolShape) -> str:
-        how = (f"->{s.grid_out[0]}x{s.grid_out[1]}" if s.mode == "bilinear" else f"k={s.k}")
-        return (f"B={s.B} {'cls+' if s.cls else ''}{s.h}x{s.w} C={s.C} {s.mode} {how}"
-                + (f" {s.norm}" if s.norm else ""))
+    def describe(self, s):
+        how = f"->{s.grid_out[0]}x{s.grid_out[1]}" if s.mode == "bilinear" else f"k={s.k}"
+        return f"B={s.B} {'cls+' if s.cls else ''}{s.h}x{s.w} C={s.C} {s.mode} {how}" + (f" {s.norm}" if s.norm else "")
 
-    def params(self, s: PoolShape) -> dict:
-        d = super().params(s)
-        d.update(n_in=s.n_in, n_out=s.n_out, c_out=s.c_out)
-        return d
+    def params(self, s):
+        return {**super().params(s), "n_in": s.n_in, "n_out": s.n_out, "c_out": s.c_out}
 
-    def x(self, s: PoolShape) -> int:
+    def x(self, s):
         return s.h * s.w
 
-    def make_backends(self):
+    def backends(self):
         return {
-            "eager": _Eager(),
-            "compile": _Compile(),
-            "triton": MkBackend("triton", self.dispatch_op, "mmkernels.token_pool, Triton kernel (norm fused)"),
-            "cuda": MkBackend("cuda", self.dispatch_op, "mmkernels.token_pool, CUDA extension (csrc/)"),
+            "eager": Backend("eager", "the model's chain as transformers writes it (view/permute, pool, norm)",
+                             _eager_call),
+            "compile": Backend("compile", "torch.compile of the eager chain (static shapes)", _Compiled(),
+                               _compile_why_not),
+            "triton": mk_backend("token_pool", "triton", _mk_call, "mmkernels.token_pool, Triton kernel (norm fused)"),
+            "cuda": mk_backend("token_pool", "cuda", _mk_call, "mmkernels.token_pool, CUDA extension (csrc/)"),
         }
 
-    def make_inputs(self, s: PoolShape, dtype, device, generator):
+    def make_inputs(self, s, dtype, device, generator):
         def rnd(*shape, scale=1.0, shift=0.0):
-            t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-            return (t * scale + shift).to(dtype)
+            return (torch.randn(shape, generator=generator, device=device) * scale + shift).to(dtype)
 
         inp = {"x": rnd(s.B, s.n_in, s.C), "dout": rnd(s.B, s.n_out, s.c_out)}
         if s.norm is not None:  # random, as trained norms are, in the model's dtype, as it stores them
-            shift = 0.0 if CHAINS[s.model].weight_offset else 1.0
-            inp["norm_weight"] = rnd(s.c_out, scale=0.1, shift=shift)
+            inp["norm_weight"] = rnd(s.c_out, scale=0.1, shift=0.0 if s.model in WEIGHT_OFFSET else 1.0)
             if s.norm == "layernorm":
                 inp["norm_bias"] = rnd(s.c_out, scale=0.1)
         return inp
 
-    def bind(self, backend, s: PoolShape, inputs, device, grad):
-        x = inputs["x"].detach().requires_grad_(grad)
-        nw, nb = (None if inputs.get(n) is None else inputs[n].detach().requires_grad_(grad)
-                  for n in ("norm_weight", "norm_bias"))
-        leaves = [t for t in (x, nw, nb) if t is not None] if grad else []
-        if isinstance(backend, MkBackend):
-            import mmkernels
+    def bind(self, backend, s, inputs, grad):
+        fn = backend.call(s)
+        leaves = {n: inputs[n].detach().requires_grad_(grad) for n in ("x", "norm_weight", "norm_bias") if n in inputs}
+        x, nw, nb = (leaves.get(n) for n in ("x", "norm_weight", "norm_bias"))
+        return Bound(lambda: fn(x, nw, nb), leaves if grad else {}, inputs["dout"] if grad else None)
 
-            kw = _mk_kwargs(s)
-            # the weight's offset is added per call, as the drop-in module does (mk.nn.Gemma3MultiModalProjector)
-            fn = lambda: mmkernels.token_pool(  # noqa: E731
-                x, **kw, norm_weight=_fused_weight(s, nw, torch.float32), norm_bias=nb)
-        else:
-            chain = backend.chain(s)
-            fn = lambda: chain(x, s, nw, nb)  # noqa: E731
-        return Bound(fn, leaves, inputs["dout"] if grad else None)
-
-    def reference(self, s: PoolShape, inputs):
+    def reference(self, s, inputs, grad=False):
+        """``mmkernels.reference.token_pool`` in float64 on batch element 0 (and x's gradient)."""
         from mmkernels.reference.token_pool import token_pool as ref
 
-        x = inputs["x"][0:1].double()
+        x = inputs["x"][0:1].double().requires_grad_(grad)
         nw, nb = (None if inputs.get(n) is None else inputs[n].double() for n in ("norm_weight", "norm_bias"))
-        return ref(x, **_mk_kwargs(s), norm_weight=_fused_weight(s, nw, torch.float64), norm_bias=nb)[0]
+        with torch.set_grad_enabled(grad):
+            out = ref(x, **_mk_kwargs(s), norm_weight=_fused_weight(s, nw, torch.float64), norm_bias=nb)
+        if grad:
+            out.backward(inputs["dout"][0:1].double())
+        return out.detach()[0], {"x": x.grad[0]} if grad else {}
 
-    def flops(self, s, mode):
-        return None
-
-    def bytes(self, s: PoolShape, itemsize, mode):
-        return fl.token_pool_bytes(s.B, s.n_in, s.C, s.n_out, s.c_out, itemsize=itemsize, mode=mode,
-                                   norm_params=s.norm_params)
+    def bytes(self, s, itemsize, mode):
+        x, out, params = s.B * s.n_in * s.C, s.B * s.n_out * s.c_out, s.norm_params
+        return float(itemsize * (x + out + params) * (2 if mode == "fwd+bwd" else 1))
 
     def summary_notes(self, rows):
         """Which fused backend was faster, per case and mode (both timed, both outputs correct)."""
         fused: dict[tuple, list[dict]] = {}
         for r in rows:
-            if r["backend"] in FUSED and r["status"] == "ok" and (r.get("check") or {}).get("ok"):
+            if r["backend"] in ("triton", "cuda") and r["status"] == "ok" and (r.get("check") or {}).get("ok"):
                 fused.setdefault((r["preset"], r["case"], r["dtype"], r["mode"]), []).append(r)
-        parts = []
-        for (preset, case, dtype, mode), rs in fused.items():
-            if len(rs) > 1:
-                fast, slow = sorted(rs, key=lambda r: r["ms_p50"])[:2]
-                parts.append(f"{preset}/{case} {dtype} {mode}: {fast['backend']} "
-                             f"({fast['ms_p50']:.4g} ms vs {slow['backend']} {slow['ms_p50']:.4g} ms)")
+        parts = [f"{p}/{c} {dt} {m}: {fast['backend']} ({fast['ms_p50']:.4g} ms vs {slow['backend']} "
+                 f"{slow['ms_p50']:.4g} ms)" for (p, c, dt, m), rs in fused.items() if len(rs) > 1
+                 for fast, slow in [sorted(rs, key=lambda r: r["ms_p50"])[:2]]]
         return ["faster fused backend: " + "; ".join(parts)] if parts else []
 
 

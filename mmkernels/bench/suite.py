@@ -1,39 +1,27 @@
-"""The glue between an op's ``BENCH`` and pytest-benchmark (``benchmarks/test_bench_<op>.py``).
-
-Every suite file is three lines::
-
-    from mmkernels.bench.suite import params, run
-    @pytest.mark.parametrize("case", params("attention"))
-    def test_attention(benchmark, case): run(benchmark, case)
-
-:func:`params` expands the op's model presets × ``suite_backends`` × ``suite_modes`` at
-collection: on the CPU the CPU backends at CPU-scaled sizes (a smoke test that stays green and
-takes seconds), on CUDA the real sizes. ``torch.cuda.is_available()`` is the only device query
-at collection (it does not initialise a CUDA context). An op not in this build gives a single
-skipped case with the reason.
-
-:func:`run` checks the first call's output against float64 (a fast wrong kernel fails the
-suite), then on CUDA records the ``do_bench`` median (CUDA events, L2 flushed, rotating inputs)
-in ``extra_info["ms_p50"]`` — the number ``mmkernels bench compare`` gates on — and lets
-pytest-benchmark time the synchronised call (its own statistics, and what
-``--benchmark-compare-fail`` uses).
+"""The pytest-benchmark suite (``benchmarks/test_bench_<op>.py``: ``params(op)`` and ``run``) on the
+CLI's case definitions. :func:`params`: the op's model presets × ``suite_backends`` × ``suite_modes``
+(``torch.cuda.is_available()`` is the only device query at collection). :func:`run`: the case
+through :func:`mmkernels.bench.runner.run` — the inputs, float64 check, timer and row of ``mmkernels
+bench`` — failing on a wrong output; pytest-benchmark times the same call. The rows go to ``ROWS``,
+which ``benchmarks/conftest.py --mmk-json`` writes as one ``mmkernels bench --json`` document.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import registry, runner, timing
-from .registry import ShapeSpec
+from . import cases, runner, timing
 
-__all__ = ["SuiteCase", "device", "params", "run"]
+__all__ = ["ROWS", "SuiteCase", "device", "params", "run"]
+
+#: every row the session produced, for benchmarks/conftest.py's --mmk-json
+ROWS: list[dict] = []
 
 
 @dataclass(frozen=True)
 class SuiteCase:
     op: str
-    spec: ShapeSpec
-    dtype: str
+    spec: cases.ShapeSpec
     mode: str
     backend: str
 
@@ -48,69 +36,48 @@ def device() -> str:
 
 
 def params(op_name: str) -> list:
-    """pytest params (``SuiteCase`` each, readable ids) for ``benchmarks/test_bench_<op>.py``."""
+    """pytest params (a ``SuiteCase`` each, readable ids) for ``benchmarks/test_bench_<op>.py``."""
     import pytest
 
     try:
-        op = registry.load(op_name)
-    except registry.OpUnavailable as exc:
+        op = cases.load(op_name)
+    except cases.OpUnavailable as exc:
         return [pytest.param(None, id="unavailable", marks=pytest.mark.skip(reason=f"{op_name}: {exc}"))]
     dev = device()
-    cuda = dev == "cuda"
-    specs, _ = runner.plan(op, op.model_presets(), [], dev, quick=True)
-    out = []
-    for spec in specs:
-        dtype = spec.dtype or ("bfloat16" if cuda else "float32")
-        for mode in op.suite_modes[dev]:
-            for backend in op.suite_backends[dev]:
-                c = SuiteCase(op.name, spec, dtype, mode, backend)
-                out.append(pytest.param(c, id=str(c)))
-    return out
+    specs, _, _ = runner.plan(op, op.model_presets(), [], dev, quick=True)
+    return [pytest.param(c, id=str(c)) for spec in specs for mode in op.suite_modes[dev]
+            for backend in op.suite_backends[dev] for c in [SuiteCase(op.name, spec, mode, backend)]]
 
 
-def run(benchmark, case: SuiteCase | None) -> None:
+def run(benchmark, case: SuiteCase) -> None:
     import pytest
-    import torch
 
-    op = registry.load(case.op)
-    dev = torch.device(device())
-    backend = op.make_backends()[case.backend]
-    why = backend.unavailable(dev)
-    if why:
-        pytest.skip(f"{case.backend}: {why}")
-    dtype = getattr(torch, case.dtype)
-    guard = op.memory_guard(backend, case.spec.shape, dtype, case.mode, dev)
-    if guard:
-        pytest.skip(f"{case.backend}: {guard}")
+    from . import env
 
-    g = torch.Generator(device=dev).manual_seed(0)
-    sets = [op.make_inputs(case.spec.shape, dtype, dev, g)]
-    n = timing.rotation_count(op.input_bytes(sets[0]), dev)
-    sets += [op.make_inputs(case.spec.shape, dtype, dev, g) for _ in range(n - 1)]
-    ref = op.reference(case.spec.shape, sets[0])
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    op = cases.load(case.op)
+    dev = device()
 
-    with backend.context():
-        cr = runner.setup_case(op, backend, case.spec, sets, ref, case.dtype, case.mode, dev)
-        assert cr.check["ok"], f"{case}: output differs from float64: {cr.check}"
-        key = runner.case_key(op.name, case.spec, case.dtype, case.mode, case.backend)
-        flops, nbytes = op.flops(case.spec.shape, case.mode), op.bytes(case.spec.shape, itemsize, case.mode)
-        benchmark.extra_info.update(key=key, shape=op.describe(case.spec.shape), scaled_from=case.spec.scaled_from,
-                                    dtype=case.dtype, mode=case.mode, backend=case.backend, flops=flops,
-                                    bytes=nbytes, rel_err=cr.check.get("rel_err"), device=str(dev))
-        if dev.type == "cuda":
-            t = timing.time_fn(cr.fn, dev, grads=cr.grads)
-            benchmark.extra_info.update(ms_p50=t.ms_p50, ms_p20=t.ms_p20, ms_p80=t.ms_p80, timer=t.timer,
-                                        tflops=flops / (t.ms_p50 * 1e-3) / 1e12 if flops else None,
-                                        gbps=nbytes / (t.ms_p50 * 1e-3) / 1e9 if nbytes else None)
-
-        def reset():
-            for t_ in cr.grads:
-                t_.grad = None
-
+    def timer(fn, device, grads, **kw):
         def target():
-            cr.fn()
-            timing.sync(dev)
+            fn()
+            timing.sync(device)
 
-        rounds, warm = (30, 3) if dev.type == "cuda" else (5, 1)
-        benchmark.pedantic(target, setup=reset, rounds=rounds, warmup_rounds=warm, iterations=1)
+        rounds, warm = (30, 3) if dev == "cuda" else (5, 1)
+        benchmark.pedantic(target, setup=lambda: timing.reset_grads(grads), rounds=rounds, warmup_rounds=warm,
+                           iterations=1)
+        return timing.time_fn(fn, device, grads=grads, **kw)
+
+    cfg = runner.RunConfig(device=dev, modes=[case.mode], backends=[case.backend], quick=True, timer=timer,
+                           ceilings=env.ceilings(dev) if dev == "cuda" else None)
+    rows, not_timed, fatal = runner.run(op, [case.spec], cfg)
+    if not_timed:
+        pytest.skip(f"{case.backend}: {not_timed[case.backend]}")
+    (row,) = rows
+    ROWS.append(row)
+    benchmark.extra_info.update({k: row.get(k) for k in ("key", "shape", "scaled_from", "dtype", "ms_p50", "tflops",
+                                                         "gbps", "pct_of_ceiling")})
+    if row["status"] == "skipped" and "needs ~" in (row["reason"] or ""):
+        pytest.skip(row["reason"])  # the memory guard: too large for this device, not a failure
+    assert row["status"] == "ok", f"{case}: {row['reason']}"
+    assert row["check"]["ok"], f"{case}: the output differs from float64: {row['check']}"
+    assert not fatal

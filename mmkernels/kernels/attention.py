@@ -35,8 +35,6 @@ matches the GPU's bf16 MMA with fp32 accumulation.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -529,13 +527,11 @@ def rotary_args(cos, sin, like):
     return cos, sin, kind, strides
 
 
-def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed):
+def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True):
     b, h, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":  # benchmarks: measure the split's gain
-        d0, d1 = max(16, triton.next_power_of_2(d)), 0
-    else:
-        d0, d1 = split_head_dim(d)
+    # split=False pads the head dim to the next power of two: the benchmark's measure of the split's gain
+    d0, d1 = split_head_dim(d) if split else (max(16, triton.next_power_of_2(d)), 0)
     mask, mask_kind, mstr = _mask_args(attn_mask, b, h, lq, lk, query)
     has_dropout = dropout_p > 0.0
     if has_dropout and seed is None:
@@ -562,11 +558,13 @@ def _lk_bucket(lk: int) -> int:
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
 
 
-def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None):
+def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None,
+                      split=True):
     """Launch the forward; returns O (B, H, Lq, D) contiguous and the softmax statistics
     (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
-    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
+    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
+                                                            split)
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
@@ -584,13 +582,14 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
 
 
 def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
-                       mask_grad=False, cos=None, sin=None):
+                       mask_grad=False, cos=None, sin=None, split=True):
     """Launch the three backward kernels; returns (dQ, dK, dV) shaped like the inputs, and with
     ``mask_grad`` (a float ``attn_mask``) also d(attn_mask) shaped like the mask — dS summed over
     the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
     memory, as the mask's own gradient can be).  With rotary (cos/sin) dQ and dK are the
     gradients of the un-rotated query and key, rotated back in a final pass."""
-    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed)
+    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
+                                                            split)
     d = meta["HEAD_DIM"]
     meta["ALIGNED"] = _aligned(query, key, value, grad_out)
     delta = new_output((b, h, lq), torch.float32, query.device)

@@ -2,21 +2,19 @@
 
 Every backend of every registered op is shown twice: ``available()`` (holds for every call:
 missing package, missing extension) and ``not_supported_reasons`` for a small representative
-call on the default device (CUDA when present, else CPU).  The probe call goes through the
-op's public function so the inputs are exactly what the dispatcher sees; it is stopped at
-dispatch, so no kernel is compiled or run.  Never runs nvidia-smi; reads the driver version
-from torch only when a GPU is present.
+call on the default device (CUDA when present, else CPU), as :func:`mmkernels.dispatch.explain`
+answers it for the op's public function: no kernel is compiled or run. Never runs nvidia-smi;
+reads the driver version from torch only when a GPU is present.
 
-The device's ceilings (:mod:`mmkernels.bench.ceilings`: a large copy in GB/s, a large matmul in
-TFLOP/s) are read from the per-device cache, or measured on first use (~2 s on a GPU, ~0.3 s
-on a CPU) and cached; ``--remeasure`` measures again, ``--no-ceilings`` leaves them out.
+The device's ceilings (:func:`mmkernels.bench.env.ceilings`: a large copy in GB/s, a large matmul
+in TFLOP/s) are read from the per-device cache, or measured on first use (~2 s on a GPU, ~0.3 s
+on a CPU) and cached; on a CPU at the thread count ``mmkernels bench`` runs with (``--threads``),
+so ``--remeasure`` refreshes the very entry its "% peak" divides by; ``--no-ceilings`` leaves
+them out.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -24,6 +22,8 @@ import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from .bench.env import driver_version, module_version
 
 __all__ = ["collect", "format_text", "main", "PROBES"]
 
@@ -66,82 +66,30 @@ def _dt(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class _Captured(Exception):
-    def __init__(self, inputs: dict[str, Any]):
-        super().__init__("captured")
-        self.inputs = inputs
-
-
-@contextlib.contextmanager
-def _capture_dispatch(op: str):
-    """Stop the op at ``dispatch.select`` and hand back the inputs it would dispatch on."""
-    from .. import dispatch
-
-    original = dispatch.select
-
-    def capture(name, inputs, backend=None):
-        if name == op:
-            raise _Captured(inputs)
-        return original(name, inputs, backend)
-
-    dispatch.select = capture
-    try:
-        yield
-    finally:
-        dispatch.select = original
-
-
-def _probe_inputs(op: str, device, dtype) -> tuple[dict[str, Any] | None, str]:
-    """(inputs dict as the dispatcher sees it, description) or (None, why not)."""
+def _probe(op: str, device, dtype) -> tuple[dict[str, list[str]] | None, str | None, str]:
+    """({backend: why it cannot run the probe call}, the auto-mode choice, description), from
+    :func:`mmkernels.dispatch.explain` (nothing runs); (None, None, why not) when no probe ran."""
     import torch
 
     import mmkernels
 
+    from . import dispatch
+
     build = PROBES.get(op)
-    fn = getattr(mmkernels, op, None) or getattr(mmkernels.ops, op, None)
-    if build is None or fn is None:
-        return None, "no probe call is defined for this op"
+    if build is None or getattr(mmkernels, op, None) is None:
+        return None, None, "no probe call is defined for this op"
     try:
         args, kwargs, desc = build(torch, device, dtype)
-        with _capture_dispatch(op), mmkernels.use_backend(None):
-            fn(*args, **kwargs)
-    except _Captured as cap:
-        return cap.inputs, f"{desc} on {device}"
+        with mmkernels.use_backend(None):
+            ex = dispatch.explain(op, *args, **kwargs)
     except Exception as exc:
-        return None, f"probe call failed: {exc.__class__.__name__}: {exc}"
-    return None, "probe call did not reach the dispatcher"
+        return None, None, f"probe call failed: {exc.__class__.__name__}: {exc}"
+    return ex.reasons, ex.chosen, f"{desc} on {device}"
 
 
 # --------------------------------------------------------------------------------------
 # collection
 # --------------------------------------------------------------------------------------
-def _version(module: str) -> str | None:
-    try:
-        return importlib.metadata.version(module)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
-    except Exception:
-        return None
-
-
-def _format_cuda_version(v: int) -> str:
-    return f"{v // 1000}.{(v % 1000) // 10}"
-
-
-def _driver_version(torch) -> str | None:
-    for owner, name in ((torch.cuda, "driver_version"), (torch._C, "_cuda_getDriverVersion")):
-        fn = getattr(owner, name, None)
-        if callable(fn):
-            try:
-                v = fn()
-            except Exception:
-                continue
-            return _format_cuda_version(v) if isinstance(v, int) else str(v)
-    return None
-
-
 def _nvcc() -> str | None:
     """nvcc that a csrc/ build would use (same lookup order as torch.utils.cpp_extension)."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
@@ -159,17 +107,17 @@ def _reason_texts(reasons) -> list[str]:
     return [getattr(r, "text", str(r)) for r in reasons]
 
 
-def collect(*, ceilings: bool = False, remeasure: bool = False) -> dict[str, Any]:
+def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Everything ``mmkernels info`` reports, as a JSON-serialisable dict.
 
-    ``ceilings``: add the device's measured ceilings (:mod:`mmkernels.bench.ceilings`: read
-    from the per-device cache, measured on first use — ~2 s on a GPU, ~0.3 s on a CPU)."""
+    ``ceilings``: add the device's measured ceilings (read from the per-device cache, measured on
+    first use — ~2 s on a GPU, ~0.3 s on a CPU), on a CPU at ``threads`` torch threads."""
     import torch
 
     import mmkernels
 
-    from .. import _ext, dispatch
-    from .._utils import interpreting, triton_import_error
+    from . import _ext, dispatch
+    from ._utils import interpreting, triton_import_error
 
     info: dict[str, Any] = {
         "mmkernels": mmkernels.__version__,
@@ -178,9 +126,9 @@ def collect(*, ceilings: bool = False, remeasure: bool = False) -> dict[str, Any
         "python_executable": sys.executable,
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": module_version("triton"),
         "triton_import_error": triton_import_error(),
-        "numpy": _version("numpy"),
+        "numpy": module_version("numpy"),
     }
 
     has_cuda = torch.cuda.is_available()
@@ -199,7 +147,7 @@ def collect(*, ceilings: bool = False, remeasure: bool = False) -> dict[str, Any
         "torch_built_with": torch.version.cuda,
         "hip": getattr(torch.version, "hip", None),
         "available": has_cuda,
-        "driver": _driver_version(torch) if has_cuda else None,
+        "driver": driver_version(torch) if has_cuda else None,
         "device_count": len(devices),
         "devices": devices,
         "nvcc": _nvcc(),
@@ -212,43 +160,36 @@ def collect(*, ceilings: bool = False, remeasure: bool = False) -> dict[str, Any
         forced, forced_err = None, str(exc)
     info["backend_env"] = {"MMKERNELS_BACKEND": os.environ.get("MMKERNELS_BACKEND"), "forced": forced,
                            "error": forced_err}
-    info["cuda_extension"] = {"available": _ext.available(), "reason": _ext.unavailable_reason()}
+    ext_reason = _ext.unavailable_reason()
+    if not torch.version.cuda and not _ext.available():  # no build switch helps a CPU-only torch
+        ext_reason = "not usable: this torch is a CPU-only build (the extension needs torch with CUDA and nvcc)"
+    info["cuda_extension"] = {"available": _ext.available(), "reason": ext_reason}
 
     device = torch.device("cuda" if has_cuda else "cpu")
     dtype = torch.float16 if has_cuda else torch.float32
     ops: dict[str, Any] = {}
     for op in sorted(dispatch._registry):
-        inputs, probe_desc = _probe_inputs(op, device, dtype)
-        rows, auto = [], None
+        probe, auto, probe_desc = _probe(op, device, dtype)
+        rows = []
         for b in dispatch.backends(op):
             try:
                 unavailable = _reason_texts(b.available())
             except Exception as exc:
                 unavailable = [f"available() raised {exc.__class__.__name__}: {exc}"]
-            row: dict[str, Any] = {
-                "name": b.name,
-                "description": b.description,
-                "available": not unavailable,
-                "unavailable_reasons": unavailable,
-                "probe_ok": None,
-                "probe_reasons": [],
-            }
-            if inputs is not None:
-                try:
-                    reasons = _reason_texts(b.not_supported_reasons(inputs))
-                except Exception as exc:
-                    reasons = [f"not_supported_reasons raised {exc.__class__.__name__}: {exc}"]
-                row["probe_ok"] = not reasons
-                row["probe_reasons"] = reasons
-                if auto is None and not reasons:
-                    auto = b.name
-            rows.append(row)
-        ops[op] = {"probe": probe_desc, "probe_ran": inputs is not None, "auto": auto, "backends": rows}
+            if b.name == "cuda" and unavailable and not torch.version.cuda:
+                unavailable = [ext_reason]  # the build switches the extension's own reason names cannot help
+            reasons = None if probe is None else probe.get(b.name, [])
+            rows.append({"name": b.name, "description": b.description, "available": not unavailable,
+                         "unavailable_reasons": unavailable, "probe_ok": None if reasons is None else not reasons,
+                         "probe_reasons": reasons or []})
+        ops[op] = {"probe": probe_desc, "probe_ran": probe is not None, "auto": auto, "backends": rows}
     info["ops"] = ops
     if ceilings:
-        from . import ceilings as ceil
+        from .bench import env
 
-        info["ceilings"] = ceil.get(device, remeasure=remeasure)
+        if device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        info["ceilings"] = env.ceilings(device, remeasure=remeasure)
     return info
 
 
@@ -332,19 +273,17 @@ def format_text(info: dict[str, Any]) -> str:
         else:
             kv("copy", f"{c['copy_gbps']:.1f} GB/s  (dst.copy_(src), {c['copy_bytes'] / 2**20:.0f} MiB, read + write)")
             n = c.get("matmul_shape") or ["?"] * 3
-            kv("matmul", f"{c['matmul_tflops']:.4g} TFLOP/s  ({c['matmul_dtype']} {n[0]}x{n[1]}x{n[2]})")
+            kv("matmul", f"{c['matmul_tflops']:.4g} TFLOP/s  ({c['matmul_dtype']} {n[0]}x{n[1]}x{n[2]})"
+               + (f", {c['threads']} thread(s) as `mmkernels bench` runs" if c.get("threads") else ""))
             kv("measured", f"{c.get('measured')}, torch {c.get('torch')}"
                + ("  (cached" if c.get("cached") else "  (measured now, cached")
                + f" in {c.get('cache_file')}; --remeasure to refresh)")
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None, *, as_json: bool | None = None, ceilings: bool = True,
-         remeasure: bool = False) -> int:
-    """Print the report; ``as_json`` (or ``--json`` in argv) prints JSON instead."""
-    if as_json is None:
-        as_json = "--json" in (argv or [])
-    info = collect(ceilings=ceilings, remeasure=remeasure)
+def main(*, as_json: bool = False, ceilings: bool = True, remeasure: bool = False, threads: int | None = None) -> int:
+    """Print the report; ``as_json`` prints JSON instead."""
+    info = collect(ceilings=ceilings, remeasure=remeasure, threads=threads)
     if as_json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -27,6 +27,7 @@ from .._utils import (
 )
 from ..reference import attention as ref
 from ..reference.rotary import apply_rotary
+from . import attention_scores as scores_ops
 
 __all__ = ["attention"]
 
@@ -347,6 +348,54 @@ dispatch.register(dispatch.Backend("reference", "attention", lambda inp: [], _re
 
 
 # --------------------------------------------------------------------------------------
+# attention and its scores from one forward (mk.attention(..., return_scores=...))
+# --------------------------------------------------------------------------------------
+def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False, *, query_index=None, reduce_heads="mean", backend=None):
+    """``(mk.attention(...), mk.attention_scores(...))`` from one forward: on the Triton path the
+    scores reuse the forward's row statistics (no second softmax pass); on the other backends the
+    two run one after the other.  The scores are those of the softmax before dropout.  What
+    ``mk.attention(..., return_scores=dict(query_index=..., reduce_heads=...))`` runs; inputs
+    (B, H, L, E) (a query batch of 1 broadcasts against the keys', as in ``mk.attention``)."""
+    attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)
+    batch = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if query.dim() != 4:
+        raise ValueError(f"return_scores: expected 4-D inputs (B, H, L, E), got query {describe(query)}")
+    query, key, value, attn_mask, _ = _as_4d(query, key, value, attn_mask, batch)
+    scores_ops._validate(query, key, None, attn_mask, is_causal, scale, enable_gqa, reduce_heads)
+    b, h, lq, d = query.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    inputs = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=float(dropout_p),
+                  is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa))
+    chosen = dispatch.select("attention", inputs, backend)
+    rows = scores_ops.query_rows(query_index, b, lq, query.device)
+    if chosen.name == "triton" and value.shape[-1] == d:
+        seed = None
+        if dropout_p > 0.0:  # as the Triton backend draws it: torch.manual_seed replays the mask
+            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
+        out, lse = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), scale)
+        stats = scores_ops._stats_from_lse(lse.detach(), rows, b, h, lq)
+    else:
+        out, stats = chosen.run(**inputs), None
+    mask = attn_mask.detach() if attn_mask is not None else None
+    forced = dispatch.forced_backend(backend)
+    # the scores have triton and reference backends only: a forced sdpa/cuda attention gets the reference
+    score_backend = "triton" if chosen.name == "triton" else (
+        "reference" if forced not in (None, "reference") else forced)
+    scores = scores_ops._run_scores(query.detach(), key.detach(), rows, stats, mask, is_causal, scale, score_backend)
+    return out, scores_ops._reduce(scores, reduce_heads)
+
+
+def scores_request(return_scores) -> dict:
+    """``mk.attention``'s ``return_scores`` argument → keyword arguments of
+    :func:`attention_with_scores` (a dict with ``query_index`` and/or ``reduce_heads``)."""
+    if not isinstance(return_scores, dict) or set(return_scores) - {"query_index", "reduce_heads"}:
+        raise ValueError(f"return_scores: expected a dict with keys query_index and/or reduce_heads, "
+                         f"got {return_scores!r}")
+    return dict(return_scores)
+
+
+# --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
 def attention(
@@ -414,8 +463,6 @@ def attention(
     if return_scores is not None:
         if rotary is not None:
             raise ValueError("rotary: not supported together with return_scores (the scores pass reads q/k unrotated)")
-        from .attention_scores import attention_with_scores, scores_request
-
         return attention_with_scores(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                      backend=backend, **scores_request(return_scores))
     attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key)

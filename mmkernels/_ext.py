@@ -56,6 +56,10 @@ def _import_built() -> tuple[ModuleType | None, str]:
                 return None, "not built (this install ships no compiled extension and no csrc/)"
             if not _sources():
                 return None, "not built: csrc/ has no CUDA sources yet"
+            import torch
+
+            if torch.version.cuda is None:  # a JIT build needs a CUDA torch too: do not suggest it
+                return None, f"not built (torch {torch.__version__} is a CPU-only build: the extension needs CUDA)"
             return None, (
                 "not built (install with torch+CUDA and nvcc present, "
                 "or set MMKERNELS_JIT_BUILD=1 to build it just in time)"

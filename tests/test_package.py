@@ -215,6 +215,13 @@ def test_ext_import_error_is_reported_not_raised(fresh_ext, monkeypatch):
     assert fresh_ext.available() is False
 
 
+@pytest.mark.skipif(bool(torch.version.cuda), reason="checks the CPU-only torch message")
+def test_ext_on_cpu_torch_does_not_suggest_a_jit_build(fresh_ext):
+    assert fresh_ext.load() is None
+    reason = fresh_ext.unavailable_reason()
+    assert "CPU-only" in reason and "MMKERNELS_JIT_BUILD" not in reason, reason
+
+
 @pytest.mark.skipif(bool(torch.version.cuda), reason="with CUDA torch a JIT build could really start")
 def test_ext_jit_build_needs_cuda(fresh_ext, monkeypatch):
     monkeypatch.setenv("MMKERNELS_JIT_BUILD", "1")

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # gpu_check.sh — the one script every GPU-lent session runs on the device machine.
 #
-# Stages (MMK_STAGES, default "env build tests bench summary"), each time-boxed so the whole script
-# ends inside the device tool's 10-minute command limit (MMK_TOTAL_S, default 560 s):
+# Stages (MMK_STAGES, default "env build inspect tests bench summary"), each time-boxed so the whole
+# script ends inside 9 minutes (MMK_TOTAL_S, default 530 s: the budget of one device call):
 #   env      nvidia-smi summary, python/torch/triton/CUDA versions, optional packages  -> env.txt
 #   build    the CUDA extension mmkernels._C from csrc/ (JIT, torch.utils.cpp_extension + ninja,
 #            cached for the later stages, which then load it with MMKERNELS_JIT_BUILD=1 and
 #            fail rather than skip its GPU tests: MMKERNELS_REQUIRE_CUDA_EXT=1); skipped when
 #            csrc/ has no sources, nvcc is missing, or MMK_INSTALL=1 built it  -> appended to env.txt
-#   tests    python -m pytest tests -q -x on CUDA (junit xml + log)                     -> pytest_junit.xml, pytest.log
+#   inspect  `mmkernels inspect --arch 90 --default-only --json` under the device's triton (registers,
+#            spills, shared memory, wgmma, cp.async/TMA, load widths of every kernel)  -> inspect.json
+#   tests    the CUDA test subset that proves each kernel correct: python -m pytest tests -q
+#            -m "not slow and not fuzz" (MMK_PYTEST_MARK), time box MMK_TEST_TIMEOUT_S (180 s) -> pytest.log
 #   bench    `mmkernels bench <op> --json bench_<op>.json --resume` for each op of MMK_BENCH_OPS (default
-#            attention) with MMK_BENCH_ARGS (default "--preset sweep --mode fwd,fwd+bwd": the issue-2
-#            sweep, d 64/128/88 x L 512..16384 x causal); rerun with --resume after a fatal CUDA error
+#            "attention qformer token_pool": the README table) with MMK_BENCH_ARGS, or per op by
+#            default: attention "--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd" (d 64/128/88
+#            x L 512..16384 and the EVA / SigLIP model shapes vs every SDPA backend and Flex), qformer
+#            "--preset blip2 --mode fwd,fwd+bwd" (B=64 both paths vs HF eager / sdpa), token_pool
+#            "--preset gemma3,llava-ov" (GB/s); rerun with --resume after a fatal CUDA error
 #            (exit 3), a hung case (the --case-timeout-s watchdog, exit 1) or the hard box, so each
 #            rerun skips the culprit; the ops share the time left; MMK_BENCH_PLOT=1 adds bench_<op>.png
 #                                                                -> bench_<op>.json, bench.log
@@ -29,8 +35,9 @@
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env build tests bench summary" MMK_BENCH_OPS=token_pool \
 #       MMK_BENCH_ARGS= MMK_PYTEST_ARGS="-k token_pool" bash scripts/gpu_check.sh   # the token-pool benchmark
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env suite summary" bash scripts/gpu_check.sh  # the gate / a baseline
-#   carry: [], timeout_s: 600. At most 8 files come back from $OUT, all flat: env.txt, install.log (only with
-#   MMK_INSTALL=1), pytest.log, pytest_junit.xml, bench_<op>.json (+ .png), bench.log, summary.txt.
+#   carry: [], timeout_s: 560. At most 8 files come back from $OUT, all flat: env.txt, inspect.json,
+#   pytest.log, bench_attention.json, bench_qformer.json, bench_token_pool.json, bench.log, summary.txt
+#   (install.log with MMK_INSTALL=1 and the .png with MMK_BENCH_PLOT=1 are extra: use them in a call of their own).
 # Continuing a benchmark in a second call (a fresh machine if the first went back): here
 #   mkdir -p .gpu_prev && cp <files_at>/bench_attention.json .gpu_prev/ &&
 #   (grep -qx '/.gpu_prev/' .git/info/exclude || echo /.gpu_prev/ >> .git/info/exclude)
@@ -55,8 +62,8 @@
 set -uo pipefail
 
 T0=$SECONDS
-TOTAL=${MMK_TOTAL_S:-560}
-STAGES=" ${MMK_STAGES:-env build tests bench summary} "
+TOTAL=${MMK_TOTAL_S:-530}
+STAGES=" ${MMK_STAGES:-env build inspect tests bench summary} "
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -156,6 +163,14 @@ EOF
     fi
 fi
 
+# ---- inspect: what the GPU compiles, under this machine's triton ----------------------------
+if has_stage inspect; then
+    box=$(( $(remaining) - 400 )); (( box > 120 )) && box=120; (( box < 30 )) && box=30
+    note "inspect (time box ${box}s): $PY -m mmkernels inspect --arch 90 --default-only --json"
+    tbox "$box" $PY -m mmkernels inspect --arch 90 --default-only --json >"$OUT/inspect.json" 2>>"$OUT/env.txt" \
+        || note "inspect rc=$? (see env.txt)" | tee -a "$OUT/env.txt"
+fi
+
 # ---- tests --------------------------------------------------------------------------------
 TEST_RC=skipped
 if has_stage tests; then
@@ -164,14 +179,14 @@ if has_stage tests; then
             | tee "$OUT/pytest.log"
         TEST_RC=no-pytest
     else
-        budget=${MMK_TEST_TIMEOUT_S:-240}
+        budget=${MMK_TEST_TIMEOUT_S:-180}
         if has_stage bench; then   # leave the benchmark at least ~4 minutes
             cap=$(( $(remaining) - 240 )); (( cap < budget )) && budget=$cap
         else
             cap=$(( $(remaining) - 20 )); (( cap < budget )) && budget=$cap
         fi
         (( budget < 30 )) && budget=30
-        args=(tests -q -p no:cacheprovider --durations=15 --junitxml="$OUT/pytest_junit.xml")
+        args=(tests -q -p no:cacheprovider --durations=15 -m "${MMK_PYTEST_MARK:-not slow and not fuzz}")
         # one hung test must not eat the whole box: per-test limit when pytest-timeout is there
         if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout="${MMK_TEST_CASE_TIMEOUT_S:-120}"); fi
         note "pytest (time box ${budget}s): $PY -m pytest ${args[*]} ${MMK_PYTEST_ARGS:-}"
@@ -190,11 +205,16 @@ BENCH_RC=skipped
 if has_stage bench; then
     BENCH_RC=0
     : >>"$OUT/bench.log"
-    read -r -a ops <<<"${MMK_BENCH_OPS:-attention}"
-    bench_args=${MMK_BENCH_ARGS-"--preset sweep --mode fwd,fwd+bwd"}   # set and empty: the op's defaults
+    read -r -a ops <<<"${MMK_BENCH_OPS:-attention qformer token_pool}"
     for i in "${!ops[@]}"; do
         op=${ops[$i]}
         json="$OUT/bench_$op.json"
+        case "$op" in   # MMK_BENCH_ARGS (set, even empty) overrides: empty = the op's own defaults
+            attention) bench_args=${MMK_BENCH_ARGS-"--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd"} ;;
+            qformer) bench_args=${MMK_BENCH_ARGS-"--preset blip2 --mode fwd,fwd+bwd"} ;;
+            token_pool) bench_args=${MMK_BENCH_ARGS-"--preset gemma3,llava-ov"} ;;
+            *) bench_args=${MMK_BENCH_ARGS-} ;;
+        esac
         if [[ -n "${MMK_BENCH_PREV:-}" && -f "$MMK_BENCH_PREV/bench_$op.json" ]]; then
             cp "$MMK_BENCH_PREV/bench_$op.json" "$json" && note "continuing $MMK_BENCH_PREV/bench_$op.json"
         fi

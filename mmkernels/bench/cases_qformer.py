@@ -7,6 +7,7 @@ mmkernels route), ``triton`` (the fused kernel: K/V projected in-kernel, never i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -84,6 +85,26 @@ def _fused(*args):
     return mmkernels.qformer_cross_attention(*args)
 
 
+def _why_not_triton(device):
+    return mk_unavailable("qformer_cross_attention", "triton", device)
+
+
+@contextlib.contextmanager
+def _path(rule: int):
+    """Triton forced, with the fused/hoisted rule pinned (``HOIST_MIN_BATCH``: 0 always hoisted,
+    a huge value always fused), so both paths are timed side by side and can overrule the rule."""
+    import mmkernels
+    from mmkernels.ops import qformer as ops_qformer
+
+    saved = ops_qformer.HOIST_MIN_BATCH
+    ops_qformer.HOIST_MIN_BATCH = rule
+    try:
+        with mmkernels.use_backend("triton"):
+            yield
+    finally:
+        ops_qformer.HOIST_MIN_BATCH = saved
+
+
 class QFormerBench(OpBench):
     name = "qformer"
     title = "mmkernels.qformer_cross_attention (Q-Former cross-attention, K/V projected in-kernel)"
@@ -124,7 +145,11 @@ class QFormerBench(OpBench):
                                     lambda s: _mk_attention, lambda d: mk_unavailable("attention", "triton", d),
                                     gpu_kernel=True),
             "triton": mk_backend("qformer_cross_attention", "triton", lambda s: _fused,
-                                 "mmkernels.qformer_cross_attention, fused Triton kernel"),
+                                 "mmkernels.qformer_cross_attention, Triton (the dispatcher's path rule)"),
+            "triton-fused": Backend("triton-fused", "Triton, fused path: K/V projected inside the kernel",
+                                    lambda s: _fused, _why_not_triton, lambda: _path(10**9), gpu_kernel=True),
+            "triton-hoisted": Backend("triton-hoisted", "Triton, hoisted path: 3 cuBLAS GEMMs + attention kernels",
+                                      lambda s: _fused, _why_not_triton, lambda: _path(0), gpu_kernel=True),
         }
 
     def make_inputs(self, s, dtype, device, generator):

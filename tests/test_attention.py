@@ -171,7 +171,7 @@ def test_scale_and_non_contiguous_inputs():
 
 
 def test_fp32_precision_setting(monkeypatch):
-    from mmkernels.kernels.attention import _dot_precision
+    from mmkernels.kernels._tiles import _dot_precision
 
     old = torch.get_float32_matmul_precision()
     try:
@@ -184,7 +184,7 @@ def test_fp32_precision_setting(monkeypatch):
 
 
 def test_head_dim_split_saves_work():
-    from mmkernels.kernels.attention import split_head_dim
+    from mmkernels.kernels._tiles import split_head_dim
 
     assert split_head_dim(64) == (64, 0)
     assert split_head_dim(72) == (64, 16)

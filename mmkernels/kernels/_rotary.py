@@ -17,13 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _masked_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
-    if ALIGNED:  # rows start 16-byte aligned and offs_d is a contiguous chunk (see attention._load_rows)
-        ptrs = tl.multiple_of(ptrs, [1, 16])
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+from ._tiles import _load_cols2, _load_rows
 
 
 @triton.jit
@@ -42,13 +36,13 @@ def _load_rot(base, rows, row_ok, stride_r, stride_d, offs_d, COS, SIN, cs_base,
     """Tile [rows, offs_d] of a (L, D) matrix, rotated when ROTARY: x·cos + rotate_half(x)·sin
     in fp32, rounded to x's dtype (what HF does before its attention call).  cos/sin rows are
     ``COS + cs_base + row·scl``.  Out-of-range entries read 0."""
-    x = _masked_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM, ALIGNED)
+    x = _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM, ALIGNED)
     if ROTARY != 0:
         HALF: tl.constexpr = HEAD_DIM // 2
         lo = offs_d < HALF
         partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
         # the partner columns wrap around D/2 inside a chunk: not one contiguous run, no hint
-        xp = _masked_rows(base, rows, row_ok, stride_r, partner, stride_d, HEAD_DIM, False).to(tl.float32)
+        xp = _load_rows(base, rows, row_ok, stride_r, partner, stride_d, HEAD_DIM, False).to(tl.float32)
         cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         coffs = cs_base + rows[:, None].to(tl.int64) * scl + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd
         c = tl.load(COS + coffs, mask=cmask, other=0.0).to(tl.float32)
@@ -73,6 +67,24 @@ def _load_rot2(base, rows, row_ok, stride_r, stride_d, COS, SIN, cs_base, scl, s
 
 
 @triton.jit
+def _load_keys_T(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Transposed key chunks [D0, cols], [D1, cols]; with ROTARY the rows are rotated as they are
+    loaded (see :mod:`mmkernels.kernels._rotary`), then transposed."""
+    if ROTARY != 0:
+        k0, k1 = _load_rot2(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
+                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        kT0 = tl.trans(k0)
+        kT1 = kT0
+        if D1 > 0:
+            kT1 = tl.trans(k1)
+    else:
+        kT0, kT1 = _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM, D0, D1, ALIGNED)
+    return kT0, kT1
+
+
+@triton.jit
 def _rotary_unrotate(
     X, COS, SIN, H, L, sxb, sxh, sxl, scb, scl, scd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -92,8 +104,8 @@ def _rotary_unrotate(
     lo = offs_d < HALF
     partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
     base = X + b * sxb + h * sxh
-    dy = _masked_rows(base, rows, row_ok, sxl, offs_d, 1, HEAD_DIM, False).to(tl.float32)
-    dyp = _masked_rows(base, rows, row_ok, sxl, partner, 1, HEAD_DIM, False).to(tl.float32)
+    dy = _load_rows(base, rows, row_ok, sxl, offs_d, 1, HEAD_DIM, False).to(tl.float32)
+    dyp = _load_rows(base, rows, row_ok, sxl, partner, 1, HEAD_DIM, False).to(tl.float32)
     cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     rr = b * scb + rows[:, None].to(tl.int64) * scl
     c = tl.load(COS + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)

@@ -41,164 +41,24 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
-from ._rotary import _load_rot2, unrotate_grad
-
-LOG2E = tl.constexpr(1.4426950408889634)
-
-
-# --------------------------------------------------------------------------------------
-# jit helpers
-# --------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0.
-
-    ALIGNED: the launcher checked that every row starts 16-byte aligned (``_aligned``).  Triton
-    only learns alignment from 16-divisible integers, so without the hint head dims 72 and 88
-    (row strides 72, 88) load 2 bytes at a time and are not pipelined (sm_90 bf16 forward:
-    160 / 192 scalar loads and no cp.async; with it, 16-byte cp.async like d=64)."""
-    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
-    if ALIGNED:
-        ptrs = tl.multiple_of(ptrs, [1, 16])  # pointer divisibility is in bytes
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-
-
-@triton.jit
-def _load_cols(base, cols, col_ok, stride_c, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    """Transposed tile [d, cols] of a (L, D) matrix; out-of-range entries read 0 (ALIGNED: as
-    in ``_load_rows``)."""
-    ptrs = base + offs_d[:, None] * stride_d + cols[None, :] * stride_c
-    if ALIGNED:
-        ptrs = tl.multiple_of(ptrs, [16, 1])
-    return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _load_rows2(base, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """The two head-dim chunks [rows, D0] and [rows, D1] of a (L, D) matrix (D1 = 0: the second
-    is the first again, unused)."""
-    t0 = _load_rows(base, rows, row_ok, stride_r, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
-    t1 = t0
-    if D1 > 0:
-        t1 = _load_rows(base, rows, row_ok, stride_r, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
-    return t0, t1
-
-
-@triton.jit
-def _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """The two head-dim chunks of a transposed tile: [D0, cols] and [D1, cols]."""
-    t0 = _load_cols(base, cols, col_ok, stride_c, tl.arange(0, D0), stride_d, HEAD_DIM, ALIGNED)
-    t1 = t0
-    if D1 > 0:
-        t1 = _load_cols(base, cols, col_ok, stride_c, D0 + tl.arange(0, D1), stride_d, HEAD_DIM, ALIGNED)
-    return t0, t1
-
-
-@triton.jit
-def _load_keys_T(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROTARY: tl.constexpr,
-                 ALIGNED: tl.constexpr):
-    """Transposed key chunks [D0, cols], [D1, cols]; with ROTARY the rows are rotated as they are
-    loaded (see :mod:`mmkernels.kernels._rotary`), then transposed."""
-    if ROTARY != 0:
-        k0, k1 = _load_rot2(base, cols, col_ok, stride_c, stride_d, COS, SIN, cs_base, scl, scd,
-                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        kT0 = tl.trans(k0)
-        kT1 = kT0
-        if D1 > 0:
-            kT1 = tl.trans(k1)
-    else:
-        kT0, kT1 = _load_cols2(base, cols, col_ok, stride_c, stride_d, HEAD_DIM, D0, D1, ALIGNED)
-    return kT0, kT1
-
-
-@triton.jit
-def _store_rows(base, val, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
-    tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _mask_logits(
-    s, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-):
-    """Apply bounds, causal and user masks to base-2 logits ``s`` (-inf where not allowed)."""
-    allowed = col_ok[None, :] & row_ok[:, None]
-    if IS_CAUSAL:
-        allowed = allowed & (cols[None, :] <= rows[:, None])
-    if MASK_KIND != 0:
-        mptrs = mask_base + rows[:, None] * smm + cols[None, :] * smn
-        mval = tl.load(mptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-        if MASK_KIND == 1:
-            allowed = allowed & (mval != 0)
-        else:
-            mval = mval.to(tl.float32)
-            # HF masks use finfo(dtype).min: ×log2(e) would overflow fp32 to -inf and turn a
-            # "very negative" row into a fully masked one; clamp finite values to -1e30 instead
-            # (same softmax: exp underflows to 0 either way), keep true -inf as -inf.
-            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
-            s += mval * LOG2E
-    return tl.where(allowed, s, float("-inf"))
-
-
-@triton.jit
-def _logits(
-    q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """S = (Q Kᵀ·scale + mask)·log2(e) for one [BLOCK_M, BLOCK_N] tile, -inf where not allowed."""
-    s = _dot(q0, kT0, PREC, UPCAST)
-    if D1 > 0:
-        s += _dot(q1, kT1, PREC, UPCAST)
-    return _mask_logits(s * qk_scale, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND, IS_CAUSAL)
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i):
-    """Online-softmax update for one tile of base-2 logits: (P, rescale of the old state, m, l)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _finish_rows(STATS, bh, LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT: tl.constexpr):
-    """Store a block's softmax statistics; return the factor that normalises its accumulator.
-
-    The log-sum-exp is kept as (row max, log2 of the row sum), both base 2: a row whose logits
-    all sit on HF's finfo.min floor has max ~-1.4e30, where max + log2(sum) would round the
-    log2(sum) away and the backward would rebuild P = 1 instead of 1/n.  Rows with no visible
-    key get max = +inf (the backward's P is then 0) and a zero output.
-    """
-    empty = l_i == 0.0
-    stats = STATS + bh * 2 * LQ + rows
-    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
-    tl.store(stats + LQ, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=row_ok)
-    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
-    if HAS_DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
-    return inv_l
-
-
-@triton.jit
-def _dropout_keep(seed, rows, cols, LK, dropout_p):
-    """Philox keep-mask (True = kept) of one tile; the same (seed, row, col) gives the same bit."""
-    offsets = rows[:, None] * LK + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
+from ._tiles import (
+    _aligned,
+    _bwd_tile,
+    _dot,
+    _dot_precision,
+    _dropout_keep,
+    _finish_rows,
+    _load_cols2,
+    _load_rows,
+    _load_rows2,
+    _logits,
+    _mask_args,
+    _softmax_step,
+    _store_rows,
+    rotary_args,
+    split_head_dim,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,34 +134,6 @@ def _attn_fwd(
 # --------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _bwd_tile(
-    q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-    m_row, log2l, delta, seed, LK, dropout_p,
-    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] tile of the backward, shared by the dK/dV and dQ kernels.
-
-    Recomputes P from the forward's row statistics, then returns (P̃, dS): P̃ = P after dropout
-    and 1/(1-p) scaling (dV = P̃ᵀ dO) and dS = P ∘ (dP̃ − delta) with dP̃ = dO Vᵀ masked and
-    scaled like P̃ (dQ = dS K·scale, dK = dSᵀ Q·scale).  delta = rowsum(dO ∘ O).
-    """
-    s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-                D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
-    p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])  # m = +inf (no visible key) → p = 0
-    dp = _dot(do0, vT0, PREC, UPCAST)
-    if D1 > 0:
-        dp += _dot(do1, vT1, PREC, UPCAST)
-    pd = p
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        pd = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-    return pd, p * (dp - delta[:, None])
-
-
 @triton.jit
 def _attn_bwd_preprocess(
     O, DO, DELTA,
@@ -478,55 +310,6 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
-def split_head_dim(d: int) -> tuple[int, int]:
-    """Power-of-two chunks (D0, D1) covering head dim ``d`` (D1 = 0: one chunk).
-
-    ``tl.dot`` needs every dim >= 16 and a power of two.  72 → (64, 16), 80 → (64, 16),
-    88 → (64, 32), 96 → (64, 32), 136 → (128, 16); when two chunks would not save columns
-    over the next power of two (112 → 64+64 = 128) one chunk is used.
-    """
-    full = max(16, triton.next_power_of_2(d))
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    if d0 >= d:
-        return d0, 0
-    d1 = max(16, triton.next_power_of_2(d - d0))
-    if d0 + d1 >= full:
-        return full, 0
-    return d0, d1
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # fp32 with "high"/"medium"; for fp16/bf16 operands the flag is ignored
-
-
-def _mask_args(attn_mask, b, h, lq, lk, like):
-    """(tensor, kind, strides) of the mask's broadcast view; never materialised."""
-    if attn_mask is None:
-        return like, 0, (0, 0, 0, 0)
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m.expand(b, h, lq, lk)
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)  # same bytes; uint8 loads are the portable path
-        return m, 1, m.stride()
-    return m, 2, m.stride()
-
-
-def rotary_args(cos, sin, like):
-    """(cos, sin, ROTARY kind, (batch, row, col) strides) for the kernels: 0 without rotary;
-    1 when cos/sin hold D columns, 2 for D/2.  cos/sin (L, ·) are shared by the batch (stride 0);
-    (B, L, ·) are per batch row.  cos and sin must share strides (the op layers ensure it)."""
-    if cos is None:
-        return like, like, 0, (0, 0, 0)
-    kind = 1 if cos.shape[-1] == like.shape[-1] else 2
-    shared = cos.dim() == 2 or cos.shape[0] == 1
-    strides = (0 if shared else cos.stride(0), *cos.stride()[-2:])
-    return cos, sin, kind, strides
-
-
 def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True):
     b, h, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -543,14 +326,6 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True
     )
     seed_arg = seed if has_dropout else query
     return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
-
-
-def _aligned(*tensors: torch.Tensor) -> bool:
-    """Whether every row of these (..., L, D) tensors starts 16-byte aligned: unit last-dim
-    stride, every other stride a multiple of 8 elements, base address 16-byte aligned (the
-    kernels' ALIGNED hint; see ``_load_rows``)."""
-    return all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) and t.data_ptr() % 16 == 0
-               for t in tensors)
 
 
 def _lk_bucket(lk: int) -> int:

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
-from .attention import (
+from ._tiles import (
     _aligned,
     _dot_precision,
     _finish_rows,

@@ -40,23 +40,24 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import gpu_launcher
-from ._rotary import _load_rot2, unrotate_grad
-from .attention import (
+from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
+from ._tiles import (
     _aligned,
-    _attn_bwd_preprocess,
     _bwd_tile,
     _dot,
     _dot_precision,
     _dropout_keep,
     _finish_rows,
     _load_cols2,
-    _load_keys_T,
     _load_rows2,
     _logits,
     _softmax_step,
     _store_rows,
     rotary_args,
     split_head_dim,
+)
+from .attention import (
+    _attn_bwd_preprocess,
 )
 
 # Philox key stride between (sequence, head) streams (same constant as the dense kernels)

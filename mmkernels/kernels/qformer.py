@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
-from .attention import (
+from ._tiles import (
     _aligned,
     _dot,
     _dot_precision,
@@ -30,6 +30,8 @@ from .attention import (
     _mask_args,
     _mask_logits,
     _softmax_step,
+)
+from .attention import (
     attention_backward,
     attention_forward,
 )

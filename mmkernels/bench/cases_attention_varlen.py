@@ -179,9 +179,9 @@ class AttentionVarlenBench(OpBench):
         return ShapeSpec("custom", self.describe(shape).replace(" ", ","), "--shape " + text, shape)
 
     def scale_for_cpu(self, s, quick):
-        # the mix of lengths is kept (small windows stay whole, long images shrink) and few sequences
-        div, nseq, cap = (32, 4, 160) if quick else (8, 8, 640)
-        return replace(s, seqlens=tuple(min(cap, max(min(L, 16), L // div)) for L in s.seqlens[:nseq]),
+        # the mix of lengths is kept (windows of <= 64 stay whole, long images shrink), few sequences
+        div, nseq, cap = (16, 4, 160) if quick else (4, 8, 640)
+        return replace(s, seqlens=tuple(L if L <= 64 else min(cap, max(16, L // div)) for L in s.seqlens[:nseq]),
                        H=min(s.H, 2 if quick else 4))
 
     def describe(self, s):

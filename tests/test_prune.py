@@ -287,30 +287,6 @@ def test_visionzip_bad_input_raises():
         tower(pixel_values=torch.randn(1, 3, 8, 8, device=DEVICE))
 
 
-# ----------------------------------------------------------------------------- benchmark smoke
-def test_prune_bench_tiny(tmp_path):
-    """examples/prune_bench.py --tiny on the CPU backends (no interpreter): every case runs."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "prune.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(root / "examples" / "prune_bench.py"), "--tiny", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())
-    assert [(r["what"], r["impl"]) for r in rows] == [
-        ("scoring", "eager"), ("scoring", "mk"), ("prefill", "eager+attn"), ("prefill", "mk"), ("prefill", "mk+FastV")]
-    assert all(r["ms"] > 0 and r["tokens"] == 41 for r in rows)
-    assert rows[1]["scores_shape"] == [1, 41]
-    assert "| scoring | tiny | 41 | mk |" in proc.stdout
-
-
 @pytest.mark.parametrize("family,lm", [("LlavaNext", "llama"), ("LlavaOnevision", "qwen2")])
 def test_fastv_llava_next_and_onevision_language_models(family, lm):
     """The hooks on LLaVA-NeXT / LLaVA-OneVision (LLaMA and Qwen2 LMs); the image placeholders are

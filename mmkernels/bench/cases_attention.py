@@ -84,7 +84,8 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
     "qwen2vl": [_s("qwen2vl", "vit-16k", "Qwen2-VL ViT, one 16k-token image (packed batch of one)",
                    1, 16, 16384, 16384, 80),
                 _s("qwen2vl", "vit-4x4k", "Qwen2-VL ViT, 4 images of 4096 tokens", 4, 16, 4096, 4096, 80)],
-    "qwen25vl": "Qwen2.5-VL's ViT attends within packed windows (cu_window_seqlens): a varlen op, not this one",
+    "qwen25vl": "Qwen2.5-VL's ViT attends within packed windows (cu_window_seqlens): see "
+                "`mmkernels bench attention_varlen`",
     "internvl": [_s("internvl", "internvit-300m", "InternViT-300M vision self-attn (InternVL 2.5)",
                     8, 16, 1025, 1025, 64)],
     "sweep": "generated: B·L = 16384 tokens, H·d = 2048, d = 64, 128, 88, L = 512 ... 16384, causal and not "

@@ -23,10 +23,12 @@ def broadcasts_to(mask: torch.Tensor, target: tuple) -> bool:
         return False
 
 
-def check_dropout_and_scale(dropout_p, scale) -> None:
-    """The SDPA-style ``dropout_p`` in [0, 1) and ``scale`` float-or-None arguments."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+def check_dropout_and_scale(dropout_p, scale, allow_one: bool = False) -> None:
+    """The SDPA-style ``dropout_p`` in [0, 1) (``allow_one``: [0, 1], as SDPA itself takes) and
+    ``scale`` float-or-None arguments."""
+    ok = isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) <= 1.0
+    if not ok or (not allow_one and float(dropout_p) == 1.0):
+        raise ValueError(f"dropout_p: expected a float in [0, {'1]' if allow_one else '1)'}, got {dropout_p!r}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
 

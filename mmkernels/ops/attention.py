@@ -197,9 +197,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(
                 f"attn_mask: expected a shape broadcastable to (..., H, Lq, Lk) = {target}, got {describe(attn_mask)}"
             )
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
-    check_dropout_and_scale(0.0, scale)
+    check_dropout_and_scale(dropout_p, scale, allow_one=True)
     return batch
 
 

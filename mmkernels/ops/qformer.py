@@ -224,6 +224,58 @@ def triton_path(batch: int) -> str:
     return "hoisted" if batch >= HOIST_MIN_BATCH else "fused"
 
 
+# Shared K/V (a patched BLIP-2 / InstructBLIP Q-Former, :class:`mmkernels.nn.QFormerSharedKV`): the
+# cross-attention layers all read the same image features, so K and V of every layer can come from
+# ONE GEMM over the concatenated weights [n_layers·2·A, Dkv] per Q-Former forward (BLIP-2: 6 layers,
+# one 9216×1408 GEMM instead of twelve 768×1408 ones), each layer then running its own Q projection
+# and the attention kernel on views of that product.  Rule (``shares_kv``): share whenever the
+# per-layer call would not be the fused Triton kernel — the hoisted path, SDPA and the reference
+# all project K/V with separate GEMMs per layer, so one bigger GEMM does the same work with one
+# read of the image features and one launch instead of 2·n_layers; the fused kernel never writes
+# K/V to memory and is kept at small batches.  ``SHARED_KV_MIN_BATCH`` (module attribute, None =
+# ``HOIST_MIN_BATCH``) is the batch from which the Triton route shares: an estimate a GPU
+# benchmark overrules by assigning it (``mmkernels bench qformer_model`` times both).
+SHARED_KV_MIN_BATCH: int | None = None
+
+
+def route(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, num_heads,
+          encoder_attention_mask=None, dropout_p=0.0, scale=None, *, backend=None) -> str:
+    """The backend :func:`qformer_cross_attention` would run these arguments on ("triton", "sdpa",
+    "reference"), without running, recording or warning.  Raises as the op would (ValueError for bad
+    input, :class:`mmkernels.dispatch.BackendNotSupportedError` when no backend / the forced one
+    cannot run it)."""
+    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+              num_heads, encoder_attention_mask, dropout_p, scale)
+    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
+        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
+    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, q_weight=q_weight,
+                  q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
+                  num_heads=num_heads, encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p),
+                  scale=1.0 if scale is None else float(scale))
+    forced = dispatch.forced_backend(backend)
+    rejected = []
+    for b in dispatch.backends("qformer_cross_attention"):
+        if forced is not None and b.name != forced:
+            continue
+        reasons = b.not_supported_reasons(inputs)
+        if not reasons:
+            return b.name
+        rejected.append(f"{b.name}: " + ", ".join(r.text for r in reasons))
+    raise dispatch.BackendNotSupportedError(
+        f"mmkernels.qformer_cross_attention: no backend can run this call ({'; '.join(rejected) or forced})")
+
+
+def shares_kv(backend: str, batch: int) -> bool:
+    """Whether a patched Q-Former projects K/V of all its cross-attention layers in one GEMM when
+    the per-layer :func:`qformer_cross_attention` would run on ``backend`` (see :func:`route`) at
+    this ``batch``: yes unless that call is the fused Triton kernel (``triton_path`` "fused" below
+    ``SHARED_KV_MIN_BATCH``, by default ``HOIST_MIN_BATCH``)."""
+    if backend != "triton":
+        return True
+    threshold = HOIST_MIN_BATCH if SHARED_KV_MIN_BATCH is None else SHARED_KV_MIN_BATCH
+    return batch >= threshold
+
+
 def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
              num_heads, mask, seed, dropout_p, scale):
     """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""

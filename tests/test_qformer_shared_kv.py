@@ -107,14 +107,15 @@ def _run(model, inp, dtype=torch.float32, grad=True):
 @contextlib.contextmanager
 def _route(name):
     """The per-layer call's route: "hoisted" (Triton, HOIST_MIN_BATCH = 0), "fused" (Triton, the
-    default rule at these batches), "sdpa"."""
-    saved = ops_qformer.HOIST_MIN_BATCH
-    ops_qformer.HOIST_MIN_BATCH = {"hoisted": 0, "fused": 10**9}.get(name, saved)
+    default rule at these batches), "sdpa" (with SHARED_KV_ON_CPU: the rule as on a GPU)."""
+    saved = ops_qformer.HOIST_MIN_BATCH, ops_qformer.SHARED_KV_ON_CPU
+    ops_qformer.HOIST_MIN_BATCH = {"hoisted": 0, "fused": 10**9}.get(name, saved[0])
+    ops_qformer.SHARED_KV_ON_CPU = name == "sdpa"
     try:
         with mk.use_backend("sdpa" if name == "sdpa" else "triton"):
             yield
     finally:
-        ops_qformer.HOIST_MIN_BATCH = saved
+        ops_qformer.HOIST_MIN_BATCH, ops_qformer.SHARED_KV_ON_CPU = saved
 
 
 def _shared(model) -> QFormerSharedKV:
@@ -131,7 +132,7 @@ def _patch(model, **kw):
     return report
 
 
-@pytest.mark.parametrize("kind,route", [("blip2", "hoisted"), ("blip2", "sdpa"), ("instructblip", "hoisted")])
+@pytest.mark.parametrize("kind,route", [("blip2", "sdpa"), ("instructblip", "hoisted")])
 def test_parity_with_hf_and_per_layer_path(kind, route):
     hf = _qformer(kind).train()  # training mode (dropout 0): the training route, exactly
     inp = _inputs(kind, batch=2 if route == "hoisted" else 3)
@@ -203,15 +204,17 @@ def test_rule_and_forced_modes():
             assert run() == ([], 1)
         finally:
             ops_qformer.SHARED_KV_MIN_BATCH = saved
-    with mk.use_backend("sdpa"):  # SDPA projects per layer: shared in auto mode
-        assert ops_qformer.shares_kv("sdpa", 1)
+    with mk.use_backend("sdpa"):  # SDPA: shared on a GPU; on a CPU only with SHARED_KV_ON_CPU
+        assert ops_qformer.shares_kv("sdpa", 1, "cuda") and not ops_qformer.shares_kv("sdpa", 64, enc.device)
+        assert run() == ([("qformer_cross_attention", "sdpa")] * N_CROSS, 2 * N_CROSS)
+    with _route("sdpa"):
         assert run() == ([], 1)
     mk.unpatch(model)
 
     report = mk.patch(model, qformer_shared_kv=False)
     assert any("qformer_shared_kv=False" in why for _, _, why in report.skipped), str(report)
     assert "forward" not in model.encoder.__dict__
-    with mk.use_backend("sdpa"):
+    with _route("sdpa"):
         assert run() == ([("qformer_cross_attention", "sdpa")] * N_CROSS, 2 * N_CROSS)
     mk.unpatch(model)
     with pytest.raises(ValueError, match="qformer_shared_kv"):
@@ -278,7 +281,7 @@ def test_other_features_or_modified_features_fall_back():
             ref = model(**inp).last_hidden_state
         mk.patch(model)
         shared = _shared(model)
-        with torch.no_grad(), mk.use_backend("sdpa"), _GemmsReading(enc) as gm:
+        with torch.no_grad(), _route("sdpa"), _GemmsReading(enc) as gm:
             out = model(**inp).last_hidden_state
         # the shared GEMM (layers 0 and 2) + layer 2's own K and V where it read the image itself
         assert gm.count == 1 + ours and shared.projections == 1, (hook_fn.__name__, gm.count)
@@ -289,7 +292,7 @@ def test_other_features_or_modified_features_fall_back():
     # consecutive forwards on other images never reuse K/V; an exception closes the scope
     mk.patch(model)
     shared = _shared(model)
-    with mk.use_backend("sdpa"), torch.no_grad():
+    with _route("sdpa"), torch.no_grad():
         for scale in (1.0, -2.0):
             other = dict(inp, encoder_hidden_states=enc * scale)
             got = model(**other).last_hidden_state
@@ -306,7 +309,7 @@ def test_other_features_or_modified_features_fall_back():
         assert not shared.active and shared._scopes == []
     # a copy shares within itself
     twin, before = copy.deepcopy(model), shared.projections
-    with mk.use_backend("sdpa"), torch.no_grad():
+    with _route("sdpa"), torch.no_grad():
         twin(**inp)
     assert _shared(twin).layers[0] is twin.encoder.layer[0].crossattention.attention
     assert _shared(twin).projections == before + 1 and shared.projections == before
@@ -352,14 +355,14 @@ def test_gradient_checkpointing_projects_per_layer():
     model.gradient_checkpointing_enable()
     mk.patch(model)
     shared = _shared(model)
-    with mk.use_backend("sdpa"):
+    with _route("sdpa"):
         out, grads = _run(model, inp)
     assert shared.projections == 0  # the replayed layers project their own K/V, as the first pass did
     assert_close_abs("checkpointed output", out, ref, ATOL)
     for name, g in gref.items():
         if g is not None:
             assert_close_abs(f"checkpointed grad {name}", grads[name], g, ATOL * 5)
-    with mk.use_backend("sdpa"), torch.no_grad():  # no backward to replay: shared
+    with _route("sdpa"), torch.no_grad():  # no backward to replay: shared
         model(**inp)
     assert shared.projections == 1
     mk.unpatch(model)

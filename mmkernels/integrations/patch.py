@@ -23,8 +23,9 @@ What is patched (each switch of :func:`patch` turns one group off):
   :class:`mmkernels.nn.QFormerAttention` (fused cross-attention: K/V never written to memory),
   and the Q-Former encoder's ``forward`` overridden on the instance to open a
   :class:`mmkernels.nn.QFormerSharedKV` scope: K and V of all its cross-attention layers (they read
-  the same image features) come from one GEMM per forward wherever the per-layer call would not be
-  the fused kernel (``qformer_shared_kv``: None = that rule, True = always, False = never).
+  the same image features) come from one GEMM per forward where
+  :func:`mmkernels.ops.qformer.shares_kv` says so (``qformer_shared_kv``: None = that rule,
+  True = always, False = never).
 ``pooling``
   Gemma 3 projector, LLaVA-NeXT-Video pooler, Qwen2-VL / Qwen2.5-VL patch mergers →
   the :mod:`mmkernels.nn.token_pool` drop-ins; the methods ``LlavaOnevisionModel.apply_pooling``,
@@ -390,7 +391,7 @@ def _share_qformer_kv(path: str, m: nn.Module, mode: bool | None, state: _State,
     m.__dict__[SHARED_KV_ATTR] = shared
     state.methods.append((m, SHARED_KV_ATTR))  # _restore pops it with the forward override
     a, dkv = layers[0].all_head_size, layers[0].key.in_features
-    rule = {None: "auto: where the per-layer call would not be the fused kernel", True: "always"}[mode]
+    rule = {None: "auto: mmkernels.ops.qformer.shares_kv", True: "always"}[mode]
     _override(m, "forward", _qformer_encoder_forward, path, state, report,
               f"mmkernels.nn.QFormerSharedKV: K/V of cross-attention layers {indices} in one "
               f"[{len(layers)}*2*{a}, {dkv}] GEMM per forward ({rule})")
@@ -408,9 +409,9 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     pruning scored by :func:`mmkernels.attention_scores` (see :mod:`mmkernels.integrations.prune`).
 
     ``qformer_shared_kv`` (with ``qformer=True``): K/V of all the Q-Former's cross-attention layers
-    from one GEMM per forward (:class:`mmkernels.nn.QFormerSharedKV`) — None: where the per-layer
-    call would not be the fused kernel (:func:`mmkernels.ops.qformer.shares_kv`); True: always;
-    False: never.  Change it later through the encoder's ``mmkernels_shared_kv.mode``.
+    from one GEMM per forward (:class:`mmkernels.nn.QFormerSharedKV`) — None: where
+    :func:`mmkernels.ops.qformer.shares_kv` says so (Triton: unless the fused kernel would run;
+    SDPA: on a GPU); True: always; False: never.  Change it later through the encoder's ``mmkernels_shared_kv.mode``.
 
     Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
     unchanged.  Patching a patched model raises; :func:`unpatch` first.

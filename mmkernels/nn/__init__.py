@@ -14,5 +14,5 @@ from .token_pool import (
 )
 
 __all__ = ["Gemma3MultiModalProjector", "Idefics3PixelShuffle", "InternVLPixelShuffle", "LlavaNextVideoPooler",
-           "LlavaOnevisionPooling", "MultiheadAttention", "QFormerAttention", "QFormerSharedKV", "Qwen2VLPatchMerger", "RMSNorm",
-           "TokenPooler"]
+           "LlavaOnevisionPooling", "MultiheadAttention", "QFormerAttention", "QFormerSharedKV", "Qwen2VLPatchMerger",
+           "RMSNorm", "TokenPooler"]

@@ -210,11 +210,12 @@ class QFormerSharedKV:
     same seed from torch's generator in the same order, so a seeded run drops the same
     probabilities as the per-layer mmkernels path.
 
-    Which calls share (``mode``): None (auto) — a layer shares when the per-layer call would not be
-    the fused Triton kernel (:func:`mmkernels.ops.qformer.shares_kv`: the hoisted path, SDPA and the
-    reference all project K/V with their own GEMMs; the rule's batch threshold,
-    ``SHARED_KV_MIN_BATCH``, is an estimate a GPU benchmark overrules); True — always (forcing the
-    layers off the fused kernel); False — never.  Assign ``mode`` at any time.
+    Which calls share (``mode``): None (auto) — :func:`mmkernels.ops.qformer.shares_kv`: on the
+    Triton route wherever the per-layer call would be the hoisted path rather than the fused kernel
+    (batch >= ``SHARED_KV_MIN_BATCH``, default ``HOIST_MIN_BATCH``), on SDPA / the reference on a
+    GPU, not on a CPU (no gain measured there; ``SHARED_KV_ON_CPU``) — estimates a GPU benchmark
+    overrules; True — always (forcing the layers off the fused kernel); False — never.  Assign
+    ``mode`` at any time.
 
     A layer projects its own K/V (never a stale one) when: no scope is open (the module called
     outside its Q-Former's forward), its ``encoder_hidden_states`` is not the very tensor the
@@ -291,7 +292,7 @@ class QFormerSharedKV:
                             dropout_p, m.scaling, backend=m.backend)
         except (ValueError, BackendNotSupportedError):
             return None
-        if self.mode is None and not shares_kv(backend, max(hidden_states.shape[0], enc.shape[0])):
+        if self.mode is None and not shares_kv(backend, max(hidden_states.shape[0], enc.shape[0]), enc.device):
             return None
         if sc.parts is None:
             sc.parts = self._project(enc)

@@ -48,8 +48,12 @@ class _GemmsReading(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_FAMILIES = {"blip2": "Blip2QFormer", "instructblip": "InstructBlipQFormer",
+             "instructblipvideo": "InstructBlipVideoQFormer"}
+
+
 def _config(kind, dropout=0.0):
-    name = {"blip2": "Blip2QFormerConfig", "instructblip": "InstructBlipQFormerConfig"}[kind]
+    name = _FAMILIES[kind] + "Config"
     cls = getattr(transformers, name, None)
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
@@ -61,7 +65,7 @@ def _config(kind, dropout=0.0):
 
 
 def _qformer(kind, dropout=0.0):
-    model_cls = getattr(transformers, {"blip2": "Blip2QFormerModel", "instructblip": "InstructBlipQFormerModel"}[kind])
+    model_cls = getattr(transformers, _FAMILIES[kind] + "Model")
     torch.manual_seed(0)
     model = model_cls(_config(kind, dropout)).to(DEVICE)
     with torch.no_grad():
@@ -76,7 +80,7 @@ def _inputs(kind, batch=3):
     q = torch.randn(batch, 5, 64, generator=g).to(DEVICE)
     enc = torch.randn(batch, 17, 40, generator=g).to(DEVICE)
     inp = dict(query_embeds=q, encoder_hidden_states=enc)
-    if kind == "instructblip":  # instruction tokens after the queries (they skip cross-attention), padded
+    if kind != "blip2":  # instruction tokens after the queries (they skip cross-attention), padded
         inp["input_ids"] = torch.randint(1, 50, (batch, 4), generator=g).to(DEVICE)
         mask = torch.ones(batch, 9, dtype=torch.long, device=DEVICE)
         mask[-1, -2:] = 0
@@ -174,6 +178,21 @@ def test_parity_with_hf_and_per_layer_path(kind, route):
     assert all(layer._shared_kv is None for layer in shared.layers) and shared._cache is None
     again, _ = _run(model, inp, grad=False)
     assert torch.equal(again, _run(hf, inp, grad=False)[0])
+
+
+@pytest.mark.parametrize("kind", list(_FAMILIES))
+def test_every_qformer_family_shares(kind):
+    model = _qformer(kind).eval()
+    inp = _inputs(kind)
+    with torch.no_grad():
+        ref = model(**inp).last_hidden_state
+    report = mk.patch(model)
+    assert any("QFormerSharedKV" in what for _, _, what in report.methods), str(report)
+    with torch.no_grad(), _route("sdpa"), _GemmsReading(inp["encoder_hidden_states"]) as gm:
+        out = model(**inp).last_hidden_state
+    assert gm.count == 1 and _shared(model).projections == 1
+    assert_close_abs(f"{kind} shared vs HF", out, ref, ATOL)
+    mk.unpatch(model)
 
 
 def test_rule_and_forced_modes():

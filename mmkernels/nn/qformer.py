@@ -227,6 +227,10 @@ class QFormerSharedKV:
     of the K/V weights (BLIP-2 fp32: 6·2·768·1408·4 B = 52 MB).  With autograd they are
     concatenated per forward (the graph needs the cat) and the cache is dropped.
 
+    Memory: in training the product (B, Lk, n·2·A) lives until the backward (BLIP-2 fp32: 9.5 MB
+    per image, 607 MB at B=64), as the hoisted path's per-layer K/V do; the fused path keeps none
+    (its backward recomputes them), one more reason it keeps the small batches.
+
     One forward at a time per model: the scope is per instance, not per thread.
     """
 

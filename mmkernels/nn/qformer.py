@@ -232,6 +232,16 @@ class QFormerSharedKV:
     (its backward recomputes them), one more reason it keeps the small batches.
 
     One forward at a time per model: the scope is per instance, not per thread.
+
+    :func:`mmkernels.patch` installs it (``encoder.mmkernels_shared_kv``); by hand, on Q-Former
+    cross-attention layers that are already :class:`QFormerAttention`::
+
+        shared = QFormerSharedKV([l.crossattention.attention for l in qformer.encoder.layer
+                                  if l.has_cross_attention])
+        shared.attach()
+        with shared.scope(image_embeds):   # the very tensor the layers will get
+            out = qformer.encoder(embeddings, mask, image_embeds, query_length=32)
+        shared.detach()
     """
 
     def __init__(self, layers, mode: bool | None = None, *, cache_weights: bool = True):

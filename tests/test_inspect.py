@@ -9,7 +9,9 @@ and load widths from the result.  These tests hold what a GPU needs:
 * sm_90: every attention-family main loop (attention fwd / dK-dV / dQ, Q-Former) at head dims
   64/72/80/88/128, bf16, default configuration: pipelined (16-byte ``cp.async`` or TMA), no
   scalar 2-byte loads, no spills, shared memory <= 227 KB, the attention kernels' products all
-  on wgmma (no mma.sync) — also with a padding mask and dropout;
+  on wgmma (no mma.sync) — also with a padding mask and dropout; the same for the packed
+  (varlen) kernels at the Qwen2-VL packing (d=80, in-kernel RoPE), and d=72 with dropout, d=88
+  causal;
 * sm_80: ``cp.async`` present;
 * every kernel (token pooling too, fp32 too) compiles.
 
@@ -34,8 +36,9 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_DIMS = (64, 72, 80, 88, 128)
 MAIN_LOOPS = ("attention.fwd", "attention.dkdv", "attention.dq", "qformer.fwd")
+VARLEN = ["attention_varlen.fwd", "attention_varlen.dkdv", "attention_varlen.dq"]
 
-# (arch, dtype, compile_report keyword arguments): ~55 compiles, ~2 min on one core
+# (arch, dtype, compile_report keyword arguments): ~64 compiles, ~2.5 min on one core
 RUNS = [
     (90, "bf16", dict(presets=["clip-l336", "siglip-so400m", "qwen2-vl", "eva-vit-g",
                                                           "d128-16k", "blip2", "gemma3", "llava-ov", "internvl",
@@ -43,6 +46,10 @@ RUNS = [
     (90, "bf16", dict(presets=["siglip-so400m", "eva-vit-g", "blip2"], variants=["mask+dropout"],
                       kernels=list(MAIN_LOOPS))),
     (90, "fp16", dict(presets=["eva-vit-g"], variants=["causal"], kernels=["attention"])),
+    # packed attention: the Qwen2-VL vision packing (d=80, RoPE in the kernel), d=72 + dropout, d=88 causal
+    (90, "bf16", dict(presets=["qwen2-vl-packed"], kernels=VARLEN)),
+    (90, "bf16", dict(presets=["varlen-d72"], variants=["dropout"], kernels=VARLEN)),
+    (90, "bf16", dict(presets=["varlen-d88"], variants=["causal"], kernels=VARLEN)),
     (90, "fp32", dict(presets=["eva-vit-g", "blip2", "gemma3"])),
     (80, "bf16", dict(presets=["siglip-so400m", "blip2"], kernels=list(MAIN_LOOPS))),
     (80, "fp32", dict(presets=["internvl"])),
@@ -85,7 +92,7 @@ def test_every_kernel_compiles(rows):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"attention.fwd", "attention.dkdv", "attention.dq", "attention.preprocess", "qformer.fwd",
                        "token_pool.fwd", "token_pool.norm_bwd", "token_pool.bwd", "attention_scores.stats",
-                       "attention_scores.colsum"}
+                       "attention_scores.colsum", *VARLEN}
     assert {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
     assert {r["head_dim"] for r in rows if r["family"] == "attention" and r["arch"] == 90} == set(HEAD_DIMS)
 
@@ -110,7 +117,7 @@ def test_sm90_main_loops_pipelined_vector_loads_no_spills(rows):
             bad.append(f"{_name(r)}: {r['spill_bytes']} bytes of spills")
         if r["shared_bytes"] > 227 * 1024:
             bad.append(f"{_name(r)}: {r['shared_bytes']} bytes of shared memory")
-        if r["kernel"] in MAIN_LOOPS:
+        if r["kernel"] in MAIN_LOOPS or r["kernel"] in VARLEN:
             if not (r["cp_async_16"] or r["tma"]):
                 bad.append(f"{_name(r)}: main loop not pipelined (cp.async {r['cp_async_sizes']}, tma {r['tma']})")
             # the bool mask is read a byte per score: only Q/K/V/dO must be vector loads
@@ -120,7 +127,7 @@ def test_sm90_main_loops_pipelined_vector_loads_no_spills(rows):
                 bad.append(f"{_name(r)}: no wgmma")
             # every product of the attention kernels on 64-row wgmma tiles (dK/dV computes on
             # transposed tiles for this): an mma.sync means a product fell back to 16-row MMAs
-            if r["kernel"].startswith("attention.") and r["mma_sync"]:
+            if r["kernel"].startswith(("attention.", "attention_varlen.")) and r["mma_sync"]:
                 bad.append(f"{_name(r)}: {r['mma_sync']} mma.sync")
     assert not bad, "\n".join(bad)
 

@@ -524,7 +524,8 @@ _LIVE_FP32_PER_THREAD = {("fwd", False): 128, ("fwd", True): 120, ("dq", False):
 _SHARED_BYTES = 160 * 1024
 
 
-def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool) -> bool:
+def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool,
+          extra_live: float = 0.0, extra_staged: int = 0) -> bool:
     """The pruning rule: a candidate is kept when its live fp32 state per thread and its staged
     tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1).
 
@@ -537,7 +538,9 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     and edge tiles 24 bytes at d=64 too (128); transposed dK/dV 32×128 over 8 warps: no spill at
     d=128 (160), with mask + dropout none at d=64 (128) but 8 bytes at d=72/80 (144).  Staged bytes =
     the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
-    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).
+    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).  ``extra_live`` (fp32 values per thread) and
+    ``extra_staged`` (bytes): what a caller's kernel keeps on top of these (the packed kernels'
+    sequence bookkeeping and rotary tiles, ``attention_varlen._gpu_configs``).
     """
     scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
     acc = 2 * bn * dp if kind == "dkdv" else bm * dp
@@ -546,7 +549,8 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
         staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
         staged = bm * dp + stages * 2 * bn * dp
-    return live <= _LIVE_FP32_PER_THREAD[kind, has_dropout] and staged * itemsize <= _SHARED_BYTES
+    return (live + extra_live <= _LIVE_FP32_PER_THREAD[kind, has_dropout]
+            and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False) -> list:

@@ -565,7 +565,12 @@ _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0,
 # forward and dQ, [BLOCK_M, dp] queries in dK/dV) a thread holds on top: one in the forward
 # (128×64 and 128×128 over 8 warps, 128×32 over 4 spilled at d=80 where 128×32 over 8 did
 # not); in dK/dV the rotated tile, its partner, cos, sin and the transposed copy — 32×128 over
-# 8 warps spilled 8 bytes at d=80 causal (112 + 50 values > 160).
+# 8 warps spilled 8 bytes at d=80 causal (112 + 50 values > 160).  Checked with RoPE at
+# d=64/72/80/88 (plain, causal, dropout): no spill, except d=88 with dropout (fwd 32, dK/dV 280
+# bytes).  Not covered: RoPE at d=128, where every candidate spills in dK/dV (24-250 bytes)
+# and dQ (8-32); the Qwen-VL towers run d=80 (Qwen2/2.5-VL) and d=72 (Qwen3-VL).  At d=72/88
+# the rotate-half partner columns (offset D/2 = 36/44 elements: not 16-byte aligned) load
+# 2 bytes at a time (``_rotary._load_rot``).
 _ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
 
 

@@ -412,7 +412,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"])
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -449,7 +449,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -457,7 +457,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         **meta, ROTARY=rot, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
@@ -513,6 +513,18 @@ _CANDIDATES_BIG = {
     "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
     "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
 }
+# fp32 operands with torch's "highest" matmul precision (PREC "ieee": how HF runs BLIP-2's
+# Q-Former) lower ``tl.dot`` to FMA loops that hold operand slices in registers, so the tiles
+# above spill 0.2-9.6 KB there.  These were compiled for sm_90 by ``mmkernels inspect --dtype
+# fp32`` (d = 64/88/128, with and without mask + dropout) and kept where none spilled: explicit
+# per head-dim lists (up to 96 computed columns, up to 128, beyond), not the ``_fits`` rule.
+_CANDIDATES_IEEE = {
+    "fwd": {96: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)], 128: [(32, 16, 4, 2), (16, 16, 4, 2)],
+            256: [(16, 16, 4, 2)]},
+    "dkdv": {96: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)],
+             128: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dq": {96: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)], 128: [(32, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+}
 # fp32 values a thread may keep live in accumulators and score tiles, by (kernel, dropout):
 # about half of the 255 registers, the rest holding operand fragments, addresses and the
 # softmax state; the transposed dK/dV tile needs fewer of those (K and V stay in shared
@@ -553,23 +565,28 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
             and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False) -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32") -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
-    least live state is kept if all fail); the first is the default used without autotuning."""
-    big = d > 128 or dtype == torch.float32
-    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+    least live state is kept if all fail); the first is the default used without autotuning.
+    ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists."""
     d0, d1 = split_head_dim(d)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+    if prec == "ieee" and dtype == torch.float32:
+        kept = next(c for limit, c in _CANDIDATES_IEEE[kind].items() if d0 + d1 <= limit)
+    else:
+        big = d > 128 or dtype == torch.float32
+        cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False):
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
+              prec: str = "tf32"):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
     if not for_gpu(device_type):
         return _KERNELS[kind], _INTERP[kind]
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout), _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout))
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, prec), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout, prec))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

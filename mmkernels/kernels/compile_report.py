@@ -21,6 +21,9 @@ that the code compiles.  So this module makes each launch the way the library do
    tensor-core instructions (``wgmma.mma_async``, ``mma.sync``), asynchronous copies
    (``cp.async`` by size, TMA ``cp.async.bulk.tensor``) and global loads (vector ``ld.global.v2/v4``
    vs scalar, with the sub-4-byte scalar loads counted apart: a bf16 tile loaded 2 bytes at a time).
+   From the SASS (``cuobjdump -sass``): each loop's instructions per iteration and its selects
+   (``FSEL``: mask work), FMAs, exp2s and tensor-core ops (``loops``; summary column "loop
+   SASS(FSEL)", e.g. the forward's interior and edge key loops).
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels); the tests run
 it in a child process.  Counts are static PTX instructions (an unrolled loop body counts once
@@ -359,6 +362,41 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
 
 
+_SASS_INS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+_SASS_BACK_BRANCH = re.compile(r"\bBRA (0x[0-9a-f]+)")
+
+
+def _sass_loops(cubin: bytes, min_instructions: int = 64) -> list[dict]:
+    """The kernel's loops in SASS (a backward branch closes one), in address order: per loop the
+    instructions of one iteration and, among them, the selects (``FSEL``: masks), ``FFMA``,
+    ``FMUL``, ``MUFU.EX2`` (exp2) and tensor-core ops (``HGMMA``: wgmma, ``HMMA``: mma.sync).
+    Loops shorter than ``min_instructions`` (address arithmetic, barriers' spin loops) are left out."""
+    exe = _tool("cuobjdump")
+    if exe is None:
+        return []
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([exe, "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), t) for a, t in _SASS_INS.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        m = _SASS_BACK_BRANCH.search(text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+        if len(body) < min_instructions:
+            continue
+
+        def count(pat, body=body):
+            return sum(1 for t in body if re.search(pat, t))
+
+        loops.append(dict(instructions=len(body), fsel=count(r"\bFSEL\b"), ffma=count(r"\bFFMA\b"),
+                          fmul=count(r"\bFMUL\b"), ex2=count(r"MUFU\.EX2"), hgmma=count(r"\bHGMMA\b"),
+                          hmma=count(r"\bHMMA\b")))
+    return loops
+
+
 _LD = re.compile(r"\bld\.global((?:\.[\w:]+)*)\s")
 _CP_ASYNC = re.compile(  # cp.async.{ca,cg}.shared.global [dst], [src], size
     r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
@@ -497,6 +535,7 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
                 else:
                     row["compiled"] = compiled
                     row["registers"], row["spill_bytes"] = _resources(compiled.asm["cubin"])
+                    row["loops"] = _sass_loops(compiled.asm["cubin"])
                     row["shared_bytes"] = compiled.metadata.shared
                     row.update(_ptx_stats(compiled.asm["ptx"]))
                     row["specialization"] = _specialization(launch.fn, signature, attrs)
@@ -533,7 +572,7 @@ def _fmt_num(x) -> str:
 
 
 SUMMARY_COLUMNS = ("kernel", "preset", "variant", "d", "config", "regs", "spill", "smem KB", "wgmma", "mma",
-                   "cp.async(16B)", "tma", "ld vec", "ld scalar(<4B)", "FLOP", "bytes")
+                   "cp.async(16B)", "tma", "ld vec", "ld scalar(<4B)", "loop SASS(FSEL)", "FLOP", "bytes")
 
 
 def summary_rows(rows: list[dict]) -> list[list[str]]:
@@ -549,6 +588,7 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
             str(r["registers"]), str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.0f}",
             str(r["wgmma"]), str(r["mma_sync"]), f"{r['cp_async']}({r['cp_async_16']})", str(r["tma"]),
             str(r["ld_vector"]), f"{r['ld_scalar']}({r['ld_scalar_narrow']})",
+            " ".join(f"{lp['instructions']}({lp['fsel']})" for lp in r.get("loops", [])) or "-",
             _fmt_num(r["flops"]), _fmt_num(r["bytes"]),
         ])
     return out

@@ -122,14 +122,17 @@ def test_sm90_fp32_highest_precision_no_spills(rows):
 def test_sm90_interior_key_tiles_have_no_mask_work(rows):
     """The forward and dQ kernels run their key loop in two phases; the first (interior tiles:
     in range, left of the causal diagonal) must carry no bounds/causal selects — measured on
-    sm_90 bf16 d=64: 130 FSEL per iteration before the split, 2 after."""
+    sm_90 bf16 d=64: 130 FSEL per iteration before the split, 2 after (packed kernels: 66 -> 2;
+    the in-kernel RoPE and dropout select too, so those rows are not held to it)."""
     bad, seen = [], 0
     for r in rows:
-        if (r["arch"] != 90 or r["dtype"] == "fp32" or r["error"] or r["kernel"] not in ("attention.fwd", "attention.dq")
-                or "mask" in r["variant"]):
+        if (r["arch"] != 90 or r["dtype"] == "fp32" or r["error"]
+                or r["kernel"] not in ("attention.fwd", "attention.dq", "attention_varlen.fwd", "attention_varlen.dq")
+                or "mask" in r["variant"] or "dropout" in r["variant"] or r["preset"] == "qwen2-vl-packed"):
             continue
         seen += 1
-        loops = r["loops"]
+        # the key loops: those with tensor-core ops (the packed kernels' sequence lookup is a loop too)
+        loops = [lp for lp in r["loops"] if lp["hgmma"] or lp["hmma"]]
         if len(loops) != 2:
             bad.append(f"{_name(r)}: expected an interior and an edge key loop, SASS has {len(loops)} loops")
         elif loops[0]["fsel"] > 4:

@@ -476,8 +476,7 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         lse[:, 1].zero_()
         return out, lse
     cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
-    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                 meta["ROTARY"] != 0)
+    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     kernel[(programs, h)](
         query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg,
@@ -512,16 +511,14 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     )
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                       meta["ROTARY"] != 0)
+    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_k, bn, max_k)
     kv_kernel[(programs, hkv)](
         query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
         h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
     )
-    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                     meta["ROTARY"] != 0)
+    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     q_kernel[(programs, h)](
         query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
@@ -574,7 +571,8 @@ _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0,
 _ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, rotary: bool = False) -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, rotary: bool = False,
+                 prec: str = "tf32") -> list:
     """The dense kernels' candidates pruned by their rule (``attention._fits``: live fp32
     state per thread and staged bytes) with what the packed kernels keep on top:
     ``_VARLEN_LIVE``, and with the in-kernel RoPE fp32 copies of each streamed tile (K in
@@ -583,13 +581,20 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     staged 184 KB — over an A100's 163).  Then only the candidates sharing the first one's
     mapped block size are kept: the grid (programs per sequence) is sized before the
     autotuner picks, so only the other block size, warps and stages may vary.  The first is
-    the untuned default (never none: the dense list's last if all fail)."""
-    from .attention import _CANDIDATES, _CANDIDATES_BIG, _fits
+    the untuned default (never none: the dense list's last if all fail).  fp32 under the
+    "highest" matmul precision (``prec`` "ieee": FMA dots) takes the dense kernels' measured
+    spill-free lists (``attention._CANDIDATES_IEEE``) instead of the rule."""
+    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits
 
-    big = d > 128 or dtype == torch.float32
-    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
     d0, d1 = split_head_dim(d)
     dp = d0 + d1
+    mapped = 1 if kind == "dkdv" else 0  # index of the mapped block size in (BLOCK_M, BLOCK_N, ...)
+    if prec == "ieee" and dtype == torch.float32:
+        kept = next(c for limit, c in _CANDIDATES_IEEE[kind].items() if dp <= limit)
+        kept = [c for c in kept if c[mapped] == kept[0][mapped]]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+    big = d > 128 or dtype == torch.float32
+    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def fits(bm, bn, warps, stages):
@@ -601,20 +606,19 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, live, staged)
 
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
-    mapped = 1 if kind == "dkdv" else 0  # index of the mapped block size in (BLOCK_M, BLOCK_N, ...)
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              rotary: bool = False):
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, meta: dict):
     """(kernel, launch kwargs, mapped tile size)."""
     if not for_gpu(device_type):
         cfg = _INTERP[kind]
         return _KERNELS[kind], cfg, cfg[_mapped(kind)]
-    configs = _gpu_configs(kind, d, dtype, has_dropout, rotary)
+    dropout, rotary, prec = meta["HAS_DROPOUT"], meta["ROTARY"] != 0, meta["PREC"]
+    configs = _gpu_configs(kind, d, dtype, dropout, rotary, prec)
     kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: configs, _TUNE_KEY,
-                               ("attention_varlen", kind, d, dtype, has_dropout, rotary))
+                               ("attention_varlen", kind, d, dtype, dropout, rotary, prec))
     return kernel, cfg, configs[0].kwargs[_mapped(kind)]
 
 

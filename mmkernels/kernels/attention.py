@@ -507,23 +507,35 @@ _CANDIDATES = {
     "dkdv": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
-# fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
+# fp32 operands (TF32 dots) or d > 128: twice the bytes per tile.  Swept for sm_90 in fp32 at
+# d = 64/88/128 with and without mask + dropout; dropped for spilling there: forward 32×32 over
+# 4 warps (8 bytes at d=88), dK/dV 32×32 over 4 warps (568-736 at d=88) and 64×64 single-stage
+# (160-528 nearly everywhere), dQ 32×64 and 32×32 over 4 warps (24-1168 at d=88).
 _CANDIDATES_BIG = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
-    "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 16, 4, 2)],
 }
+# 4-byte operands in the transposed dK/dV tile take registers the bf16 wgmma path keeps in shared
+# memory: fp32 32×64 over 4 warps spilled 64 bytes at d=128 (160 live values), none at d=88 (128)
+_BIG_DKDV_EXTRA_LIVE = 32.0
 # fp32 operands with torch's "highest" matmul precision (PREC "ieee": how HF runs BLIP-2's
 # Q-Former) lower ``tl.dot`` to FMA loops that hold operand slices in registers, so the tiles
 # above spill 0.2-9.6 KB there.  These were compiled for sm_90 by ``mmkernels inspect --dtype
-# fp32`` (d = 64/88/128, with and without mask + dropout) and kept where none spilled: explicit
-# per head-dim lists (up to 96 computed columns, up to 128, beyond), not the ``_fits`` rule.
+# fp32`` (d = 64/72/80/88/128, with and without mask + dropout) and kept where none spilled:
+# explicit lists per computed head dim (D0 + D1: 64, 80 for d=72/80, 96 for d=88, 128, beyond),
+# not the ``_fits`` rule (register allocation of FMA dots is not monotonic in the tile: 32×32
+# over 8 warps spills 8-16 bytes at d=72/80 but not at d=64 or 88).
+_IEEE_SMALL = {"fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+               "dkdv": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)],
+               "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]}
 _CANDIDATES_IEEE = {
-    "fwd": {96: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)], 128: [(32, 16, 4, 2), (16, 16, 4, 2)],
-            256: [(16, 16, 4, 2)]},
-    "dkdv": {96: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)],
-             128: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
-    "dq": {96: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)], 128: [(32, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "fwd": {64: _IEEE_SMALL["fwd"], 80: [(16, 32, 4, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["fwd"],
+            128: [(32, 16, 4, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dkdv": {64: _IEEE_SMALL["dkdv"], 80: [(16, 64, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dkdv"],
+             128: _IEEE_SMALL["dkdv"], 256: [(16, 16, 4, 2)]},
+    "dq": {64: _IEEE_SMALL["dq"], 80: [(32, 32, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dq"],
+           128: [(32, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
 }
 # fp32 values a thread may keep live in accumulators and score tiles, by (kernel, dropout):
 # about half of the 255 registers, the rest holding operand fragments, addresses and the
@@ -576,7 +588,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+        extra = _BIG_DKDV_EXTRA_LIVE if big and kind == "dkdv" and itemsize == 4 else 0.0
+        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout, extra_live=extra)] or [cands[-1]]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 

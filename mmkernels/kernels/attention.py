@@ -516,9 +516,11 @@ _CANDIDATES_BIG = {
     "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)],
     "dq": [(64, 32, 4, 2), (64, 16, 4, 2)],
 }
-# 4-byte operands in the transposed dK/dV tile take registers the bf16 wgmma path keeps in shared
-# memory: fp32 32×64 over 4 warps spilled 64 bytes at d=128 (160 live values), none at d=88 (128)
-_BIG_DKDV_EXTRA_LIVE = 32.0
+# fp32 (TF32) dK/dV, by computed head dim: (without dropout, with dropout).  Its 4-byte operands
+# take registers the bf16 wgmma path keeps in shared memory, and no live-state rule predicted the
+# sweep: 32×64 over 4 warps spilled 64 bytes at d=128 but none at d=88, 16×32 spilled 120-304 at
+# d=88 but none at d=128, 16×64 with mask + dropout 48 at d=128 — so these are the measured lists.
+_TF32_DKDV = {96: ([(32, 64, 4, 2), (16, 64, 4, 2)], [(16, 64, 4, 2)]), 128: ([(16, 32, 4, 2)], [(16, 32, 4, 2)])}
 # fp32 operands with torch's "highest" matmul precision (PREC "ieee": how HF runs BLIP-2's
 # Q-Former) lower ``tl.dot`` to FMA loops that hold operand slices in registers, so the tiles
 # above spill 0.2-9.6 KB there.  These were compiled for sm_90 by ``mmkernels inspect --dtype
@@ -588,8 +590,9 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        extra = _BIG_DKDV_EXTRA_LIVE if big and kind == "dkdv" and itemsize == 4 else 0.0
-        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout, extra_live=extra)] or [cands[-1]]
+        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+        if kind == "dkdv" and dtype == torch.float32 and d0 + d1 <= 128:
+            kept = next(c[has_dropout] for limit, c in _TF32_DKDV.items() if d0 + d1 <= limit)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 

@@ -27,6 +27,17 @@ Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus 
 Rotary (``cos``/``sin`` given): Q and K tiles are rotated as they are loaded (Qwen2-VL's vision
 RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in a final pass.
 
+TMA (sm_90): the autotuner's candidates include tensor-descriptor versions of the main loops
+(``USE_TMA=True`` in the config; the forward's K and V tiles copied by TMA with
+``cp.async.bulk.tensor`` instead of per-thread ``cp.async``; helpers in :mod:`._tma`).  They are
+offered only when K and V meet TMA's preconditions (``_tma.tma_ok``: 16-byte aligned base, unit
+last stride, other strides multiples of 16 bytes; otherwise the list has no TMA config) and come
+after the pointer-load candidates, so the untuned default (``MMKERNELS_AUTOTUNE=0``) keeps the
+pointer loads and the autotuner picks per shape.  Rotary keeps K on the pointer loads (the
+rotation reads each row's partner columns); V still goes by TMA.  Compiled for sm_90 under triton
+3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA copies, wgmma, no spills.  The launcher
+installs Triton's scratch allocator for the device-side descriptors when none is set.
+
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
 to fp32 right before each dot (UPCAST).  Products of bf16 values are exact in fp32, so this
@@ -42,6 +53,7 @@ import triton.language as tl
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
+from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok
 from ._tiles import (
     _aligned,
     _bwd_tile,
@@ -78,7 +90,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -108,18 +120,28 @@ def _attn_fwd(
     hi = LK
     if IS_CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    if USE_TMA:
+        # K by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
+        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
+        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        if USE_TMA and ROTARY == 0:
+            kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+        else:
+            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
         s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
                     D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
         p = p.to(V.dtype.element_ty)
-        v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+        if USE_TMA:
+            v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
+        else:
+            v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
         if D1 > 0:
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
@@ -343,7 +365,8 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"])
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"],
+                            tma=tma_ok(key, value))
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -418,6 +441,10 @@ def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32)
 _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
 _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
+# Tests set this to run the USE_TMA loops (in the interpreter, which has no autotuner to pick
+# them, or untuned on a GPU); it applies where the operands meet TMA's preconditions, as the
+# autotuner's TMA candidates do.
+_FORCE_TMA = False
 
 _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
 
@@ -435,6 +462,16 @@ _CANDIDATES = {
     "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
+# Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
+# pointer-load candidates above when the operands allow (``_tma.tma_ok``): the same tiles, K and
+# V (dQ: K and V; dK/dV: Q and dO) copied by TMA instead of per-thread cp.async.
+_TMA_CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
+}
+_TMA_CANDIDATES_BIG = {
+    "fwd": [(64, 64, 4, 2)],
+}
+_TMA_TRIES = 2  # TMA candidates offered per launch: the first that pass ``_fits``
 # fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
 _CANDIDATES_BIG = {
     "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
@@ -472,23 +509,41 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     return live <= _LIVE_FP32_PER_THREAD and staged * itemsize <= _SHARED_BYTES
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False) -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, tma: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
-    least live state is kept if all fail); the first is the default used without autotuning."""
+    least live state is kept if all fail); the first is the default used without autotuning.
+    With ``tma`` (the operands meet TMA's preconditions, ``_tma.tma_ok``) the ``_TMA_CANDIDATES``
+    that pass ``_fits`` follow, with ``USE_TMA=True``: never first, so an untuned launch
+    (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses between the two."""
     big = d > 128 or dtype == torch.float32
     cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
     d0, d1 = split_head_dim(d)
     itemsize = torch.empty((), dtype=dtype).element_size()
     kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+    if tma:
+        tma_cands = (_TMA_CANDIDATES_BIG if big else _TMA_CANDIDATES).get(kind, [])
+        tma_kept = [c for c in tma_cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)][:_TMA_TRIES]
+        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=st)
+                    for bm, bn, w, st in tma_kept]
+    return configs
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False):
-    """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
+              tma: bool = False):
+    """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
+    ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
+    launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
+    force = tma and _FORCE_TMA and kind in _TMA_CANDIDATES
     if not for_gpu(device_type):
-        return _KERNELS[kind], _INTERP[kind]
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout), _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout))
+        return _KERNELS[kind], dict(_INTERP[kind], USE_TMA=True) if force else _INTERP[kind]
+    if tma and device_type == "cuda":
+        ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
+    if force:
+        cfg = next(c for c in _gpu_configs(kind, d, dtype, has_dropout, tma) if c.kwargs.get("USE_TMA"))
+        return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, tma), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout, tma))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

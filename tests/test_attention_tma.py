@@ -52,10 +52,10 @@ def _tma_kinds(seen) -> set:
 CASES = [
     (2, 2, 2, 17, 113, 88, torch.bfloat16, False, False, False),
     (1, 2, 2, 113, 113, 72, torch.float16, True, False, False),
-    (2, 1, 1, 1, 257, 64, torch.float32, False, False, False),
+    (2, 1, 1, 1, 257, 64, torch.float16, False, False, False),
     (2, 4, 2, 57, 113, 88, torch.bfloat16, False, True, False),   # GQA + padding mask
     (1, 2, 2, 113, 17, 72, torch.float16, True, False, True),      # (B, L, H, D) views, causal Lq > Lk
-    (1, 1, 1, 1, 1, 88, torch.float32, False, False, False),
+    (1, 1, 1, 1, 1, 88, torch.bfloat16, False, False, False),
 ]
 
 
@@ -73,7 +73,7 @@ def test_tma_loops_match_float64(tma_path, case):
     if use_mask:
         kw["attn_mask"] = torch.rand(b, 1, 1, lk, device=DEVICE) > 0.3
     check(q, k, v, **kw)
-    assert "fwd" in _tma_kinds(tma_path), tma_path
+    assert _tma_kinds(tma_path) == set(_KINDS), tma_path
 
 
 def _run(q, k, v, seed, **kw):
@@ -87,7 +87,7 @@ def _run(q, k, v, seed, **kw):
 
 def _same_as_pointer_loads(monkeypatch, seen, q, k, v, **kw):
     out, grads = _run(q, k, v, 7, **kw)
-    assert "fwd" in _tma_kinds(seen), seen
+    assert _tma_kinds(seen) == set(_KINDS), seen
     monkeypatch.setattr(A, "_FORCE_TMA", False)
     out_ptr, grads_ptr = _run(q, k, v, 7, **kw)
     assert torch.equal(out, out_ptr)
@@ -110,32 +110,45 @@ def test_tma_dropout_mask_gqa_causal_equal_pointer_loads(tma_path, monkeypatch):
 def test_tma_rotary_matches_float64(tma_path, half):
     """With rotary the K tiles keep the pointer loads (the rotation reads partner columns) and V
     goes by TMA."""
-    q, k, v = _inputs(1, 2, 2, 33, 33, 80, torch.float32)
+    q, k, v = _inputs(1, 2, 2, 33, 33, 80, torch.float16)
     freq = torch.arange(33, device=DEVICE, dtype=torch.float64)[:, None] * torch.rand(40, device=DEVICE)[None, :]
     cos, sin = (f if half else torch.cat([f, f], -1) for f in (freq.cos(), freq.sin()))
     with poisoned():
-        out = mk.attention(q, k, v, rotary=(cos.float(), sin.float()), is_causal=True, backend="triton")
+        out = mk.attention(q, k, v, rotary=(cos.half(), sin.half()), is_causal=True, backend="triton")
         do = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), do)
-    assert "fwd" in _tma_kinds(tma_path), tma_path
-    for cast in (torch.float64, torch.float32):
+    assert _tma_kinds(tma_path) == set(_KINDS), tma_path
+    for cast in (torch.float64, torch.float16):
         qc, kc, vc = (x.detach().to(cast).requires_grad_() for x in (q, k, v))
         ref = mk.attention(qc, kc, vc, rotary=(cos.to(cast), sin.to(cast)), is_causal=True, backend="reference")
         ref_grads = torch.autograd.grad(ref, (qc, kc, vc), do.to(cast))
         if cast == torch.float64:
             out64, grads64 = ref, ref_grads
     assert_close_rule("out", out, out64, ref, 2.0)
-    for name, g, g64, g32 in zip(("dq", "dk", "dv"), grads, grads64, ref_grads):
-        assert_close_rule(name, g, g64, g32, 2.0)
+    for name, g, g64, g16 in zip(("dq", "dk", "dv"), grads, grads64, ref_grads):
+        assert_close_rule(name, g, g64, g16, 2.0)
 
 
-def test_unaligned_operands_keep_pointer_loads(tma_path):
-    """Rows of 76 bf16 elements (152 bytes) break TMA's 16-byte stride rule: no TMA launch, and
-    the pointer loads give the right answer."""
-    q, k, v = (torch.randn(1, 2, 40, 76, device=DEVICE, dtype=torch.bfloat16)[..., :72].requires_grad_()
-               for _ in range(3))
-    check(q, k, v, grad=False)
-    assert tma_path["fwd"] == [False]
+@pytest.mark.parametrize("what", ["152-byte-rows", "fp32", "d136"])
+def test_no_tma_where_not_offered(tma_path, what):
+    """No TMA launch where it is not offered, and the pointer loads are right: rows of 76 bf16
+    elements (152 bytes) break TMA's 16-byte stride rule (the backward's dO is contiguous, but
+    dK/dV also reads Q); fp32 and d > 128 have no TMA candidates (``_tma_offered``)."""
+    if what == "152-byte-rows":
+        q, k, v = (torch.randn(1, 2, 40, 76, device=DEVICE, dtype=torch.bfloat16)[..., :72].requires_grad_()
+                   for _ in range(3))
+    else:
+        q, k, v = _inputs(1, 1, 1, 17, 40, 136 if what == "d136" else 64,
+                          torch.float32 if what == "fp32" else torch.float16)
+        assert _tma.tma_ok(q, k, v)
+    check(q, k, v)
+    assert tma_path == {kind: [False] for kind in _KINDS}
+
+
+def test_no_tma_candidates_for_fp32_or_large_head_dims():
+    for kind in _KINDS:
+        for d, dtype in ((64, torch.float32), (136, torch.bfloat16), (256, torch.float16)):
+            assert not any(c.kwargs.get("USE_TMA") for c in A._gpu_configs(kind, d, dtype, tma=True))
 
 
 def test_tma_ok_preconditions():
@@ -151,17 +164,22 @@ def test_tma_ok_preconditions():
     assert not _tma.tma_ok(x.double())
 
 
-@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (88, torch.float16), (72, torch.float32)])
-def test_tma_candidates_follow_the_default(d, dtype):
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (88, torch.float16), (128, torch.bfloat16)])
+def test_tma_candidates_follow_the_default(kind, d, dtype):
     def key(c):
         return c.kwargs, c.num_warps, c.num_stages
 
-    base = [key(c) for c in A._gpu_configs("fwd", d, dtype)]
-    with_tma = [key(c) for c in A._gpu_configs("fwd", d, dtype, tma=True)]
+    base = [key(c) for c in A._gpu_configs(kind, d, dtype)]
+    with_tma = [key(c) for c in A._gpu_configs(kind, d, dtype, tma=True)]
     assert not any(kw.get("USE_TMA") for kw, _, _ in base)
     assert with_tma[:len(base)] == base  # the untuned default stays the first pointer-load config
     extra = with_tma[len(base):]
     assert 1 <= len(extra) <= A._TMA_TRIES and all(kw["USE_TMA"] for kw, _, _ in extra)
+    # TMA versions of kept pointer tiles, each tile shape once
+    tiles = [(kw["BLOCK_M"], kw["BLOCK_N"]) for kw, _, _ in extra]
+    assert len(set(tiles)) == len(tiles)
+    assert all((kw["BLOCK_M"], kw["BLOCK_N"]) in {(b["BLOCK_M"], b["BLOCK_N"]) for b, _, _ in base} for kw, _, _ in extra)
 
 
 def test_allocator_installed_only_when_none_set():

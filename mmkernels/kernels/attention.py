@@ -28,15 +28,16 @@ Rotary (``cos``/``sin`` given): Q and K tiles are rotated as they are loaded (Qw
 RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in a final pass.
 
 TMA (sm_90): the autotuner's candidates include tensor-descriptor versions of the main loops
-(``USE_TMA=True`` in the config; the forward's K and V tiles copied by TMA with
-``cp.async.bulk.tensor`` instead of per-thread ``cp.async``; helpers in :mod:`._tma`).  They are
-offered only when K and V meet TMA's preconditions (``_tma.tma_ok``: 16-byte aligned base, unit
-last stride, other strides multiples of 16 bytes; otherwise the list has no TMA config) and come
+(``USE_TMA=True`` in the config; the streamed tiles — forward and dQ: K and V, dK/dV: Q and dO —
+copied by TMA with ``cp.async.bulk.tensor`` instead of per-thread ``cp.async``; helpers in
+:mod:`._tma`).  They are offered for fp16/bf16 at d <= 128 (``_tma_offered``) and only when the
+streamed operands meet TMA's preconditions (``_tma.tma_ok``: 16-byte aligned base, unit last
+stride, other strides multiples of 16 bytes; otherwise the list has no TMA config), and come
 after the pointer-load candidates, so the untuned default (``MMKERNELS_AUTOTUNE=0``) keeps the
-pointer loads and the autotuner picks per shape.  Rotary keeps K on the pointer loads (the
-rotation reads each row's partner columns); V still goes by TMA.  Compiled for sm_90 under triton
-3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA copies, wgmma, no spills.  The launcher
-installs Triton's scratch allocator for the device-side descriptors when none is set.
+pointer loads and the autotuner picks per shape.  Rotary keeps Q/K on the pointer loads (the
+rotation reads each row's partner columns); V and dO still go by TMA.  Compiled for sm_90 under
+triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA copies, wgmma, no spills.  The
+launcher installs Triton's scratch allocator for the device-side descriptors when none is set.
 
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
@@ -190,7 +191,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -227,12 +228,22 @@ def _attn_bwd_dkdv(
         do_base = DO + b * sdb + h * sdh
         mask_base = MASK + b * smb + h * smh
         seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
+        if USE_TMA:
+            # Q by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
+            qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
+            dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for start_m in range(lo, LQ, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < LQ
-            q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
+            if USE_TMA and ROTARY == 0:
+                q0, q1 = _tma_rows2(qd0, qd1, start_m, D0, D1)
+            else:
+                q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
+                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            if USE_TMA:
+                do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
+            else:
+                do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
             m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
             log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
@@ -270,7 +281,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -304,12 +315,22 @@ def _attn_bwd_dq(
     hi = LK
     if IS_CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    if USE_TMA:
+        # K by TMA unless rotary (as in the forward)
+        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
+        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+        if USE_TMA and ROTARY == 0:
+            kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+        else:
+            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+        if USE_TMA:
+            vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
+        else:
+            vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
         _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
                           qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                           D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
@@ -403,7 +424,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
+                                  tma=tma_ok(query, grad_out))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -411,7 +433,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         **meta, ROTARY=rot, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"])
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
+                                tma=tma_ok(key, value))
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
@@ -463,15 +486,19 @@ _CANDIDATES = {
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
-# pointer-load candidates above when the operands allow (``_tma.tma_ok``): the same tiles, K and
-# V (dQ: K and V; dK/dV: Q and dO) copied by TMA instead of per-thread cp.async.
-_TMA_CANDIDATES = {
-    "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
-}
-_TMA_CANDIDATES_BIG = {
-    "fwd": [(64, 64, 4, 2)],
-}
-_TMA_TRIES = 2  # TMA candidates offered per launch: the first that pass ``_fits``
+# pointer-load candidates when the operands allow (``_tma.tma_ok``): the tiles of the first kept
+# pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
+# dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
+# sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies, wgmma, no spills.
+_TMA_TRIES = 2
+
+
+def _tma_offered(d: int, dtype: torch.dtype) -> bool:
+    """TMA candidates exist for fp16/bf16 at d <= 128 (the swept ``_CANDIDATES``), where wgmma reads
+    the TMA-filled shared-memory tiles directly.  Not for fp32: its "highest"-precision dots run on
+    FMA from registers (nothing to gain), and its TMA compiles spilled (sm_90, triton 3.6/3.9,
+    d=64/88: 0.3-15 KB with IEEE dots, up to 6.8 KB with TF32)."""
+    return d <= 128 and dtype in (torch.float16, torch.bfloat16)
 # fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
 _CANDIDATES_BIG = {
     "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
@@ -512,8 +539,8 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, tma: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
-    With ``tma`` (the operands meet TMA's preconditions, ``_tma.tma_ok``) the ``_TMA_CANDIDATES``
-    that pass ``_fits`` follow, with ``USE_TMA=True``: never first, so an untuned launch
+    With ``tma`` (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``,
+    TMA versions of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never first, so an untuned launch
     (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses between the two."""
     big = d > 128 or dtype == torch.float32
     cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
@@ -521,11 +548,13 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     itemsize = torch.empty((), dtype=dtype).element_size()
     kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
-    if tma:
-        tma_cands = (_TMA_CANDIDATES_BIG if big else _TMA_CANDIDATES).get(kind, [])
-        tma_kept = [c for c in tma_cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)][:_TMA_TRIES]
+    if tma and _tma_offered(d, dtype):
+        tiles: dict = {}
+        for bm, bn, w, st in kept:
+            if len(tiles) < _TMA_TRIES:
+                tiles.setdefault((bm, bn), (w, st))
         configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=st)
-                    for bm, bn, w, st in tma_kept]
+                    for (bm, bn), (w, st) in tiles.items()]
     return configs
 
 
@@ -534,7 +563,8 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropo
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
     ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
     launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
-    force = tma and _FORCE_TMA and kind in _TMA_CANDIDATES
+    tma = tma and _tma_offered(d, dtype)
+    force = tma and _FORCE_TMA
     if not for_gpu(device_type):
         return _KERNELS[kind], dict(_INTERP[kind], USE_TMA=True) if force else _INTERP[kind]
     if tma and device_type == "cuda":

@@ -201,3 +201,14 @@ def test_allocator_installed_only_when_none_set():
         return _allocation._allocator.get() is mine
 
     assert contextvars.copy_context().run(users)
+
+
+def test_tma_only_for_sm90_and_newer():
+    """On sm_80 descriptor loads compile to scalar loads: no TMA candidates there."""
+    from mmkernels.kernels._launch import capture_launches
+
+    cpu = torch.device("cpu")
+    assert _tma.tma_target(cpu)  # the interpreter runs descriptors
+    for arch, expected in ((80, False), (86, False), (90, True), (100, True)):
+        with capture_launches(arch):
+            assert _tma.tma_target(cpu) is expected, arch

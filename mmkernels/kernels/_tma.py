@@ -16,8 +16,8 @@ columns 0 and 64; columns 88..95 come back as zeros).  A 2-D descriptor per matr
 4-D (B, H, L, D) descriptor: the kernels already hold each matrix's base pointer, the box is the
 tile with no reshape, and the same loads fit the packed (varlen) layout.
 
-TMA's preconditions, checked on the host by :func:`tma_ok` before a TMA candidate is offered
-(the hardware faults rather than falling back): base address 16-byte aligned, unit last stride,
+TMA's preconditions, checked on the host by :func:`tma_ok` (and :func:`tma_target`: sm_90 or
+newer) before a TMA candidate is offered (the hardware faults rather than falling back): base address 16-byte aligned, unit last stride,
 every other stride a multiple of 16 bytes (8 elements for fp16/bf16, 4 for fp32), and a box
 whose inner dimension is at least 16 bytes (D0, D1 >= 16 always hold).  A device-side descriptor
 lives in a 128-byte global scratch buffer per program that Triton's launcher asks
@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import for_gpu, target_arch
 
 _TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -88,6 +90,15 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
         if any(st * esz % 16 for st in t.stride()[:-1]):
             return False
     return True
+
+
+def tma_target(device: torch.device) -> bool:
+    """Whether launches on ``device`` may use TMA: a GPU of compute capability 9.0 or newer (on
+    sm_80 descriptor loads compile to scalar loads without cp.async: measured, forward d=88, 48-96
+    2-byte loads), or the interpreter (which runs descriptors)."""
+    if not for_gpu(device.type):
+        return True
+    return target_arch(device) >= 90
 
 
 def _cuda_scratch(size: int, alignment: int, stream):

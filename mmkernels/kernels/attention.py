@@ -30,14 +30,15 @@ RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in 
 TMA (sm_90): the autotuner's candidates include tensor-descriptor versions of the main loops
 (``USE_TMA=True`` in the config; the streamed tiles — forward and dQ: K and V, dK/dV: Q and dO —
 copied by TMA with ``cp.async.bulk.tensor`` instead of per-thread ``cp.async``; helpers in
-:mod:`._tma`).  They are offered for fp16/bf16 at d <= 128 (``_tma_offered``) and only when the
-streamed operands meet TMA's preconditions (``_tma.tma_ok``: 16-byte aligned base, unit last
-stride, other strides multiples of 16 bytes; otherwise the list has no TMA config), and come
-after the pointer-load candidates, so the untuned default (``MMKERNELS_AUTOTUNE=0``) keeps the
-pointer loads and the autotuner picks per shape.  Rotary keeps Q/K on the pointer loads (the
-rotation reads each row's partner columns); V and dO still go by TMA.  Compiled for sm_90 under
-triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA copies, wgmma, no spills.  The
-launcher installs Triton's scratch allocator for the device-side descriptors when none is set.
+:mod:`._tma`).  They are offered on sm_90 and newer (``_tma.tma_target``) for fp16/bf16 at
+d <= 128 (``_tma_offered``), only when the streamed operands meet TMA's preconditions
+(``_tma.tma_ok``: 16-byte aligned base, unit last stride, other strides multiples of 16 bytes;
+otherwise the list has no TMA config), and after the pointer-load candidates, so the untuned
+default (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner picks per shape.
+Rotary keeps Q/K on the pointer loads (the rotation reads each row's partner columns); V and dO
+still go by TMA.  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect
+--tma-only``): TMA copies and wgmma, registers and spills as their pointer twins.  The launcher
+installs Triton's scratch allocator for the device-side descriptors when none is set.
 
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
@@ -54,7 +55,7 @@ import triton.language as tl
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
-from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok
+from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, tma_target
 from ._tiles import (
     _aligned,
     _bwd_tile,
@@ -387,7 +388,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"],
-                            tma=tma_ok(key, value))
+                            tma=tma_target(query.device) and tma_ok(key, value))
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -425,7 +426,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                  tma=tma_ok(query, grad_out))
+                                  tma=tma_target(query.device) and tma_ok(query, grad_out))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -434,7 +435,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                tma=tma_ok(key, value))
+                                tma=tma_target(query.device) and tma_ok(key, value))
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,

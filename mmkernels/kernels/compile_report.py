@@ -400,7 +400,7 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
     names = _kernel_names()
     rows: list[dict] = []
     for case in _cases(_DTYPES[dtype], set(presets or []), set(head_dims or []), variants, families):
-        with capture_launches() as launches:
+        with capture_launches(arch) as launches:
             case.run()
         for launch in launches:
             name = names.get(launch.fn, f"{launch.fn.module}.{launch.fn.__name__}")

@@ -95,8 +95,9 @@ def gpu_launcher(fn, make_configs: Callable[[], list], key: list[str], cache_key
 def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
     """Inside, every ``kernel[grid](...)`` launch of a ``@triton.jit`` function is recorded in
     the yielded list and not run, and launchers size their launches for a GPU (:func:`for_gpu`)
-    of compute capability ``arch`` (x 10, :func:`target_arch`) even on CPU tensors — which therefore stand in for CUDA tensors of the same strides and
-    alignment.  Outputs the launchers allocate stay unwritten."""
+    of compute capability ``arch`` (x 10, :func:`target_arch`) even on CPU tensors — which
+    therefore stand in for CUDA tensors of the same strides and alignment.  Outputs the
+    launchers allocate stay unwritten."""
     from triton.runtime.jit import JITFunction
 
     cap = _Capture(arch)

@@ -17,9 +17,10 @@ columns 0 and 64; columns 88..95 come back as zeros).  A 2-D descriptor per matr
 tile with no reshape, and the same loads fit the packed (varlen) layout.
 
 TMA's preconditions, checked on the host by :func:`tma_ok` (and :func:`tma_target`: sm_90 or
-newer) before a TMA candidate is offered (the hardware faults rather than falling back): base address 16-byte aligned, unit last stride,
-every other stride a multiple of 16 bytes (8 elements for fp16/bf16, 4 for fp32), and a box
-whose inner dimension is at least 16 bytes (D0, D1 >= 16 always hold).  A device-side descriptor
+newer) before a TMA candidate is offered (the hardware faults rather than falling back): base
+address 16-byte aligned, unit last stride, every other stride a multiple of 16 bytes (8 elements
+for fp16/bf16, 4 for fp32), and a box whose inner dimension is at least 16 bytes (D0, D1 >= 16
+always hold).  A device-side descriptor
 lives in a 128-byte global scratch buffer per program that Triton's launcher asks
 ``triton.set_allocator``'s allocator for: :func:`ensure_allocator` installs one (``torch.empty``
 on the current CUDA device, where Triton launches) when none is set.  The interpreter needs none.

@@ -55,7 +55,6 @@ import triton.language as tl
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
-from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, tma_target
 from ._tiles import (
     _aligned,
     _bwd_tile,
@@ -73,6 +72,7 @@ from ._tiles import (
     rotary_args,
     split_head_dim,
 )
+from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, tma_target
 
 
 # --------------------------------------------------------------------------------------
@@ -490,7 +490,9 @@ _CANDIDATES = {
 # pointer-load candidates when the operands allow (``_tma.tma_ok``): the tiles of the first kept
 # pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
 # dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
-# sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies, wgmma, no spills.
+# sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies and wgmma; registers within a
+# few of the pointer twin's, no spills in the plain variant (with masks or dropout a TMA twin
+# spills where its pointer twin does: the tile's live state, ``_fits``'s business).
 _TMA_TRIES = 2
 
 
@@ -541,8 +543,9 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
     With ``tma`` (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``,
-    TMA versions of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never first, so an untuned launch
-    (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses between the two."""
+    TMA versions of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never
+    first, so an untuned launch (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the
+    autotuner chooses between the two."""
     big = d > 128 or dtype == torch.float32
     cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
     d0, d1 = split_head_dim(d)

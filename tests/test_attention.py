@@ -131,6 +131,37 @@ def test_hf_min_value_padding_mask():
     check(q, k, v, attn_mask=mask)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_nonpositive_scale(scale):
+    """The kernels fold the scale into the exp2's FMA (max(s)·scale = max(s·scale) needs
+    scale > 0); scales <= 0 — valid for SDPA — take the pre-scaled path: same results."""
+    q, k, v = _inputs(1, 2, 2, 45, 77, 72, torch.float32)
+    check(q, k, v, scale=scale, is_causal=True)
+    check(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_very_negative_logits_ragged_keys(causal):
+    """Every logit of every row below -128 in base 2 (exp2 of its negation overflows fp32) with
+    a ragged last key block: the interior tiles carry no bounds mask, so a zero padding key
+    would get P = exp2(-m) = inf (NaN gradients) if the edge tile did not mask it."""
+    q, k, v = _inputs(1, 2, 2, 70, 45, 64, torch.float32)
+    with torch.no_grad():
+        q.copy_(1.0 + 0.1 * q.abs())
+        k.copy_(-(1.0 + 0.1 * k.abs()))
+    assert float((q[0, 0] @ k[0, 0].T).max()) * 1.5 * math.log2(math.e) < -128
+    out, grads = check(q, k, v, is_causal=causal, scale=1.5)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+
+
+@pytest.mark.parametrize("lq,lk", [(200, 130), (130, 200), (97, 97)])
+def test_causal_band_split(lq, lk):
+    """Causal with several query and key blocks (interpreter tiles 64×32 forward, 32×64 dK/dV):
+    the off-band blocks run without mask work, the diagonal band with it, for Lq < Lk, Lq > Lk."""
+    q, k, v = _inputs(1, 1, 1, lq, lk, 88, torch.float32)
+    check(q, k, v, is_causal=True)
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive", "causal"])
 def test_fully_masked_rows_are_zero(kind):
     q, k, v = _inputs(1, 2, 2, 40, 50, 64, torch.float32)

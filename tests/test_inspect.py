@@ -8,7 +8,8 @@ and load widths from the result.  These tests hold what a GPU needs:
 
 * sm_90: every attention-family main loop (attention fwd / dK-dV / dQ, Q-Former) at head dims
   64/72/80/88/128, bf16, default configuration: pipelined (16-byte ``cp.async`` or TMA), no
-  scalar 2-byte loads, no spills, shared memory <= 227 KB — also with a padding mask and dropout;
+  scalar 2-byte loads, no spills, shared memory <= 227 KB, the attention kernels' products all
+  on wgmma (no mma.sync) — also with a padding mask and dropout;
 * sm_90: the TMA forward candidates (``USE_TMA``) at d=64 and d=88 copy K/V with
   ``cp.async.bulk.tensor``, feed ``wgmma``, and do not spill;
 * sm_80: ``cp.async`` present;
@@ -123,6 +124,10 @@ def test_sm90_main_loops_pipelined_vector_loads_no_spills(rows):
                 bad.append(f"{_name(r)}: {r['ld_scalar_narrow']} scalar 2-byte loads")
             if not r["wgmma"]:
                 bad.append(f"{_name(r)}: no wgmma")
+            # every product of the attention kernels on 64-row wgmma tiles (dK/dV computes on
+            # transposed tiles for this): an mma.sync means a product fell back to 16-row MMAs
+            if r["kernel"].startswith("attention.") and r["mma_sync"]:
+                bad.append(f"{_name(r)}: {r['mma_sync']} mma.sync")
     assert not bad, "\n".join(bad)
 
 

@@ -122,12 +122,92 @@ def _logits(
 @triton.jit
 def _softmax_step(s, m_i, l_i):
     """Online-softmax update for one tile of base-2 logits: (P, rescale of the old state, m, l)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    return _online_softmax(s, 1.0, m_i, l_i)
+
+
+@triton.jit
+def _online_softmax(s, scale, m_i, l_i):
+    """Online-softmax update for one tile whose base-2 logits are ``s·scale`` (``scale`` > 0):
+    (P, rescale of the old state, m, l).  The scale is folded into the max-subtract, so each
+    score costs one FMA before its exp2 (max(s)·scale = max(s·scale) because scale > 0, and a
+    masked -inf stays -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     # rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
+    p = tl.math.exp2(s * scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _tile_logits(
+    s, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale,
+    MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr, EDGE: tl.constexpr, BOUNDS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """Masks of one tile of raw products ``s`` (Q Kᵀ, or K Qᵀ in the transposed dK/dV tile:
+    ``qi``/``kj`` are the query/key indices broadcast to ``s``'s shape), in either orientation.
+
+    Returns logits L such that the base-2 logits are ``L·scale`` with ``scale = 1`` when
+    PRESCALE (additive masks, and scales <= 0, whose sign would flip the max) and ``qk_scale``
+    otherwise — the caller folds it into its exp2's FMA.  Mask work is paid only where needed:
+    the user mask on every tile (``ld_ok`` bounds its loads), the key bounds (``k_ok``, when
+    BOUNDS) and the causal triangle only on EDGE tiles — interior tiles are fully in range and
+    fully below the diagonal, so they skip both selects.
+    """
+    if PRESCALE:
+        s = s * qk_scale
+    if MASK_KIND != 0:
+        mval = tl.load(mask_base + qi * smm + kj * smn, mask=ld_ok, other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mval != 0, s, float("-inf"))
+        else:
+            mval = mval.to(tl.float32)
+            # clamp HF's finfo.min to -1e30 (×log2 e must not overflow to -inf), keep true -inf
+            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
+            s += mval * LOG2E
+    if EDGE:
+        if BOUNDS:
+            if IS_CAUSAL:
+                s = tl.where(k_ok & (kj <= qi), s, float("-inf"))
+            else:
+                s = tl.where(k_ok, s, float("-inf"))
+        elif IS_CAUSAL:
+            s = tl.where(kj <= qi, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _bwd_scores(
+    s, dp, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+    MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr, EDGE: tl.constexpr, BOUNDS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """(P̃, dS) of one backward tile from the raw products ``s`` = Q Kᵀ and ``dp`` = dO Vᵀ, in
+    either orientation (the row statistics ``m_row``, ``log2l``, ``delta`` and the indices
+    ``qi``/``kj`` come broadcast to the tile's shape).  P is rebuilt from the forward's
+    statistics (m = +inf: no visible key, P = 0); P̃ = P after dropout and 1/(1-p) (dV = P̃ᵀ dO);
+    dS = P ∘ (dP̃ − delta) (dQ = dS K·scale, dK = dSᵀ Q·scale).
+
+    Out-of-range queries need no mask (m = +inf: P = 0).  Out-of-range keys (zero rows) get
+    P = exp2(-m), which overflows when a row's logits are all very negative (HF's finfo.min
+    padding): the dQ kernel bounds-masks its ragged key block (BOUNDS); the dK/dV kernel need
+    not — such a key's values only reach its own dK/dV row, which is never stored.  The
+    causal triangle and the bounds are applied on EDGE tiles only.
+    """
+    s = _tile_logits(s, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, EDGE, BOUNDS,
+                     IS_CAUSAL)
+    scale = qk_scale
+    if PRESCALE:
+        scale = 1.0
+    p = tl.math.exp2((s * scale - m_row) - log2l)
+    pd = p
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, qi * LK + kj) >= dropout_p  # the forward's (row, col) counters
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        pd = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    return pd, p * (dp - delta)
 
 
 @triton.jit

@@ -8,8 +8,17 @@ them, so the saved state is O(L) (Q, K, V, O, LSE; no P, no dropout mask).
 Backward, without atomics:
 * ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (fp32);
 * ``_attn_bwd_dkdv``: one program per (key block, batch, kv head) loops over the query heads
-  of its group (GQA) and the query blocks, accumulating dK and dV in registers;
+  of its group (GQA) and the query blocks, accumulating dK and dV in registers; it works on
+  transposed tiles (Sᵀ = K Qᵀ, [BLOCK_N, BLOCK_M]) so that every product has BLOCK_N >= 64
+  rows — the shape Hopper's wgmma needs — even with 32-row query blocks;
 * ``_attn_bwd_dq``: one program per (query block, batch, head) loops over the key blocks.
+
+Mask work only where it is needed: each key loop runs in two phases, the interior blocks (fully
+inside the key length and, causal, fully left of the diagonal) with no bounds or causal select,
+then the edge blocks (the causal diagonal band and the ragged last block) with them; a user mask
+applies on every block.  The softmax scale is folded into the max-subtract: p = exp2(s·scale −
+m) is one FMA per score (``_online_softmax``), except with additive masks or a scale <= 0
+(PRESCALE: the logits are scaled first).
 
 Head dims that are not a power of two (72, 80, 88 in SigLIP, Qwen2-VL, EVA ViT-g) are split
 into two power-of-two chunks D0 + D1 (72 → 64+16, 80 → 64+16, 88 → 64+32) rather than
@@ -57,7 +66,7 @@ from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
 from ._tiles import (
     _aligned,
-    _bwd_tile,
+    _bwd_scores,
     _dot,
     _dot_precision,
     _dropout_keep,
@@ -65,10 +74,10 @@ from ._tiles import (
     _load_cols2,
     _load_rows,
     _load_rows2,
-    _logits,
     _mask_args,
-    _softmax_step,
+    _online_softmax,
     _store_rows,
+    _tile_logits,
     rotary_args,
     split_head_dim,
 )
@@ -91,7 +100,7 @@ def _attn_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
@@ -119,34 +128,55 @@ def _attn_fwd(
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh.to(tl.int64) * 1000003
 
-    hi = LK
+    scale = qk_scale
+    if PRESCALE:
+        scale = 1.0
+    # key blocks [0, mid) need no mask work: entirely inside LK and (causal) entirely left of
+    # this block's first row; [mid, hi) holds the causal diagonal band and the ragged last block
     if IS_CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+        mid = tl.minimum((LK // BLOCK_N) * BLOCK_N, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+    else:
+        hi = LK
+        mid = (LK // BLOCK_N) * BLOCK_N
     if USE_TMA:
         # K by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < LK
-        if USE_TMA and ROTARY == 0:
-            kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo_n = 0
+            hi_n = mid
         else:
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-                    D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
-        p = p.to(V.dtype.element_ty)
-        if USE_TMA:
-            v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
-        else:
-            v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-        acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
-        if D1 > 0:
-            acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
+            lo_n = mid
+            hi_n = hi
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            cols = start_n + offs_n
+            if phase == 0:
+                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
+            else:
+                col_ok = cols < LK
+            if USE_TMA and ROTARY == 0:
+                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+            else:
+                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            s = _dot(q0, kT0, PREC, UPCAST)
+            if D1 > 0:
+                s += _dot(q1, kT1, PREC, UPCAST)
+            s = _tile_logits(s, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
+                             mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL)
+            p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
+            if HAS_DROPOUT:
+                p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
+            p = p.to(V.dtype.element_ty)
+            if USE_TMA:
+                v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
+            else:
+                v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+            acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
+            if D1 > 0:
+                acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
 
     inv_l = _finish_rows(LSE, pid_bh.to(tl.int64), LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
     o_base = O + b * sob + h * soh
@@ -191,9 +221,13 @@ def _attn_bwd_dkdv(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
+    """dK, dV of BLOCK_N keys, computed on transposed tiles: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ are
+    [BLOCK_N, BLOCK_M] and dV += P̃ᵀ dO, dK += dSᵀ Q keep BLOCK_N rows, so every product of
+    the loop has BLOCK_N (≥ 64) rows — Hopper's wgmma needs 64-row warpgroup tiles, and the
+    untransposed form (S = Q Kᵀ with 32 query rows) ran half its FLOPs on mma.sync."""
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = (pid_bhk // HKV).to(tl.int64)
@@ -205,9 +239,8 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+    k0, k1 = _load_rot2(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
@@ -218,10 +251,14 @@ def _attn_bwd_dkdv(
     if HAS_DROPOUT:
         seed0 = tl.load(SEED)
 
+    # query blocks [lo, band) cross this key block's causal diagonal (masked); [band, LQ) see all
+    # of its keys (no mask work); without causal every block is mask-free
     lo = 0
+    band = 0
     if IS_CAUSAL:
         # query i sees key j only when j <= i: rows above this key block contribute nothing
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        band = tl.minimum(tl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, LQ)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -233,31 +270,44 @@ def _attn_bwd_dkdv(
             # Q by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
             qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
             dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
-        for start_m in range(lo, LQ, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < LQ
-            if USE_TMA and ROTARY == 0:
-                q0, q1 = _tma_rows2(qd0, qd1, start_m, D0, D1)
+        for phase in tl.static_range(2):
+            if phase == 0:
+                lo_m = lo
+                hi_m = band
             else:
-                q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            if USE_TMA:
-                do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
-            else:
-                do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
-            m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
-            log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
-            pd, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
-                               qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                               D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
-            pdT = tl.trans(pd.to(DO.dtype.element_ty))
-            dsT = tl.trans(ds.to(Q.dtype.element_ty))
-            dv0 += _dot(pdT, do0, PREC, UPCAST)
-            dk0 += _dot(dsT, q0, PREC, UPCAST)
-            if D1 > 0:
-                dv1 += _dot(pdT, do1, PREC, UPCAST)
-                dk1 += _dot(dsT, q1, PREC, UPCAST)
+                lo_m = tl.maximum(lo, band)
+                hi_m = LQ
+            for start_m in range(lo_m, hi_m, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < LQ
+                if USE_TMA and ROTARY == 0:
+                    qT0, qT1 = _tma_cols2(qd0, qd1, start_m, D0, D1)
+                else:
+                    qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
+                                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                if USE_TMA:
+                    do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
+                else:
+                    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
+                m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
+                log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
+                sT = _dot(k0, qT0, PREC, UPCAST)
+                dpT = _dot(v0, tl.trans(do0), PREC, UPCAST)
+                if D1 > 0:
+                    sT += _dot(k1, qT1, PREC, UPCAST)
+                    dpT += _dot(v1, tl.trans(do1), PREC, UPCAST)
+                ld_ok = col_ok[:, None] & row_ok[None, :]
+                pdT, dsT = _bwd_scores(sT, dpT, rows[None, :], cols[:, None], ld_ok, ld_ok, mask_base, smm, smn,
+                                       qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK, dropout_p,
+                                       MASK_KIND, PRESCALE, phase == 0, False, IS_CAUSAL, HAS_DROPOUT)
+                pdT = pdT.to(DO.dtype.element_ty)
+                dsT = dsT.to(Q.dtype.element_ty)
+                dv0 += _dot(pdT, do0, PREC, UPCAST)
+                dk0 += _dot(dsT, tl.trans(qT0), PREC, UPCAST)
+                if D1 > 0:
+                    dv1 += _dot(pdT, do1, PREC, UPCAST)
+                    dk1 += _dot(dsT, tl.trans(qT1), PREC, UPCAST)
 
     dk_base = DK + pid_bhk.to(tl.int64) * LK * HEAD_DIM
     dv_base = DV + pid_bhk.to(tl.int64) * LK * HEAD_DIM
@@ -281,7 +331,7 @@ def _attn_bwd_dq(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
@@ -306,44 +356,60 @@ def _attn_bwd_dq(
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
-    log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
+    m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))[:, None]
+    log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)[:, None]
+    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)[:, None]
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + bh * 1000003
 
+    # key blocks [0, mid) are in range and (causal) left of the diagonal: no mask work;
+    # [mid, hi) holds the diagonal band and the ragged last block
     hi = LK
+    mid = (LK // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+        mid = tl.minimum(mid, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
     if USE_TMA:
         # K by TMA unless rotary (as in the forward)
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < LK
-        if USE_TMA and ROTARY == 0:
-            kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo_n = 0
+            hi_n = mid
         else:
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        if USE_TMA:
-            vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
-        else:
-            vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-        _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn,
-                          qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                          D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
-        if MASK_GRAD:
-            # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
-            # launcher sums it over the mask's broadcast dims
-            ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
-            tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
-        ds = ds.to(Q.dtype.element_ty)
-        dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
-        if D1 > 0:
-            dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+            lo_n = mid
+            hi_n = hi
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < LK
+            if USE_TMA and ROTARY == 0:
+                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+            else:
+                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            if USE_TMA:
+                vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
+            else:
+                vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+            s = _dot(q0, kT0, PREC, UPCAST)
+            dp = _dot(do0, vT0, PREC, UPCAST)
+            if D1 > 0:
+                s += _dot(q1, kT1, PREC, UPCAST)
+                dp += _dot(do1, vT1, PREC, UPCAST)
+            _, ds = _bwd_scores(s, dp, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
+                                mask_base, smm, smn, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                                MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)
+            if MASK_GRAD:
+                # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
+                # launcher sums it over the mask's broadcast dims
+                ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
+                tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
+            ds = ds.to(Q.dtype.element_ty)
+            dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
+            if D1 > 0:
+                dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
 
     dq_base = DQ + bh * LQ * HEAD_DIM
     _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
@@ -367,6 +433,9 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True
         HEAD_DIM=d, D0=d0, D1=d1, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=has_dropout, PREC=_dot_precision(query.dtype),
         UPCAST=interpreting() and query.dtype == torch.bfloat16,
+        # the scale is folded into the exp2's FMA (``_online_softmax``) unless an additive mask
+        # must be added to the scaled logits first, or a scale <= 0 would flip the row max
+        PRESCALE=mask_kind == 2 or not float(scale) > 0.0,
     )
     seed_arg = seed if has_dropout else query
     return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
@@ -470,7 +539,7 @@ _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 # autotuner's TMA candidates do.
 _FORCE_TMA = False
 
-_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC", "PRESCALE"]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) candidates for 2-byte dtypes and d <= 128, best guess first
@@ -479,11 +548,14 @@ _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPO
 # timed on a GPU yet: the order is the FlashAttention-2 / Triton-tutorial choice, and every
 # candidate was compiled for sm_90 by ``mmkernels inspect`` (d = 64/72/80/88/128, with and
 # without mask + dropout): none that ``_fits`` keeps spills.  Dropped after the first sweep:
-# dK/dV 64×128 over 8 warps (spilled 24-400 bytes at every head dim).
+# dK/dV 64×128 over 8 warps (spilled 24-400 bytes at every head dim); after dK/dV moved to
+# transposed [BLOCK_N, BLOCK_M] tiles (all its products on wgmma), its 4-warp and 64×64
+# candidates (spilled 8-500 bytes with causal or mask + dropout at d >= 88); 16×128 and
+# single-stage 32×128 were tried and not pipelined (no cp.async).
 _CANDIDATES = {
     "fwd": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
             (128, 32, 8, 3), (64, 32, 4, 2)],
-    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
+    "dkdv": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
@@ -508,9 +580,13 @@ _CANDIDATES_BIG = {
     "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
     "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
 }
-# fp32 values a thread may keep live in accumulators and score tiles: half of the 255
-# registers, the rest holding operand fragments, addresses and the softmax state.
-_LIVE_FP32_PER_THREAD = 128
+# fp32 values a thread may keep live in accumulators and score tiles, by (kernel, dropout):
+# about half of the 255 registers, the rest holding operand fragments, addresses and the
+# softmax state; the transposed dK/dV tile needs fewer of those (K and V stay in shared
+# memory) unless dropout's Philox state takes them; the split forward's edge loop keeps a
+# little more live with dropout.
+_LIVE_FP32_PER_THREAD = {("fwd", False): 128, ("fwd", True): 120, ("dq", False): 128, ("dq", True): 128,
+                         ("dkdv", False): 160, ("dkdv", True): 128}
 # shared memory a candidate may stage: fits an A100 (163 KB) as well as an H100 (227 KB)
 _SHARED_BYTES = 160 * 1024
 
@@ -524,8 +600,9 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     keeps dQ (bm·dp) and S, dP (2·bm·bn); dropout counts as two more score tiles (the Philox
     counters and draws).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
     176 bytes at d=128 (192 values) but not at d=88 (160); with mask + dropout, 128×64 over 8
-    warps spilled 24 bytes at d=72/88 (136) but not at d=64 (128), dK/dV 32×64 over 4 warps
-    32 bytes at d=72 (144).  Staged bytes =
+    warps spilled 24 bytes at d=72/88 (136), and since the forward's loop is split into interior
+    and edge tiles 24 bytes at d=64 too (128); transposed dK/dV 32×128 over 8 warps: no spill at
+    d=128 (160), with mask + dropout none at d=64 (128) but 8 bytes at d=72/80 (144).  Staged bytes =
     the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
     tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).
     """
@@ -536,7 +613,7 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
         staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
         staged = bm * dp + stages * 2 * bn * dp
-    return live <= _LIVE_FP32_PER_THREAD and staged * itemsize <= _SHARED_BYTES
+    return live <= _LIVE_FP32_PER_THREAD[kind, has_dropout] and staged * itemsize <= _SHARED_BYTES
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, tma: bool = False) -> list:

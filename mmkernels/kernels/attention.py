@@ -566,6 +566,10 @@ _CANDIDATES = {
 # few of the pointer twin's, no spills in the plain variant (with masks or dropout a TMA twin
 # spills where its pointer twin does: the tile's live state, ``_fits``'s business).
 _TMA_TRIES = 2
+# The TMA dK/dV loop keeps its Q/dO descriptors live through the head loop: under triton 3.6 its
+# 32×128 tile at d=128 (live state 160, the limit) spilled 48 bytes with causal where the pointer
+# twin (250 registers) did not; its TMA twins keep this many live values per thread spare.
+_TMA_LIVE_MARGIN = {"dkdv": 16}
 
 
 def _tma_offered(d: int, dtype: torch.dtype) -> bool:
@@ -591,9 +595,11 @@ _LIVE_FP32_PER_THREAD = {("fwd", False): 128, ("fwd", True): 120, ("dq", False):
 _SHARED_BYTES = 160 * 1024
 
 
-def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool) -> bool:
+def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool,
+          margin: int = 0) -> bool:
     """The pruning rule: a candidate is kept when its live fp32 state per thread and its staged
-    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1).
+    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1; ``margin``: fp32 values
+    per thread held back for other state, ``_TMA_LIVE_MARGIN``).
 
     Live fp32 values per thread = (accumulators + score tiles) / threads, where the forward
     keeps O (bm·dp) and S/P (bm·bn), dK/dV keeps dK and dV (2·bn·dp) and S, dP (2·bm·bn), dQ
@@ -613,7 +619,7 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
         staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
         staged = bm * dp + stages * 2 * bn * dp
-    return live <= _LIVE_FP32_PER_THREAD[kind, has_dropout] and staged * itemsize <= _SHARED_BYTES
+    return live <= _LIVE_FP32_PER_THREAD[kind, has_dropout] - margin and staged * itemsize <= _SHARED_BYTES
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, tma: bool = False) -> list:
@@ -632,7 +638,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     if tma and _tma_offered(d, dtype):
         tiles: dict = {}
         for bm, bn, w, st in kept:
-            if len(tiles) < _TMA_TRIES:
+            if len(tiles) < _TMA_TRIES and _fits(kind, bm, bn, w, st, d0 + d1, itemsize, has_dropout,
+                                                 _TMA_LIVE_MARGIN.get(kind, 0)):
                 tiles.setdefault((bm, bn), (w, st))
         configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=st)
                     for (bm, bn), (w, st) in tiles.items()]

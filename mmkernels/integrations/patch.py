@@ -20,7 +20,12 @@ What is patched (each switch of :func:`patch` turns one group off):
     instance to run :func:`mmkernels.attention` (``AttentionRope`` is left alone for now).
 ``qformer``
   BLIP-2 / InstructBLIP(-Video) Q-Former attention modules (self and cross) →
-  :class:`mmkernels.nn.QFormerAttention` (fused cross-attention: K/V never written to memory).
+  :class:`mmkernels.nn.QFormerAttention` (fused cross-attention: K/V never written to memory),
+  and the Q-Former encoder's ``forward`` overridden on the instance to open a
+  :class:`mmkernels.nn.QFormerSharedKV` scope: K and V of all its cross-attention layers (they read
+  the same image features) come from one GEMM per forward where
+  :func:`mmkernels.ops.qformer.shares_kv` says so (``qformer_shared_kv``: None = that rule,
+  True = always, False = never).
 ``pooling``
   Gemma 3 projector, LLaVA-NeXT-Video pooler, Qwen2-VL / Qwen2.5-VL patch mergers →
   the :mod:`mmkernels.nn.token_pool` drop-ins; the methods ``LlavaOnevisionModel.apply_pooling``,
@@ -36,16 +41,18 @@ value back.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..nn import token_pool as tp
 from ..nn.attention import MultiheadAttention
-from ..nn.qformer import QFormerAttention
+from ..nn.qformer import QFormerAttention, QFormerSharedKV
 from .qwen_vl import is_qwen_vision_attention, qwen_vision_attention_forward
 from .timm import attention_forward as timm_attention_forward
 from .timm import is_timm_attention
@@ -56,6 +63,9 @@ _STATE_ATTR = "_mmkernels_patch_state"
 
 _QFORMER_CLASSES = ("Blip2QFormerMultiHeadAttention", "InstructBlipQFormerMultiHeadAttention",
                     "InstructBlipVideoQFormerMultiHeadAttention")
+_QFORMER_ENCODER_CLASSES = ("Blip2QFormerEncoder", "InstructBlipQFormerEncoder", "InstructBlipVideoQFormerEncoder")
+#: the attribute of a patched Q-Former encoder holding its :class:`mmkernels.nn.QFormerSharedKV`
+SHARED_KV_ATTR = "mmkernels_shared_kv"
 _POOL_CLASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "Gemma3MultiModalProjector": tp.Gemma3MultiModalProjector.from_hf,
     "LlavaNextVideoPooler": tp.LlavaNextVideoPooler.from_hf,
@@ -329,8 +339,66 @@ def _internvl_fusion_mismatch(m: nn.Module) -> str:
     return ""
 
 
+def _qformer_encoder_forward(self, *args, **kwargs):
+    """HF's Q-Former encoder forward inside a :class:`mmkernels.nn.QFormerSharedKV` scope: the
+    shared K/V live exactly as long as this call."""
+    shared = self.__dict__.get(SHARED_KV_ATTR)
+    if shared is None:
+        return type(self).forward(self, *args, **kwargs)
+    enc = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (
+        args[2] if len(args) > 2 else None)
+    if self.training and torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self.layer):
+        # a checkpointed layer replays its forward in the backward, after this scope has closed:
+        # it must project its own K/V both times (and keeping all layers' K/V alive until then
+        # would undo what checkpointing saves)
+        enc = None
+    with shared.scope(enc):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _share_qformer_kv(path: str, m: nn.Module, mode: bool | None, state: _State, report: PatchReport) -> None:
+    """Install :class:`mmkernels.nn.QFormerSharedKV` on Q-Former encoder ``m`` (after its
+    attention modules were replaced)."""
+    cls = type(m).__name__
+    if mode is False:
+        report.skipped.append((path, cls, "qformer_shared_kv=False: each cross-attention layer projects its own K/V"))
+        return
+    layers, indices = [], []
+    for i, layer in enumerate(getattr(m, "layer", ())):
+        if not getattr(layer, "has_cross_attention", False):
+            continue
+        attn = getattr(getattr(layer, "crossattention", None), "attention", None)
+        if not isinstance(attn, QFormerAttention) or attn._hf_forward is not None or not attn.is_cross_attention:
+            report.skipped.append((path, cls, f"layer {i}'s cross-attention is not a fused QFormerAttention: "
+                                   "K/V not shared"))
+            return
+        layers.append(attn)
+        indices.append(i)
+    if not layers:
+        return
+    params = list(inspect.signature(type(m).forward).parameters)[1:4]
+    if params != ["hidden_states", "attention_mask", "encoder_hidden_states"]:
+        report.skipped.append((path, cls, f"forward({', '.join(params)}, ...) is not HF's Q-Former encoder "
+                               "signature: K/V not shared"))
+        return
+    if len({a.key.in_features for a in layers}) != 1:
+        report.skipped.append((path, cls, "cross-attention layers of different input widths: K/V not shared"))
+        return
+    shared = QFormerSharedKV(layers, mode)
+    shared.attach()
+    state.undo.append(shared.detach)
+    m.__dict__[SHARED_KV_ATTR] = shared
+    state.methods.append((m, SHARED_KV_ATTR))  # _restore pops it with the forward override
+    a, dkv = layers[0].all_head_size, layers[0].key.in_features
+    rule = {None: "auto: mmkernels.ops.qformer.shares_kv", True: "always"}[mode]
+    _override(m, "forward", _qformer_encoder_forward, path, state, report,
+              f"mmkernels.nn.QFormerSharedKV: K/V of cross-attention layers {indices} in one "
+              f"[{len(layers)}*2*{a}, {dkv}] GEMM per forward ({rule})")
+
+
 def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True,
-          prune=None) -> PatchReport:
+          prune=None, qformer_shared_kv: bool | None = None) -> PatchReport:
     """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
     ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
     MultiheadAttention`, Q-Former attention → :class:`mmkernels.nn.QFormerAttention`, token
@@ -339,6 +407,11 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     ``prune``: ``mmkernels.FastV(layer=2, keep=0.5)`` (LLaVA-family / Qwen2-VL language models) or
     ``mmkernels.VisionZip(dominant=54, contextual=10)`` (CLIP / SigLIP towers): visual-token
     pruning scored by :func:`mmkernels.attention_scores` (see :mod:`mmkernels.integrations.prune`).
+
+    ``qformer_shared_kv`` (with ``qformer=True``): K/V of all the Q-Former's cross-attention layers
+    from one GEMM per forward (:class:`mmkernels.nn.QFormerSharedKV`) — None: where
+    :func:`mmkernels.ops.qformer.shares_kv` says so (Triton: unless the fused kernel would run;
+    SDPA: on a GPU); True: always; False: never.  Change it later through the encoder's ``mmkernels_shared_kv.mode``.
 
     Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
     unchanged.  Patching a patched model raises; :func:`unpatch` first.
@@ -352,6 +425,8 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")
+    if qformer_shared_kv not in (None, True, False):
+        raise ValueError(f"qformer_shared_kv: expected None (auto), True or False, got {qformer_shared_kv!r}")
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("patch: this model is already patched; call mmkernels.unpatch(model) first")
     state, report = _State(), PatchReport()
@@ -423,6 +498,10 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
                         _override(m, "get_image_features", _internvl_get_image_features_fn(), path, state, report,
                                   "pixel shuffle + multi_modal_projector.layer_norm in one mk.token_pool call "
                                   "(mmkernels.nn.InternVLPixelShuffle), projector MLP in torch")
+        if qformer:
+            for path, m in list(model.named_modules()):
+                if type(m).__name__ in _QFORMER_ENCODER_CLASSES:
+                    _share_qformer_kv(path, m, qformer_shared_kv, state, report)
         if prune is not None:
             from . import prune as _prune
 

@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module``s backed by mmkernels ops."""
 
 from .attention import MultiheadAttention
-from .qformer import QFormerAttention
+from .qformer import QFormerAttention, QFormerSharedKV
 from .token_pool import (
     Gemma3MultiModalProjector,
     Idefics3PixelShuffle,
@@ -14,5 +14,5 @@ from .token_pool import (
 )
 
 __all__ = ["Gemma3MultiModalProjector", "Idefics3PixelShuffle", "InternVLPixelShuffle", "LlavaNextVideoPooler",
-           "LlavaOnevisionPooling", "MultiheadAttention", "QFormerAttention", "Qwen2VLPatchMerger", "RMSNorm",
-           "TokenPooler"]
+           "LlavaOnevisionPooling", "MultiheadAttention", "QFormerAttention", "QFormerSharedKV", "Qwen2VLPatchMerger",
+           "RMSNorm", "TokenPooler"]

@@ -224,6 +224,70 @@ def triton_path(batch: int) -> str:
     return "hoisted" if batch >= HOIST_MIN_BATCH else "fused"
 
 
+# Shared K/V (a patched BLIP-2 / InstructBLIP Q-Former, :class:`mmkernels.nn.QFormerSharedKV`): the
+# cross-attention layers all read the same image features, so K and V of every layer can come from
+# ONE GEMM over the concatenated weights [n_layers·2·A, Dkv] per Q-Former forward (BLIP-2: 6 layers,
+# one 9216×1408 GEMM instead of twelve 768×1408 ones), each layer then running its own Q projection
+# and the attention kernel on views of that product.  Rule (``shares_kv``):
+# * Triton route: share wherever the per-layer call would be the hoisted path (which projects K/V
+#   with its own GEMMs per layer), keep the fused kernel (K/V never in memory) below the batch
+#   ``SHARED_KV_MIN_BATCH`` (None = ``HOIST_MIN_BATCH``).  Why one GEMM should win on a GPU
+#   (an estimate): at B=8 each per-layer GEMM is 2056×768, 16×6 = 96 tiles of 128×128 for 132 SMs,
+#   where the shared one has 16×72 = 1152; the image features are read once, not 12 times; one
+#   launch instead of 12, and likewise for dW and dX in the backward.
+# * SDPA / reference routes: share on a GPU (same reasons); on a CPU only with
+#   ``SHARED_KV_ON_CPU``: measured here (1 thread, BLIP-2 widths, B=4 × 257): one 9216×1408 GEMM is
+#   no faster than twelve 768×1408 (523–573 vs 511–541 ms; 158 vs 146 ms at B=1) and the weight
+#   concatenation and the split's backward copy make fwd+bwd of the projections 2–11 % slower
+#   (1936–1995 vs 1792–1892 ms).
+# Both thresholds are estimates a GPU benchmark overrules by assigning them
+# (``mmkernels bench qformer_model`` times fused, hoisted and shared side by side).
+SHARED_KV_MIN_BATCH: int | None = None
+SHARED_KV_ON_CPU = False
+
+
+def route(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, num_heads,
+          encoder_attention_mask=None, dropout_p=0.0, scale=None, *, backend=None) -> str:
+    """The backend :func:`qformer_cross_attention` would run these arguments on ("triton", "sdpa",
+    "reference"), without running, recording or warning.  Raises as the op would (ValueError for bad
+    input, :class:`mmkernels.dispatch.BackendNotSupportedError` when no backend / the forced one
+    cannot run it)."""
+    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+              num_heads, encoder_attention_mask, dropout_p, scale)
+    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
+        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
+    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, q_weight=q_weight,
+                  q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
+                  num_heads=num_heads, encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p),
+                  scale=1.0 if scale is None else float(scale))
+    forced = dispatch.forced_backend(backend)
+    rejected = []
+    for b in dispatch.backends("qformer_cross_attention"):
+        if forced is not None and b.name != forced:
+            continue
+        reasons = b.not_supported_reasons(inputs)
+        if not reasons:
+            return b.name
+        rejected.append(f"{b.name}: " + ", ".join(r.text for r in reasons))
+    raise dispatch.BackendNotSupportedError(
+        f"mmkernels.qformer_cross_attention: no backend can run this call ({'; '.join(rejected) or forced})")
+
+
+def shares_kv(backend: str, batch: int, device: torch.device | str | None = None) -> bool:
+    """Whether a patched Q-Former projects K/V of all its cross-attention layers in one GEMM when
+    the per-layer :func:`qformer_cross_attention` would run on ``backend`` (see :func:`route`) at this
+    ``batch`` on ``device``: on the Triton route from ``SHARED_KV_MIN_BATCH`` (default
+    ``HOIST_MIN_BATCH``) on, i.e. unless the fused kernel would run (on CPU tensors that route exists
+    only in the interpreter, which stands for a GPU); on SDPA / the reference, on a GPU always, on a
+    CPU when ``SHARED_KV_ON_CPU`` (default off: no gain measured there).  See the comment above."""
+    if backend == "triton":
+        threshold = HOIST_MIN_BATCH if SHARED_KV_MIN_BATCH is None else SHARED_KV_MIN_BATCH
+        return batch >= threshold
+    if device is not None and torch.device(device).type == "cpu":
+        return SHARED_KV_ON_CPU
+    return True
+
+
 def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
              num_heads, mask, seed, dropout_p, scale):
     """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""

@@ -44,10 +44,11 @@ d <= 128 (``_tma_offered``), only when the streamed operands meet TMA's precondi
 (``_tma.tma_ok``: 16-byte aligned base, unit last stride, other strides multiples of 16 bytes;
 otherwise the list has no TMA config), and after the pointer-load candidates, so the untuned
 default (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner picks per shape.
-Rotary keeps Q/K on the pointer loads (the rotation reads each row's partner columns); V and dO
-still go by TMA.  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect
---tma-only``): TMA copies and wgmma, registers and spills as their pointer twins.  The launcher
-installs Triton's scratch allocator for the device-side descriptors when none is set.
+None with rotary: the rotation reads each row's partner columns, so only V/dO could go by TMA,
+and rotary's pipelined cos/sin tiles already take the 128×128 forward to 340 KB of shared
+memory.  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA
+copies and wgmma, registers and spills as their pointer twins.  The launcher installs Triton's
+scratch allocator for the device-side descriptors when none is set.
 
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
@@ -140,7 +141,7 @@ def _attn_fwd(
         hi = LK
         mid = (LK // BLOCK_N) * BLOCK_N
     if USE_TMA:
-        # K by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
+        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
@@ -156,7 +157,7 @@ def _attn_fwd(
                 col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
             else:
                 col_ok = cols < LK
-            if USE_TMA and ROTARY == 0:
+            if USE_TMA:
                 kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
             else:
                 kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
@@ -267,7 +268,7 @@ def _attn_bwd_dkdv(
         mask_base = MASK + b * smb + h * smh
         seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
         if USE_TMA:
-            # Q by TMA unless rotary (rotation reads each row's partner columns: pointer loads)
+            tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
             qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
             dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for phase in tl.static_range(2):
@@ -280,7 +281,7 @@ def _attn_bwd_dkdv(
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
-                if USE_TMA and ROTARY == 0:
+                if USE_TMA:
                     qT0, qT1 = _tma_cols2(qd0, qd1, start_m, D0, D1)
                 else:
                     qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
@@ -371,7 +372,7 @@ def _attn_bwd_dq(
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
         mid = tl.minimum(mid, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
     if USE_TMA:
-        # K by TMA unless rotary (as in the forward)
+        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
@@ -384,7 +385,7 @@ def _attn_bwd_dq(
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < LK
-            if USE_TMA and ROTARY == 0:
+            if USE_TMA:
                 kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
             else:
                 kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
@@ -457,7 +458,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"],
-                            tma=tma_target(query.device) and tma_ok(key, value))
+                            tma=cos is None and tma_target(query.device) and tma_ok(key, value))
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -495,7 +496,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                  tma=tma_target(query.device) and tma_ok(query, grad_out))
+                                  tma=not rot and tma_target(query.device) and tma_ok(query, grad_out))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -504,7 +505,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
-                                tma=tma_target(query.device) and tma_ok(key, value))
+                                tma=not rot and tma_target(query.device) and tma_ok(key, value))
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
@@ -559,7 +560,7 @@ _CANDIDATES = {
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
-# pointer-load candidates when the operands allow (``_tma.tma_ok``): the tiles of the first kept
+# pointer-load candidates when the operands allow (``_tma.tma_ok``; no rotary): the tiles of the first kept
 # pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
 # dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
 # sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies and wgmma; registers within a

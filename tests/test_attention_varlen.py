@@ -8,6 +8,8 @@ break, .item/.tolist forbidden), opcheck, bad input, and the HF Qwen2-VL / Qwen2
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -95,6 +97,53 @@ def test_low_precision_rotary_causal(dtype):
     lengths = [1, 17, 0, 113]
     q, k, v, cu_q, cu_k = _packed(lengths, lengths, 2, 2, 88, dtype)
     check(q, k, v, cu_q, cu_k, is_causal=True, rotary=_rotary(sum(lengths), 88))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_interior_and_edge_blocks(causal):
+    """Sequences of several key/query blocks whose lengths are not multiples of the tiles
+    (interpreter tiles 64x32 forward and dQ, 32x64 dK/dV), Lq < Lk and Lq > Lk per sequence:
+    the interior blocks run with no bounds or causal select, the bottom-right causal band and
+    each sequence's ragged end with them."""
+    lq, lk = [200, 130, 97, 1], [130, 200, 97, 66]
+    q, k, v, cu_q, cu_k = _packed(lq, lk, 1, 1, 88, torch.float32)
+    check(q, k, v, cu_q, cu_k, is_causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_very_negative_logits_ragged_ends(causal):
+    """Every logit below -128 in base 2 (exp2 of its negation overflows fp32) and every
+    sequence ending in a ragged key block: the dQ kernel's edge tile must bounds-mask the zero
+    padding keys, or P = exp2(-m) = inf turns dS·K into NaN."""
+    lq, lk = [70, 45, 33], [45, 77, 33]
+    q, k, v, cu_q, cu_k = _packed(lq, lk, 2, 2, 64, torch.float32)
+    with torch.no_grad():
+        q.copy_(1.0 + 0.1 * q.abs())
+        k.copy_(-(1.0 + 0.1 * k.abs()))
+    assert float((q[:, 0] @ k[:, 0].T).max()) * 1.5 * math.log2(math.e) < -128
+    errs = check(q, k, v, cu_q, cu_k, is_causal=causal, scale=1.5)
+    assert all(math.isfinite(e) for e in errs)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_nonpositive_scale(scale):
+    """The scale is folded into the exp2's FMA (max(s)·scale = max(s·scale) needs scale > 0);
+    scales <= 0 take the pre-scaled path (PRESCALE): same results."""
+    q, k, v, cu_q, cu_k = _packed([45, 17], [77, 17], 2, 1, 72, torch.float32)
+    check(q, k, v, cu_q, cu_k, is_causal=True, enable_gqa=True, scale=scale)
+
+
+@pytest.mark.parametrize("d,hkv,rot", [(33, 1, None), (36, 2, "half")], ids=["d33-gqa", "d36-rotary"])
+def test_head_dims_not_multiple_of_8(d, hkv, rot):
+    """Any head dim up to 256 runs on Triton, as mk.attention: split into power-of-two chunks
+    (33 -> 32+16) zero-padded in registers, loaded without the alignment hint (rows of 33/36
+    elements are not 16-byte aligned)."""
+    lengths = [17, 70, 1]
+    q, k, v, cu_q, cu_k = _packed(lengths, lengths, 2, hkv, d, torch.float32)
+    inputs = dict(query=q, key=k, value=v, rotary=None)
+    assert dispatch.select("attention_varlen", inputs, None).name == "triton"
+    rotary = None if rot is None else _rotary(sum(lengths), d, half=True)
+    check(q, k, v, cu_q, cu_k, is_causal=True, enable_gqa=hkv != 2, rotary=rotary)
 
 
 def test_max_seqlen_hint_and_strided_inputs():

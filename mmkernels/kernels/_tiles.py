@@ -1,8 +1,9 @@
 """Tiles and launch helpers shared by the attention-family kernels (``attention``,
 ``attention_varlen``, ``attention_scores``, ``qformer``): the masked row/column loaders with
 their alignment hint, the logits with bounds/causal/user masks, the online-softmax step, the
-row statistics, Philox dropout, the backward tile; and the host-side helpers every launcher
-uses (head-dim split, dot precision, mask strides, alignment, rotary arguments).
+row statistics, Philox dropout, the backward scores (``_bwd_scores``, either tile
+orientation); and the host-side helpers every launcher uses (head-dim split, dot precision,
+mask strides, alignment, rotary arguments).
 
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
@@ -234,34 +235,6 @@ def _dropout_keep(seed, rows, cols, LK, dropout_p):
     """Philox keep-mask (True = kept) of one tile; the same (seed, row, col) gives the same bit."""
     offsets = rows[:, None] * LK + cols[None, :]
     return tl.rand(seed, offsets) >= dropout_p
-
-
-@triton.jit
-def _bwd_tile(
-    q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-    m_row, log2l, delta, seed, LK, dropout_p,
-    D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] tile of the backward, shared by the dK/dV and dQ kernels.
-
-    Recomputes P from the forward's row statistics, then returns (P̃, dS): P̃ = P after dropout
-    and 1/(1-p) scaling (dV = P̃ᵀ dO) and dS = P ∘ (dP̃ − delta) with dP̃ = dO Vᵀ masked and
-    scaled like P̃ (dQ = dS K·scale, dK = dSᵀ Q·scale).  delta = rowsum(dO ∘ O).
-    """
-    s = _logits(q0, q1, kT0, kT1, rows, cols, row_ok, col_ok, mask_base, smm, smn, qk_scale,
-                D1, MASK_KIND, IS_CAUSAL, PREC, UPCAST)
-    p = tl.math.exp2((s - m_row[:, None]) - log2l[:, None])  # m = +inf (no visible key) → p = 0
-    dp = _dot(do0, vT0, PREC, UPCAST)
-    if D1 > 0:
-        dp += _dot(do1, vT1, PREC, UPCAST)
-    pd = p
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows, cols, LK, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        pd = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-    return pd, p * (dp - delta[:, None])
 
 
 # --------------------------------------------------------------------------------------

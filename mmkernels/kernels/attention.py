@@ -457,7 +457,7 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"],
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
                             tma=cos is None and tma_target(query.device) and tma_ok(key, value))
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
@@ -495,7 +495,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
                                   tma=not rot and tma_target(query.device) and tma_ok(query, grad_out))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
@@ -504,7 +504,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         **meta, ROTARY=rot, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"],
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
                                 tma=not rot and tma_target(query.device) and tma_ok(key, value))
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
@@ -560,8 +560,8 @@ _CANDIDATES = {
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
-# pointer-load candidates when the operands allow (``_tma.tma_ok``; no rotary): the tiles of the first kept
-# pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
+# pointer-load candidates when the operands allow (``_tma.tma_ok``; no rotary): the tiles of the
+# first kept pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
 # dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
 # sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies and wgmma; registers within a
 # few of the pointer twin's, no spills in the plain variant (with masks or dropout a TMA twin
@@ -579,11 +579,35 @@ def _tma_offered(d: int, dtype: torch.dtype) -> bool:
     FMA from registers (nothing to gain), and its TMA compiles spilled (sm_90, triton 3.6/3.9,
     d=64/88: 0.3-15 KB with IEEE dots, up to 6.8 KB with TF32)."""
     return d <= 128 and dtype in (torch.float16, torch.bfloat16)
-# fp32 operands or d > 256/2: twice the bytes per tile (not part of the sweep above)
+# fp32 operands (TF32 dots) or d > 128: twice the bytes per tile.  Swept for sm_90 in fp32 at
+# d = 64/88/128 with and without mask + dropout; dropped for spilling there: forward 32×32 over
+# 4 warps (8 bytes at d=88), dK/dV 32×32 over 4 warps (568-736 at d=88) and 64×64 single-stage
+# (160-528 nearly everywhere), dQ 32×64 and 32×32 over 4 warps (24-1168 at d=88).
 _CANDIDATES_BIG = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
-    "dq": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 16, 4, 2)],
+}
+# 4-byte operands in the transposed dK/dV tile take registers the bf16 wgmma path keeps in shared
+# memory: fp32 32×64 over 4 warps spilled 64 bytes at d=128 (160 live values), none at d=88 (128)
+_BIG_DKDV_EXTRA_LIVE = 32.0
+# fp32 operands with torch's "highest" matmul precision (PREC "ieee": how HF runs BLIP-2's
+# Q-Former) lower ``tl.dot`` to FMA loops that hold operand slices in registers, so the tiles
+# above spill 0.2-9.6 KB there.  These were compiled for sm_90 by ``mmkernels inspect --dtype
+# fp32`` (d = 64/72/80/88/128, with and without mask + dropout) and kept where none spilled:
+# explicit lists per computed head dim (D0 + D1: 64, 80 for d=72/80, 96 for d=88, 128, beyond),
+# not the ``_fits`` rule (register allocation of FMA dots is not monotonic in the tile: 32×32
+# over 8 warps spills 8-16 bytes at d=72/80 but not at d=64 or 88).
+_IEEE_SMALL = {"fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+               "dkdv": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)],
+               "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]}
+_CANDIDATES_IEEE = {
+    "fwd": {64: _IEEE_SMALL["fwd"], 80: [(16, 32, 4, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["fwd"],
+            128: [(32, 16, 4, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dkdv": {64: _IEEE_SMALL["dkdv"], 80: [(16, 64, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dkdv"],
+             128: _IEEE_SMALL["dkdv"], 256: [(16, 16, 4, 2)]},
+    "dq": {64: _IEEE_SMALL["dq"], 80: [(32, 32, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dq"],
+           128: [(32, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
 }
 # fp32 values a thread may keep live in accumulators and score tiles, by (kernel, dropout):
 # about half of the 255 registers, the rest holding operand fragments, addresses and the
@@ -597,10 +621,9 @@ _SHARED_BYTES = 160 * 1024
 
 
 def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsize: int, has_dropout: bool,
-          margin: int = 0) -> bool:
+          extra_live: float = 0.0, extra_staged: int = 0) -> bool:
     """The pruning rule: a candidate is kept when its live fp32 state per thread and its staged
-    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1; ``margin``: fp32 values
-    per thread held back for other state, ``_TMA_LIVE_MARGIN``).
+    tiles fit (``dp``: the head dim as the kernel computes it, D0 + D1).
 
     Live fp32 values per thread = (accumulators + score tiles) / threads, where the forward
     keeps O (bm·dp) and S/P (bm·bn), dK/dV keeps dK and dV (2·bn·dp) and S, dP (2·bm·bn), dQ
@@ -611,7 +634,9 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     and edge tiles 24 bytes at d=64 too (128); transposed dK/dV 32×128 over 8 warps: no spill at
     d=128 (160), with mask + dropout none at d=64 (128) but 8 bytes at d=72/80 (144).  Staged bytes =
     the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
-    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).
+    tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).  ``extra_live`` (fp32 values per thread) and
+    ``extra_staged`` (bytes): what a caller's kernel keeps on top of these (the packed kernels'
+    sequence bookkeeping and rotary tiles, ``attention_varlen._gpu_configs``).
     """
     scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
     acc = 2 * bn * dp if kind == "dkdv" else bm * dp
@@ -620,27 +645,34 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
         staged = 2 * bn * dp + stages * 2 * bm * dp
     else:
         staged = bm * dp + stages * 2 * bn * dp
-    return live <= _LIVE_FP32_PER_THREAD[kind, has_dropout] - margin and staged * itemsize <= _SHARED_BYTES
+    return (live + extra_live <= _LIVE_FP32_PER_THREAD[kind, has_dropout]
+            and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, tma: bool = False) -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
+                 tma: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
-    With ``tma`` (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``,
-    TMA versions of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never
-    first, so an untuned launch (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the
-    autotuner chooses between the two."""
-    big = d > 128 or dtype == torch.float32
-    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+    ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists.  With ``tma``
+    (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``, TMA versions
+    of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never first, so an
+    untuned launch (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses
+    between the two."""
     d0, d1 = split_head_dim(d)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+    if prec == "ieee" and dtype == torch.float32:
+        kept = next(c for limit, c in _CANDIDATES_IEEE[kind].items() if d0 + d1 <= limit)
+    else:
+        big = d > 128 or dtype == torch.float32
+        cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+        extra = _BIG_DKDV_EXTRA_LIVE if big and kind == "dkdv" and itemsize == 4 else 0.0
+        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout, extra_live=extra)] or [cands[-1]]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
     if tma and _tma_offered(d, dtype):
         tiles: dict = {}
         for bm, bn, w, st in kept:
             if len(tiles) < _TMA_TRIES and _fits(kind, bm, bn, w, st, d0 + d1, itemsize, has_dropout,
-                                                 _TMA_LIVE_MARGIN.get(kind, 0)):
+                                                 extra_live=_TMA_LIVE_MARGIN.get(kind, 0)):
                 tiles.setdefault((bm, bn), (w, st))
         configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=st)
                     for (bm, bn), (w, st) in tiles.items()]
@@ -648,7 +680,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
 
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              tma: bool = False):
+              prec: str = "tf32", tma: bool = False):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
     ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
     launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
@@ -659,10 +691,10 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropo
     if tma and device_type == "cuda":
         ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
     if force:
-        cfg = next(c for c in _gpu_configs(kind, d, dtype, has_dropout, tma) if c.kwargs.get("USE_TMA"))
+        cfg = next(c for c in _gpu_configs(kind, d, dtype, has_dropout, prec, tma) if c.kwargs.get("USE_TMA"))
         return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, tma), _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout, tma))
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, prec, tma), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout, prec, tma))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -13,10 +13,23 @@ at once.  No extra launch, no map tensor.  A ``max_seqlen`` hint shrinks the gri
 n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the lookup is a division); it is never
 required.  The dK/dV kernel tiles the keys (BLOCK_N over total_k) the same way.
 
-The tile loops, online softmax, log-sum-exp bookkeeping, dropout and the backward tile are the
-jit helpers of :mod:`mmkernels.kernels.attention`, the rotary loads and the final un-rotation of
-dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not copied); this module adds the
-sequence lookup and the bottom-right causal offset.
+The online softmax, log-sum-exp bookkeeping, dropout, tile masks and backward scores are the
+jit helpers of :mod:`mmkernels.kernels._tiles` shared with the dense kernels, the rotary loads
+and the final un-rotation of dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not
+copied); this module adds the sequence lookup and the bottom-right causal offset.  As in the
+dense kernels (:mod:`mmkernels.kernels.attention`):
+
+* each key loop runs in two phases: interior blocks (inside the sequence's keys and, causal,
+  entirely visible to the tile's first row) with no bounds or causal select, then the edge
+  blocks (the causal band and the sequence's ragged last block) with them (:func:`_key_range`);
+  the dK/dV query loop likewise (masked band first, then the mask-free rest);
+* the softmax scale is folded into the exp2's FMA (PRESCALE: pre-scaled logits when the scale
+  is <= 0, which would flip the row max);
+* dK/dV works on transposed [BLOCK_N, BLOCK_M] tiles (Sᵀ = K Qᵀ), so all its products have
+  BLOCK_N >= 64 rows and run on wgmma on sm_90;
+* the dQ kernel bounds-masks the ragged key block (a zero padding key would get P = exp2(-m),
+  inf when a row's logits are all very negative); dK/dV need not (a padding key only reaches
+  its own, unstored, dK/dV row); out-of-range queries are harmless (m = +inf: P = 0).
 
 Causal masking is bottom-right aligned (flash-attn's varlen convention): row i of a sequence
 with Lq queries and Lk keys sees key j iff j <= i + (Lk - Lq).  It is implemented by passing the
@@ -39,20 +52,20 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
-from ._launch import gpu_launcher
+from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
 from ._tiles import (
     _aligned,
-    _bwd_tile,
+    _bwd_scores,
     _dot,
     _dot_precision,
     _dropout_keep,
     _finish_rows,
     _load_cols2,
     _load_rows2,
-    _logits,
-    _softmax_step,
+    _online_softmax,
     _store_rows,
+    _tile_logits,
     rotary_args,
     split_head_dim,
 )
@@ -102,6 +115,27 @@ def _tile(CU, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr):
     return seq, start, lo.to(tl.int64), length
 
 
+@triton.jit
+def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(hi, mid) of the key loop of query rows [m_start, m_start + BLOCK_M) of one sequence:
+    keys [0, hi) can be visible; blocks [0, mid) are interior (entirely inside LK and, causal,
+    entirely visible to the block's first row, hence to all of them: no bounds or causal
+    select); [mid, hi) holds the diagonal band and the ragged last block (the edge).
+
+    Causal is bottom-right aligned: row i sees key j iff j <= i + (LK - LQ), so the last row
+    sees keys up to m_start + BLOCK_M - 1 + LK - LQ, and a key block [n, n + BLOCK_N) is fully
+    visible to row m_start iff n + BLOCK_N <= m_start + LK - LQ + 1 (clamped at 0: with LQ > LK
+    the first rows see nothing)."""
+    full = (LK // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, m_start + BLOCK_M + (LK - LQ))
+        mid = tl.minimum(full, tl.maximum(m_start + (LK - LQ) + 1, 0) // BLOCK_N * BLOCK_N)
+    else:
+        hi = LK
+        mid = full
+    return hi, mid
+
+
 # --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
@@ -117,7 +151,7 @@ def _varlen_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -148,24 +182,38 @@ def _varlen_fwd(
     if HAS_DROPOUT:
         seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
 
-    hi = LK
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, m_start + BLOCK_M + (LK - LQ))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < LK
-        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        s = _logits(q0, q1, kT0, kT1, rows_c, cols, row_ok, col_ok, Q, 0, 0, qk_scale,
-                    D1, 0, IS_CAUSAL, PREC, UPCAST)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, rows_c, cols, LK, dropout_p), p, 0.0)
-        p = p.to(V.dtype.element_ty)
-        v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-        acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
-        if D1 > 0:
-            acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
+    scale = qk_scale
+    if PRESCALE:
+        scale = 1.0
+    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo_n = 0
+            hi_n = mid
+        else:
+            lo_n = mid
+            hi_n = hi
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            cols = start_n + offs_n
+            if phase == 0:
+                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
+            else:
+                col_ok = cols < LK
+            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            s = _dot(q0, kT0, PREC, UPCAST)
+            if D1 > 0:
+                s += _dot(q1, kT1, PREC, UPCAST)
+            s = _tile_logits(s, rows_c[:, None], cols[None, :], col_ok[None, :], col_ok[None, :], Q, 0, 0, qk_scale,
+                             0, PRESCALE, phase == 1, True, IS_CAUSAL)
+            p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
+            if HAS_DROPOUT:
+                p = tl.where(_dropout_keep(seed, rows_c, cols, LK, dropout_p), p, 0.0)
+            p = p.to(V.dtype.element_ty)
+            v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+            acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
+            if D1 > 0:
+                acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
 
     inv_l = _finish_rows(LSE, h, TOTAL_Q, q_lo + rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
     o_base = O + q_lo * sot + h * soh
@@ -189,9 +237,12 @@ def _varlen_bwd_dkdv(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK, dV of BLOCK_N keys of one sequence on transposed tiles (Sᵀ = K Qᵀ, dPᵀ = V dOᵀ:
+    [BLOCK_N, BLOCK_M]; dV += P̃ᵀ dO, dK += dSᵀ Q), so every product has BLOCK_N (>= 64) rows:
+    Hopper's wgmma tile (as the dense ``_attn_bwd_dkdv``)."""
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     seq, n_start, k_lo, LK = _tile(CU_K, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN)
@@ -206,9 +257,9 @@ def _varlen_bwd_dkdv(
     k_base = K + k_lo * skt + hk * skh
     v_base = V + k_lo * svt + hk * svh
 
-    kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-    vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+    k0, k1 = _load_rot2(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
@@ -218,35 +269,54 @@ def _varlen_bwd_dkdv(
     if HAS_DROPOUT:
         seed0 = tl.load(SEED)
 
+    # query blocks [lo, band) cross this key block's causal diagonal (masked), [band, LQ) see
+    # all of its keys (no mask work); without causal every block is mask-free.  Query row i
+    # sees key j iff j <= i + off: rows before j - off contribute nothing, and a block whose
+    # first row is >= the last key - off sees the whole key block
     lo = 0
+    band = 0
     if IS_CAUSAL:
-        # key j is seen by rows i >= j - (Lk - Lq): earlier row blocks contribute nothing
         lo = (tl.maximum(n_start - off, 0) // BLOCK_M) * BLOCK_M
+        band = tl.minimum(tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, LQ)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + q_lo * sqt + h * sqh
         do_base = DO + q_lo * sdt + h * sdh
         stats = LSE + h * 2 * TOTAL_Q + q_lo
         seed = seed0 + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
-        for start_m in range(lo, LQ, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < LQ
-            q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
-            m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
-            log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
-            pd, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
-                               qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                               D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
-            pdT = tl.trans(pd.to(DO.dtype.element_ty))
-            dsT = tl.trans(ds.to(Q.dtype.element_ty))
-            dv0 += _dot(pdT, do0, PREC, UPCAST)
-            dk0 += _dot(dsT, q0, PREC, UPCAST)
-            if D1 > 0:
-                dv1 += _dot(pdT, do1, PREC, UPCAST)
-                dk1 += _dot(dsT, q1, PREC, UPCAST)
+        for phase in tl.static_range(2):
+            if phase == 0:
+                lo_m = lo
+                hi_m = band
+            else:
+                lo_m = tl.maximum(lo, band)
+                hi_m = LQ
+            for start_m in range(lo_m, hi_m, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < LQ
+                qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
+                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
+                # out-of-range rows: m = +inf, so P = 0 (no query mask needed)
+                m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
+                log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+                sT = _dot(k0, qT0, PREC, UPCAST)
+                dpT = _dot(v0, tl.trans(do0), PREC, UPCAST)
+                if D1 > 0:
+                    sT += _dot(k1, qT1, PREC, UPCAST)
+                    dpT += _dot(v1, tl.trans(do1), PREC, UPCAST)
+                # no key bounds: a padding key (cols >= LK) only reaches its own dK/dV row, never stored
+                pdT, dsT = _bwd_scores(sT, dpT, (rows + off)[None, :], cols[:, None], col_ok[:, None], col_ok[:, None],
+                                       Q, 0, 0, qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK,
+                                       dropout_p, 0, PRESCALE, phase == 0, False, IS_CAUSAL, HAS_DROPOUT)
+                pdT = pdT.to(DO.dtype.element_ty)
+                dsT = dsT.to(Q.dtype.element_ty)
+                dv0 += _dot(pdT, do0, PREC, UPCAST)
+                dk0 += _dot(dsT, tl.trans(qT0), PREC, UPCAST)
+                if D1 > 0:
+                    dv1 += _dot(pdT, do1, PREC, UPCAST)
+                    dk1 += _dot(dsT, tl.trans(qT1), PREC, UPCAST)
 
     # dK, dV: contiguous (total_k, Hkv, D)
     row_stride = HKV * HEAD_DIM
@@ -273,7 +343,7 @@ def _varlen_bwd_dq(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -300,29 +370,45 @@ def _varlen_bwd_dq(
     if D1 > 0:
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     stats = LSE + h * 2 * TOTAL_Q + q_lo
-    m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
-    log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
+    m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))[:, None]
+    log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)[:, None]
+    delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)[:, None]
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
 
-    hi = LK
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, m_start + BLOCK_M + off)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < LK
-        kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                                HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-        vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-        _, ds = _bwd_tile(q0, q1, do0, do1, kT0, kT1, vT0, vT1, rows + off, cols, row_ok, col_ok, Q, 0, 0,
-                          qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                          D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST)
-        ds = ds.to(Q.dtype.element_ty)
-        dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
-        if D1 > 0:
-            dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo_n = 0
+            hi_n = mid
+        else:
+            lo_n = mid
+            hi_n = hi
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            cols = start_n + offs_n
+            if phase == 0:
+                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
+            else:
+                col_ok = cols < LK
+            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
+                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
+            s = _dot(q0, kT0, PREC, UPCAST)
+            dp = _dot(do0, vT0, PREC, UPCAST)
+            if D1 > 0:
+                s += _dot(q1, kT1, PREC, UPCAST)
+                dp += _dot(do1, vT1, PREC, UPCAST)
+            # the ragged key block must be bounds-masked here (BOUNDS): a zero padding key gets
+            # P = exp2(-m), which overflows when a row's logits are all below -128 (base 2),
+            # and inf·0 in dS·K is NaN
+            _, ds = _bwd_scores(s, dp, (rows + off)[:, None], cols[None, :], col_ok[None, :], col_ok[None, :],
+                                Q, 0, 0, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+                                0, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)
+            ds = ds.to(Q.dtype.element_ty)
+            dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
+            if D1 > 0:
+                dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
 
     row_stride = H * HEAD_DIM
     dq_base = DQ + q_lo * row_stride + h * HEAD_DIM
@@ -349,7 +435,7 @@ def grid_size(n: int, total: int, block: int, max_seqlen: int | None) -> tuple[i
     return bound, 0
 
 
-def _common(query, key, cos, sin, seed, dropout_p, is_causal):
+def _common(query, key, cos, sin, seed, dropout_p, is_causal, scale):
     d = query.shape[-1]
     if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":
         d0, d1 = max(16, triton.next_power_of_2(d)), 0
@@ -363,6 +449,8 @@ def _common(query, key, cos, sin, seed, dropout_p, is_causal):
     meta = dict(
         HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, ROTARY=rot,
         PREC=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16,
+        # the scale is folded into the exp2's FMA unless a scale <= 0 would flip the row max
+        PRESCALE=not float(scale) > 0.0,
     )
     return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
 
@@ -387,8 +475,8 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         lse[:, 0].fill_(float("inf"))
         lse[:, 1].zero_()
         return out, lse
-    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
-    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype)
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
+    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     kernel[(programs, h)](
         query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg,
@@ -412,7 +500,7 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     dv = new_output(tuple(value.shape), value.dtype, value.device)
     if n == 0 or total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal)
+    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
     delta = new_output((h, total_q), torch.float32, query.device)
     pre_m = 64
     # the dense preprocess kernel on a batch-1 view: (B=1, H, L=total_q, D)
@@ -423,14 +511,14 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     )
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype)
+    kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_k, bn, max_k)
     kv_kernel[(programs, hkv)](
         query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
         h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
     )
-    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype)
+    q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     q_kernel[(programs, h)](
         query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
@@ -451,38 +539,87 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
 # causal block-skipping arithmetic honest.
 _INTERP = {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
            "dq": dict(BLOCK_M=64, BLOCK_N=32)}
-_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC", "PRESCALE"]
 
 
-def _gpu_tile(kind: str, d: int, dtype: torch.dtype) -> int:
-    """The tile size the device map is built for (query rows for fwd/dq, keys for dkdv): fixed
-    per (kind, d, dtype) so that autotuning only varies the other block size, warps and stages."""
+def _mapped(kind: str) -> str:
+    """The block size the launch grid is built from: query rows (fwd, dQ) or keys (dK/dV)."""
+    return "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+
+
+# fp32 values per thread the packed kernels keep live beyond the dense kernels' estimate (the
+# sequence lookup, per-sequence bases and lengths, the shifted causal rows), by (kernel, dropout).
+# Calibrated on sm_90 bf16 compiles (``mmkernels inspect --kernel attention_varlen``): the
+# forward at 128×128 over 8 warps spilled 24 bytes at d=88 (dense estimate 112 values) and
+# 88 at d=128 (128), none at d=72 (104); 128×64 over 4 warps 16 bytes at d=64 (128).  With
+# dropout the dense forward's own limit is already lower (120) and the packed forward at
+# 128×32 over 8 warps kept 40+ registers free (d=80 with RoPE: 213).  dK/dV at 32×128 over 8
+# warps spilled 64 bytes at d=128 causal (dense estimate 160), none at d=88 (128); with
+# dropout it runs 32×64 tiles (no spill at d=64-128).  dQ spilled nothing the dense rule keeps.
+_VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0, ("dkdv", True): 0.0,
+                ("dq", False): 0.0, ("dq", True): 0.0}
+# With the in-kernel RoPE, fp32 copies of the streamed tile ([BLOCK_N, dp] keys in the
+# forward and dQ, [BLOCK_M, dp] queries in dK/dV) a thread holds on top: one in the forward
+# (128×64 and 128×128 over 8 warps, 128×32 over 4 spilled at d=80 where 128×32 over 8 did
+# not); in dK/dV the rotated tile, its partner, cos, sin and the transposed copy — 32×128 over
+# 8 warps spilled 8 bytes at d=80 causal (112 + 50 values > 160).  Checked with RoPE at
+# d=64/72/80/88 (plain, causal, dropout): no spill, except d=88 with dropout (fwd 32, dK/dV 280
+# bytes).  Not covered: RoPE at d=128, where every candidate spills in dK/dV (24-250 bytes)
+# and dQ (8-32); the Qwen-VL towers run d=80 (Qwen2/2.5-VL) and d=72 (Qwen3-VL).  At d=72/88
+# the rotate-half partner columns (offset D/2 = 36/44 elements: not 16-byte aligned) load
+# 2 bytes at a time (``_rotary._load_rot``).
+_ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, rotary: bool = False,
+                 prec: str = "tf32") -> list:
+    """The dense kernels' candidates pruned by their rule (``attention._fits``: live fp32
+    state per thread and staged bytes) with what the packed kernels keep on top:
+    ``_VARLEN_LIVE``, and with the in-kernel RoPE fp32 copies of each streamed tile (K in
+    the forward and dQ, Q in dK/dV: the rotation runs in fp32; ``_ROTARY_TILES``) and its fp32
+    cos/sin rows in every pipeline stage (8 bytes per element: the rotary forward at 128×64, 3 stages, d=80
+    staged 184 KB — over an A100's 163).  Then only the candidates sharing the first one's
+    mapped block size are kept: the grid (programs per sequence) is sized before the
+    autotuner picks, so only the other block size, warps and stages may vary.  The first is
+    the untuned default (never none: the dense list's last if all fail).  fp32 under the
+    "highest" matmul precision (``prec`` "ieee": FMA dots) takes the dense kernels' measured
+    spill-free lists (``attention._CANDIDATES_IEEE``) instead of the rule."""
+    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits
+
+    d0, d1 = split_head_dim(d)
+    dp = d0 + d1
+    mapped = 1 if kind == "dkdv" else 0  # index of the mapped block size in (BLOCK_M, BLOCK_N, ...)
+    if prec == "ieee" and dtype == torch.float32:
+        kept = next(c for limit, c in _CANDIDATES_IEEE[kind].items() if dp <= limit)
+        kept = [c for c in kept if c[mapped] == kept[0][mapped]]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
     big = d > 128 or dtype == torch.float32
-    if kind == "dkdv":
-        return 64 if big else 128
-    return 64 if big else 128
+    cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def fits(bm, bn, warps, stages):
+        live, staged = _VARLEN_LIVE[kind, has_dropout], 0
+        if rotary:
+            streamed = bm if kind == "dkdv" else bn
+            live += _ROTARY_TILES[kind] * streamed * dp / (32 * warps)
+            staged = stages * streamed * dp * 8
+        return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, live, staged)
+
+    kept = [c for c in cands if fits(*c)] or [cands[-1]]
+    kept = [c for c in kept if c[mapped] == kept[0][mapped]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype) -> list:
-    """A few candidates sharing the mapped tile size; the first is the untuned default.  Not yet
-    tuned on a GPU (same starting points as the dense kernels)."""
-    t = _gpu_tile(kind, d, dtype)
-    big = d > 128 or dtype == torch.float32
-    if kind == "dkdv":
-        others = [(32, 8, 2), (64, 8, 2), (16, 4, 2)] if not big else [(32, 4, 2), (16, 4, 2), (64, 8, 1)]
-        return [triton.Config({"BLOCK_M": o, "BLOCK_N": t}, num_warps=w, num_stages=s) for o, w, s in others]
-    others = [(64, 4, 3), (32, 4, 3), (64, 8, 3)] if not big else [(32, 4, 2), (64, 4, 2), (16, 4, 2)]
-    return [triton.Config({"BLOCK_M": t, "BLOCK_N": o}, num_warps=w, num_stages=s) for o, w, s in others]
-
-
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype):
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, meta: dict):
     """(kernel, launch kwargs, mapped tile size)."""
-    if device_type != "cuda":
+    if not for_gpu(device_type):
         cfg = _INTERP[kind]
-        return _KERNELS[kind], cfg, cfg["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]
-    kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype), _TUNE_KEY,
-                               ("attention_varlen", kind, d, dtype))
-    return kernel, cfg, _gpu_tile(kind, d, dtype)
+        return _KERNELS[kind], cfg, cfg[_mapped(kind)]
+    dropout, rotary, prec = meta["HAS_DROPOUT"], meta["ROTARY"] != 0, meta["PREC"]
+    configs = _gpu_configs(kind, d, dtype, dropout, rotary, prec)
+    kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: configs, _TUNE_KEY,
+                               ("attention_varlen", kind, d, dtype, dropout, rotary, prec))
+    return kernel, cfg, configs[0].kwargs[_mapped(kind)]
 
 
 _KERNELS = {"fwd": _varlen_fwd, "dkdv": _varlen_bwd_dkdv, "dq": _varlen_bwd_dq}

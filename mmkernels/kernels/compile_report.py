@@ -8,7 +8,8 @@ never vectorised and the pipeliner emits no ``cp.async`` — a compile that skip
 that the code compiles.  So this module makes each launch the way the library does:
 
 1. it calls the kernels' own launchers (``attention_forward``/``attention_backward``,
-   ``qformer_forward``, the token-pool ``forward``/``backward``) at the model shapes of
+   ``varlen_forward``/``varlen_backward`` of the packed kernels, ``qformer_forward``, the
+   token-pool ``forward``/``backward``) at the model shapes of
    DESIGN.md, on CPU tensors with the strides and alignment the CUDA tensors would have,
    inside :func:`._launch.capture_launches`, which records each ``kernel[grid](...)`` call
    (arguments, and every configuration the autotuner would try) instead of running it;
@@ -20,6 +21,9 @@ that the code compiles.  So this module makes each launch the way the library do
    tensor-core instructions (``wgmma.mma_async``, ``mma.sync``), asynchronous copies
    (``cp.async`` by size, TMA ``cp.async.bulk.tensor``) and global loads (vector ``ld.global.v2/v4``
    vs scalar, with the sub-4-byte scalar loads counted apart: a bf16 tile loaded 2 bytes at a time).
+   From the SASS (``cuobjdump -sass``): each loop's instructions per iteration and its selects
+   (``FSEL``: mask work), FMAs, exp2s and tensor-core ops (``loops``; summary column "loop
+   SASS(FSEL)", e.g. the forward's interior and edge key loops).
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels); the tests run
 it in a child process.  Counts are static PTX instructions (an unrolled loop body counts once
@@ -33,6 +37,7 @@ per unrolled copy), not executed ones.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -47,8 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ATTENTION_PRESETS", "QFORMER_PRESETS", "TOKEN_POOL_PRESETS", "VARIANTS", "compile_report",
-           "format_summary", "main"]
+__all__ = ["ATTENTION_PRESETS", "QFORMER_PRESETS", "TOKEN_POOL_PRESETS", "VARIANTS", "VARLEN_PRESETS",
+           "compile_report", "format_summary", "main"]
 
 #: shared memory an sm_90 block may use (227 KB); sm_80: 163 KB
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -74,6 +79,37 @@ ATTENTION_PRESETS = (
     AttnPreset("internvit", 8, 16, 1025, 1025, 64),
     AttnPreset("gemma3-siglip", 4, 16, 4096, 4096, 72),
     AttnPreset("blip2-qformer-cross", 32, 12, 32, 257, 64),  # the Q-Former backward runs these kernels
+)
+
+
+@dataclass(frozen=True)
+class VarlenPreset:
+    """A packing of the packed (varlen) kernels: H heads of dim d, self-attention sequences of
+    ``lengths`` tokens (Lq = Lk each), q/k/v views of one fused (total, 3, H, d) qkv projection
+    as the Qwen-VL vision blocks make them, the vision RoPE applied in the kernel when
+    ``rotary`` ((total, d) fp32 cos/sin, as HF builds them), ``hint`` the max_seqlen hint."""
+
+    name: str
+    H: int
+    d: int
+    lengths: tuple
+    rotary: bool = False
+    hint: int | None = None
+
+
+# three images of 448x448, ~840x1120 and 672x560 px (14-px patches): 6304 tokens
+_IMAGES = (1024, 3600, 1680)
+# Qwen2.5-VL window attention: 112-px windows (64 patches), ragged windows at the image edges
+_WINDOWS = (64,) * 80 + (32,) * 10 + (16,) * 2
+
+#: packed-attention packings (the Qwen-VL vision towers first: the CI set), then one per other head dim
+VARLEN_PRESETS = (
+    VarlenPreset("qwen2-vl-packed", 16, 80, _IMAGES, rotary=True),
+    VarlenPreset("qwen2.5-vl-windows", 16, 80, _WINDOWS, rotary=True),
+    VarlenPreset("varlen-d64", 16, 64, _IMAGES),
+    VarlenPreset("varlen-d72", 16, 72, _IMAGES),
+    VarlenPreset("varlen-d88", 16, 88, _IMAGES),
+    VarlenPreset("varlen-d128", 16, 128, _IMAGES),
 )
 
 
@@ -174,6 +210,37 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
     return _Case("attention", p.name, variant, d, run, model)
 
 
+def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
+    from . import attention_varlen as V
+
+    _, drop, causal = VARIANTS[variant]
+    esz = torch.empty((), dtype=dtype).element_size()
+    total = sum(p.lengths)
+
+    def run() -> None:
+        q, k, v = torch.empty(total, 3, p.H, p.d, dtype=dtype).unbind(1)  # views of the fused qkv
+        cu = torch.tensor([0, *itertools.accumulate(p.lengths)], dtype=torch.int32)
+        cos = sin = torch.empty(total, p.d, dtype=torch.float32) if p.rotary else None
+        seed = torch.zeros(1, dtype=torch.int64)
+        scale = p.d ** -0.5
+        out, lse = V.varlen_forward(q, k, v, cu, cu, cos, sin, seed, p.hint, p.hint, drop, causal, scale)
+        V.varlen_backward(torch.empty_like(out), q, k, v, out, lse, cu, cu, cos, sin, seed, p.hint, p.hint, drop,
+                          causal, scale)
+
+    frac = 0.5 if causal else 1.0
+    pairs = p.H * sum(n * n for n in p.lengths)  # (query, key) pairs over heads and sequences
+    qd = p.H * total * p.d * esz
+    rot = 2 * 4 * total * p.d if p.rotary else 0  # fp32 cos and sin
+    model = {
+        "attention_varlen.fwd": (4.0 * pairs * p.d * frac, 4 * qd + 8 * p.H * total + rot),
+        "attention_varlen.dkdv": (8.0 * pairs * p.d * frac, 6 * qd + 12 * p.H * total + rot),
+        "attention_varlen.dq": (6.0 * pairs * p.d * frac, 5 * qd + 12 * p.H * total + rot),
+        "attention.preprocess": (2.0 * p.H * total * p.d, 2 * qd + 4 * p.H * total),
+        "rotary.unrotate": (None, 2 * qd + rot),
+    }
+    return _Case("attention_varlen", p.name, variant, p.d, run, model)
+
+
 def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
     from . import qformer as Q
 
@@ -224,8 +291,10 @@ def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
 
 
 def _kernel_names() -> dict:
+    from . import _rotary as R
     from . import attention as A
     from . import attention_scores as S
+    from . import attention_varlen as V
     from . import qformer as Q
     from . import token_pool as T
 
@@ -233,6 +302,8 @@ def _kernel_names() -> dict:
         S._scores_stats: "attention_scores.stats", S._scores_colsum: "attention_scores.colsum",
         A._attn_fwd: "attention.fwd", A._attn_bwd_dkdv: "attention.dkdv", A._attn_bwd_dq: "attention.dq",
         A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer.fwd",
+        V._varlen_fwd: "attention_varlen.fwd", V._varlen_bwd_dkdv: "attention_varlen.dkdv",
+        V._varlen_bwd_dq: "attention_varlen.dq", R._rotary_unrotate: "rotary.unrotate",
         T._token_pool_fwd: "token_pool.fwd", T._token_pool_norm_bwd: "token_pool.norm_bwd",
         T._token_pool_bwd: "token_pool.bwd",
     }
@@ -291,6 +362,41 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
 
 
+_SASS_INS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+_SASS_BACK_BRANCH = re.compile(r"\bBRA (0x[0-9a-f]+)")
+
+
+def _sass_loops(cubin: bytes, min_instructions: int = 64) -> list[dict]:
+    """The kernel's loops in SASS (a backward branch closes one), in address order: per loop the
+    instructions of one iteration and, among them, the selects (``FSEL``: masks), ``FFMA``,
+    ``FMUL``, ``MUFU.EX2`` (exp2) and tensor-core ops (``HGMMA``: wgmma, ``HMMA``: mma.sync).
+    Loops shorter than ``min_instructions`` (address arithmetic, barriers' spin loops) are left out."""
+    exe = _tool("cuobjdump")
+    if exe is None:
+        return []
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([exe, "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), t) for a, t in _SASS_INS.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        m = _SASS_BACK_BRANCH.search(text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+        if len(body) < min_instructions:
+            continue
+
+        def count(pat, body=body):
+            return sum(1 for t in body if re.search(pat, t))
+
+        loops.append(dict(instructions=len(body), fsel=count(r"\bFSEL\b"), ffma=count(r"\bFFMA\b"),
+                          fmul=count(r"\bFMUL\b"), ex2=count(r"MUFU\.EX2"), hgmma=count(r"\bHGMMA\b"),
+                          hmma=count(r"\bHMMA\b")))
+    return loops
+
+
 _LD = re.compile(r"\bld\.global((?:\.[\w:]+)*)\s")
 _CP_ASYNC = re.compile(  # cp.async.{ca,cg}.shared.global [dst], [src], size
     r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
@@ -344,6 +450,12 @@ def _cases(dtype: torch.dtype, presets, head_dims, variants, families) -> list[_
             if not presets and not head_dims and p.name in ("internvit", "gemma3-siglip"):
                 continue  # same specialisation as clip-l336 / siglip-so400m up to length divisibility
             cases += [_attention_case(p, v, dtype) for v in variants]
+    if "attention_varlen" in families:
+        for p in VARLEN_PRESETS:
+            if (presets and p.name not in presets) or (head_dims and p.d not in head_dims):
+                continue
+            # no user masks in the packed op: the cu_seqlens blocks are its mask
+            cases += [_varlen_case(p, v, dtype) for v in variants if not VARIANTS[v][0]]
     if "qformer" in families:
         for p in QFORMER_PRESETS:
             if not presets or p.name in presets:
@@ -361,10 +473,11 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
                    progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Compile every kernel launch the library makes at the preset shapes, for ``sm_{arch}``.
 
-    ``kernels``: names or prefixes ("attention" — with "attention_scores" —, "attention.fwd",
-    "qformer", "token_pool");
-    ``presets``: names from ``ATTENTION_PRESETS`` / ``QFORMER_PRESETS`` / ``TOKEN_POOL_PRESETS``
-    (default: one attention preset per head dim, the Q-Former, every pooling preset);
+    ``kernels``: names or prefixes ("attention" — with "attention_scores" and
+    "attention_varlen" —, "attention.fwd", "attention_varlen", "qformer", "token_pool");
+    ``presets``: names from ``ATTENTION_PRESETS`` / ``VARLEN_PRESETS`` / ``QFORMER_PRESETS`` /
+    ``TOKEN_POOL_PRESETS`` (default: one attention preset per head dim, every packing, the
+    Q-Former, every pooling preset);
     ``head_dims``: attention presets with these head dims; ``variants``: keys of ``VARIANTS``;
     ``configs``: "all" (every candidate the autotuner would try), "default" (the first: what
     runs untuned, ``MMKERNELS_AUTOTUNE=0``) or "tma" (the tensor-descriptor candidates, config
@@ -394,7 +507,7 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
         if v not in VARIANTS:
             raise ValueError(f"variants: got {v!r}, expected some of {list(VARIANTS)}")
     kernels = list(kernels or [])
-    families = {"attention", "qformer", "token_pool"}
+    families = {"attention", "attention_varlen", "qformer", "token_pool"}
     if kernels:
         families = {f for f in families if any(f.startswith(k.split(".")[0]) or k.startswith(f) for k in kernels)}
     names = _kernel_names()
@@ -427,6 +540,7 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
                 else:
                     row["compiled"] = compiled
                     row["registers"], row["spill_bytes"] = _resources(compiled.asm["cubin"])
+                    row["loops"] = _sass_loops(compiled.asm["cubin"])
                     row["shared_bytes"] = compiled.metadata.shared
                     row.update(_ptx_stats(compiled.asm["ptx"]))
                     row["specialization"] = _specialization(launch.fn, signature, attrs)
@@ -463,7 +577,7 @@ def _fmt_num(x) -> str:
 
 
 SUMMARY_COLUMNS = ("kernel", "preset", "variant", "d", "config", "regs", "spill", "smem KB", "wgmma", "mma",
-                   "cp.async(16B)", "tma", "ld vec", "ld scalar(<4B)", "FLOP", "bytes")
+                   "cp.async(16B)", "tma", "ld vec", "ld scalar(<4B)", "loop SASS(FSEL)", "FLOP", "bytes")
 
 
 def summary_rows(rows: list[dict]) -> list[list[str]]:
@@ -479,6 +593,7 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
             str(r["registers"]), str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.0f}",
             str(r["wgmma"]), str(r["mma_sync"]), f"{r['cp_async']}({r['cp_async_16']})", str(r["tma"]),
             str(r["ld_vector"]), f"{r['ld_scalar']}({r['ld_scalar_narrow']})",
+            " ".join(f"{lp['instructions']}({lp['fsel']})" for lp in r.get("loops", [])) or "-",
             _fmt_num(r["flops"]), _fmt_num(r["bytes"]),
         ])
     return out
@@ -521,7 +636,8 @@ def problems(rows: list[dict], *, arch: int) -> list[str]:
 
 
 #: kernels with a pipelined main loop over tiles (the others are single-pass, memory-bound)
-MAIN_LOOPS = ("attention.fwd", "attention.dkdv", "attention.dq", "qformer.fwd")
+MAIN_LOOPS = ("attention.fwd", "attention.dkdv", "attention.dq", "attention_varlen.fwd", "attention_varlen.dkdv",
+              "attention_varlen.dq", "qformer.fwd")
 
 
 def _jsonable(rows: list[dict]) -> list[dict]:
@@ -540,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, default=90, choices=(80, 86, 89, 90), help="compute capability (default 90)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     ap.add_argument("--kernel", action="append", default=[],
-                    help="kernel name or prefix (attention, attention.fwd, qformer, token_pool); repeatable")
+                    help="kernel name or prefix (attention, attention.fwd, attention_varlen, qformer, token_pool); "
+                    "repeatable")
     ap.add_argument("--preset", action="append", default=[], help="preset name; repeatable")
     ap.add_argument("--head-dim", type=int, action="append", default=[], help="attention head dim; repeatable")
     ap.add_argument("--variant", action="append", default=[],

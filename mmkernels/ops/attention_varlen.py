@@ -198,8 +198,10 @@ def _triton_check(inp) -> list:
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
     d = q.shape[-1]
-    if d % 8 != 0 or not 8 <= d <= _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: multiples of 8 up to {_TRITON_MAX_HEAD_DIM})")
+    # any head dim: the kernels split it into power-of-two chunks and zero-pad in registers
+    # (the ALIGNED hint only when the strides are multiples of 8 elements), as mk.attention
+    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} (supported: up to {_TRITON_MAX_HEAD_DIM})")
     if v.shape[-1] != d:
         reasons.append(f"value head dim {v.shape[-1]} differs from query/key head dim {d}")
     if rotary is not None and any(t.requires_grad for t in rotary):
@@ -236,7 +238,7 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
               scale, enable_gqa, rotary):
     """One SDPA call over the whole packing with a dense block-diagonal (total_q, total_k) mask,
     built on the device (no host read): O(total_q·total_k) memory, the automatic route only where
-    the Triton kernels cannot run (CPU without the interpreter, float64, odd head dims)."""
+    the Triton kernels cannot run (CPU without the interpreter, float64, head dims over 256)."""
     if rotary is not None:
         query, key = ref.apply_rotary(query, *rotary), ref.apply_rotary(key, *rotary)
     total_q, total_k = query.shape[0], key.shape[0]
@@ -331,7 +333,8 @@ def attention_varlen(
     ``backend``: None (auto), "triton", "sdpa" (one SDPA call with a dense block-diagonal mask
     built on the device: O(total_q·total_k) memory) or "reference" (per-sequence loop with a
     host read; only when forced).  Dtypes: float16, bfloat16, float32 on Triton; float64 on
-    the others.
+    the others.  Head dims: any up to 256 on Triton (one that is not a multiple of 8 is
+    zero-padded in registers, not in memory, and loads without the 16-byte alignment hint).
 
     Equivalent PyTorch::
 

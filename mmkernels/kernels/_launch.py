@@ -33,7 +33,8 @@ class Launch:
 
 
 class _Capture:
-    def __init__(self) -> None:
+    def __init__(self, arch: int) -> None:
+        self.arch = arch  # compute capability x 10 of the target the launches are sized for
         self.launches: list[Launch] = []
         self.pending: dict = {}  # fn -> candidates announced by gpu_launcher for its next launch
 
@@ -54,6 +55,17 @@ def sm_count(device) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def target_arch(device) -> int:
+    """Compute capability x 10 of the GPU a launch on ``device`` is sized for (the capture's
+    target while capturing)."""
+    if _CAPTURE:
+        return _CAPTURE[-1].arch
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _config_kwargs(cfg) -> dict:
@@ -80,14 +92,15 @@ def gpu_launcher(fn, make_configs: Callable[[], list], key: list[str], cache_key
 
 
 @contextlib.contextmanager
-def capture_launches() -> Iterator[list[Launch]]:
+def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
     """Inside, every ``kernel[grid](...)`` launch of a ``@triton.jit`` function is recorded in
     the yielded list and not run, and launchers size their launches for a GPU (:func:`for_gpu`)
-    even on CPU tensors — which therefore stand in for CUDA tensors of the same strides and
-    alignment.  Outputs the launchers allocate stay unwritten."""
+    of compute capability ``arch`` (x 10, :func:`target_arch`) even on CPU tensors — which
+    therefore stand in for CUDA tensors of the same strides and alignment.  Outputs the
+    launchers allocate stay unwritten."""
     from triton.runtime.jit import JITFunction
 
-    cap = _Capture()
+    cap = _Capture(arch)
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):

@@ -36,6 +36,20 @@ Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus 
 Rotary (``cos``/``sin`` given): Q and K tiles are rotated as they are loaded (Qwen2-VL's vision
 RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in a final pass.
 
+TMA (sm_90): the autotuner's candidates include tensor-descriptor versions of the main loops
+(``USE_TMA=True`` in the config; the streamed tiles — forward and dQ: K and V, dK/dV: Q and dO —
+copied by TMA with ``cp.async.bulk.tensor`` instead of per-thread ``cp.async``; helpers in
+:mod:`._tma`).  They are offered on sm_90 and newer (``_tma.tma_target``) for fp16/bf16 at
+d <= 128 (``_tma_offered``), only when the streamed operands meet TMA's preconditions
+(``_tma.tma_ok``: 16-byte aligned base, unit last stride, other strides multiples of 16 bytes;
+otherwise the list has no TMA config), and after the pointer-load candidates, so the untuned
+default (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner picks per shape.
+None with rotary: the rotation reads each row's partner columns, so only V/dO could go by TMA,
+and rotary's pipelined cos/sin tiles already take the 128×128 forward to 340 KB of shared
+memory.  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA
+copies and wgmma, registers and spills as their pointer twins.  The launcher installs Triton's
+scratch allocator for the device-side descriptors when none is set.
+
 Interpreter note: ``tl.dot`` on bf16 operands is wrong in the Triton interpreter (measured:
 max error ~5e10 on a 16×32·32×16 product), so under TRITON_INTERPRET bf16 tiles are upcast
 to fp32 right before each dot (UPCAST).  Products of bf16 values are exact in fp32, so this
@@ -68,6 +82,7 @@ from ._tiles import (
     rotary_args,
     split_head_dim,
 )
+from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, tma_target
 
 
 # --------------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,6 +140,10 @@ def _attn_fwd(
     else:
         hi = LK
         mid = (LK // BLOCK_N) * BLOCK_N
+    if USE_TMA:
+        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
+        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
+        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
         if phase == 0:
             lo_n = 0
@@ -138,8 +157,11 @@ def _attn_fwd(
                 col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
             else:
                 col_ok = cols < LK
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            if USE_TMA:
+                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+            else:
+                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
             s = _dot(q0, kT0, PREC, UPCAST)
             if D1 > 0:
                 s += _dot(q1, kT1, PREC, UPCAST)
@@ -149,7 +171,10 @@ def _attn_fwd(
             if HAS_DROPOUT:
                 p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
             p = p.to(V.dtype.element_ty)
-            v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+            if USE_TMA:
+                v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
+            else:
+                v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
             if D1 > 0:
                 acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
@@ -198,7 +223,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys, computed on transposed tiles: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ are
     [BLOCK_N, BLOCK_M] and dV += P̃ᵀ dO, dK += dSᵀ Q keep BLOCK_N rows, so every product of
@@ -242,6 +267,10 @@ def _attn_bwd_dkdv(
         do_base = DO + b * sdb + h * sdh
         mask_base = MASK + b * smb + h * smh
         seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
+        if USE_TMA:
+            tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
+            qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
+            dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for phase in tl.static_range(2):
             if phase == 0:
                 lo_m = lo
@@ -252,9 +281,15 @@ def _attn_bwd_dkdv(
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
-                qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
-                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-                do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
+                if USE_TMA:
+                    qT0, qT1 = _tma_cols2(qd0, qd1, start_m, D0, D1)
+                else:
+                    qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
+                                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                if USE_TMA:
+                    do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
+                else:
+                    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
                 m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
                 log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
@@ -298,7 +333,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -336,6 +371,10 @@ def _attn_bwd_dq(
     if IS_CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
         mid = tl.minimum(mid, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+    if USE_TMA:
+        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
+        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
+        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
         if phase == 0:
             lo_n = 0
@@ -346,9 +385,15 @@ def _attn_bwd_dq(
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < LK
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
+            if USE_TMA:
+                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
+            else:
+                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
+                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            if USE_TMA:
+                vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
+            else:
+                vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             s = _dot(q0, kT0, PREC, UPCAST)
             dp = _dot(do0, vT0, PREC, UPCAST)
             if D1 > 0:
@@ -412,7 +457,8 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
-    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
+    kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
+                            tma=cos is None and tma_target(query.device) and tma_ok(key, value))
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -449,7 +495,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
-    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
+    kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
+                                  tma=not rot and tma_target(query.device) and tma_ok(query, grad_out))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -457,7 +504,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         **meta, ROTARY=rot, **kv_cfg,
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
-    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"])
+    q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
+                                tma=not rot and tma_target(query.device) and tma_ok(key, value))
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
@@ -487,6 +535,10 @@ def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32)
 _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
 _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
+# Tests set this to run the USE_TMA loops (in the interpreter, which has no autotuner to pick
+# them, or untuned on a GPU); it applies where the operands meet TMA's preconditions, as the
+# autotuner's TMA candidates do.
+_FORCE_TMA = False
 
 _TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC", "PRESCALE"]
 
@@ -507,6 +559,26 @@ _CANDIDATES = {
     "dkdv": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
+# Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
+# pointer-load candidates when the operands allow (``_tma.tma_ok``; no rotary): the tiles of the
+# first kept pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
+# dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
+# sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies and wgmma; registers within a
+# few of the pointer twin's, no spills in the plain variant (with masks or dropout a TMA twin
+# spills where its pointer twin does: the tile's live state, ``_fits``'s business).
+_TMA_TRIES = 2
+# The TMA dK/dV loop keeps its Q/dO descriptors live through the head loop: under triton 3.6 its
+# 32×128 tile at d=128 (live state 160, the limit) spilled 48 bytes with causal where the pointer
+# twin (250 registers) did not; its TMA twins keep this many live values per thread spare.
+_TMA_LIVE_MARGIN = {"dkdv": 16}
+
+
+def _tma_offered(d: int, dtype: torch.dtype) -> bool:
+    """TMA candidates exist for fp16/bf16 at d <= 128 (the swept ``_CANDIDATES``), where wgmma reads
+    the TMA-filled shared-memory tiles directly.  Not for fp32: its "highest"-precision dots run on
+    FMA from registers (nothing to gain), and its TMA compiles spilled (sm_90, triton 3.6/3.9,
+    d=64/88: 0.3-15 KB with IEEE dots, up to 6.8 KB with TF32)."""
+    return d <= 128 and dtype in (torch.float16, torch.bfloat16)
 # fp32 operands (TF32 dots) or d > 128: twice the bytes per tile.  Swept for sm_90 in fp32 at
 # d = 64/88/128 with and without mask + dropout; dropped for spilling there: forward 32×32 over
 # 4 warps (8 bytes at d=88), dK/dV 32×32 over 4 warps (568-736 at d=88) and 64×64 single-stage
@@ -579,30 +651,53 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
             and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32") -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
+                 tma: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
-    ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists."""
+    ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists.  With ``tma``
+    (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``, TMA versions
+    of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never first, so an
+    untuned launch (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses
+    between the two."""
     d0, d1 = split_head_dim(d)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     if prec == "ieee" and dtype == torch.float32:
         kept = next(c for limit, c in _CANDIDATES_IEEE[kind].items() if d0 + d1 <= limit)
     else:
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
-        itemsize = torch.empty((), dtype=dtype).element_size()
         kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
         if kind == "dkdv" and dtype == torch.float32 and d0 + d1 <= 128:
             kept = next(c[has_dropout] for limit, c in _TF32_DKDV.items() if d0 + d1 <= limit)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
+    if tma and _tma_offered(d, dtype):
+        tiles: dict = {}
+        for bm, bn, w, st in kept:
+            if len(tiles) < _TMA_TRIES and _fits(kind, bm, bn, w, st, d0 + d1, itemsize, has_dropout,
+                                                 extra_live=_TMA_LIVE_MARGIN.get(kind, 0)):
+                tiles.setdefault((bm, bn), (w, st))
+        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=st)
+                    for (bm, bn), (w, st) in tiles.items()]
+    return configs
 
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              prec: str = "tf32"):
-    """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``."""
+              prec: str = "tf32", tma: bool = False):
+    """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
+    ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
+    launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
+    tma = tma and _tma_offered(d, dtype)
+    force = tma and _FORCE_TMA
     if not for_gpu(device_type):
-        return _KERNELS[kind], _INTERP[kind]
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, prec), _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout, prec))
+        return _KERNELS[kind], dict(_INTERP[kind], USE_TMA=True) if force else _INTERP[kind]
+    if tma and device_type == "cuda":
+        ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
+    if force:
+        cfg = next(c for c in _gpu_configs(kind, d, dtype, has_dropout, prec, tma) if c.kwargs.get("USE_TMA"))
+        return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, prec, tma), _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout, prec, tma))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -479,8 +479,9 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
     ``TOKEN_POOL_PRESETS`` (default: one attention preset per head dim, every packing, the
     Q-Former, every pooling preset);
     ``head_dims``: attention presets with these head dims; ``variants``: keys of ``VARIANTS``;
-    ``configs``: "all" (every candidate the autotuner would try) or "default" (the first: what
-    runs untuned, ``MMKERNELS_AUTOTUNE=0``).
+    ``configs``: "all" (every candidate the autotuner would try), "default" (the first: what
+    runs untuned, ``MMKERNELS_AUTOTUNE=0``) or "tma" (the tensor-descriptor candidates, config
+    ``USE_TMA``, that the attention launchers add when the operands allow TMA).
 
     Returns one dict per (launch, configuration): ``kernel``, ``family``, ``preset``,
     ``variant``, ``dtype``, ``head_dim``, ``config`` (tiles, num_warps, num_stages),
@@ -499,8 +500,8 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
                            "run it in a process without it (mmkernels inspect does)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: got {dtype!r}, expected one of {sorted(_DTYPES)}")
-    if configs not in ("all", "default"):
-        raise ValueError(f"configs: got {configs!r}, expected 'all' or 'default'")
+    if configs not in ("all", "default", "tma"):
+        raise ValueError(f"configs: got {configs!r}, expected 'all', 'default' or 'tma'")
     variants = list(variants)
     for v in variants:
         if v not in VARIANTS:
@@ -512,14 +513,18 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
     names = _kernel_names()
     rows: list[dict] = []
     for case in _cases(_DTYPES[dtype], set(presets or []), set(head_dims or []), variants, families):
-        with capture_launches() as launches:
+        with capture_launches(arch) as launches:
             case.run()
         for launch in launches:
             name = names.get(launch.fn, f"{launch.fn.module}.{launch.fn.__name__}")
             if kernels and not any(name == k or name.startswith(k + ".") or name.startswith(k) for k in kernels):
                 continue
-            cands = launch.candidates[:1] if configs == "default" else launch.candidates
-            for i, cfg in enumerate(cands):
+            cands = list(enumerate(launch.candidates))
+            if configs == "default":
+                cands = cands[:1]
+            elif configs == "tma":
+                cands = [(i, c) for i, c in cands if c is not None and c.kwargs.get("USE_TMA")]
+            for i, cfg in cands:
                 kwargs = dict(launch.kwargs)
                 if cfg is not None:
                     kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -559,7 +564,7 @@ def _specialization(fn, signature: dict, attrs: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 def _fmt_config(cfg: dict) -> str:
     tiles = " ".join(f"{k[len('BLOCK_'):]}{v}" for k, v in cfg.items() if k.startswith("BLOCK_"))
-    return f"{tiles} w{cfg.get('num_warps')} s{cfg.get('num_stages')}"
+    return f"{tiles} w{cfg.get('num_warps')} s{cfg.get('num_stages')}" + (" TMA" if cfg.get("USE_TMA") else "")
 
 
 def _fmt_num(x) -> str:
@@ -658,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help=f"attention variant, one of {list(VARIANTS)} or 'all'; repeatable (default plain)")
     ap.add_argument("--default-only", action="store_true", help="only the first (untuned default) configuration")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="only the tensor-descriptor (TMA) candidates of the attention main loops")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     ap.add_argument("--check", action="store_true", help="exit 1 on spills, shared memory over the limit or "
@@ -674,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = compile_report(args.arch, dtype=args.dtype, kernels=args.kernel, presets=args.preset,
                           head_dims=args.head_dim, variants=variants,
-                          configs="default" if args.default_only else "all", progress=progress)
+                          configs="default" if args.default_only else "tma" if args.tma_only else "all",
+                          progress=progress)
     found = problems(rows, arch=args.arch)
     if args.json:
         json.dump({"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "rows": _jsonable(rows),

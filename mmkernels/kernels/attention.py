@@ -458,7 +458,8 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                            tma=cos is None and tma_target(query.device) and tma_ok(key, value))
+                            tma=cos is None and tma_target(query.device) and tma_ok(key, value),
+                            rotary=cos is not None, has_mask=meta["MASK_KIND"] != 0)
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
@@ -496,7 +497,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                                  tma=not rot and tma_target(query.device) and tma_ok(query, grad_out))
+                                  tma=not rot and tma_target(query.device) and tma_ok(query, grad_out),
+                                  rotary=bool(rot), has_mask=meta["MASK_KIND"] != 0)
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
         query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
@@ -505,7 +507,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     )
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                                tma=not rot and tma_target(query.device) and tma_ok(key, value))
+                                tma=not rot and tma_target(query.device) and tma_ok(key, value),
+                                rotary=bool(rot), has_mask=meta["MASK_KIND"] != 0)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
         query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
@@ -651,8 +654,30 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
             and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
+# With the in-kernel RoPE: fp32 copies of the streamed tile a thread holds on top (K in the
+# forward and dQ, Q in dK/dV; calibrated on the packed kernels, ``attention_varlen``), and the
+# fp32 cos/sin rows staged in every pipeline stage (8 bytes per element).  Without this term the
+# rotary forward's default 128×128 tile over 3 stages staged 340 KB (over the 227 KB limit).
+_ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
+
+
+def _extra_state(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, rotary: bool,
+                 has_mask: bool) -> tuple[float, int]:
+    """(live fp32 values per thread, staged bytes) a candidate keeps on top of ``_fits``' model:
+    the rotary tiles (``_ROTARY_TILES``) and a user mask's tile (one more [bm, bn] score tile:
+    measured, a bool padding mask alone made the 128×128 forward spill 1.9 KB at d=64-88)."""
+    live, staged = 0.0, 0
+    if rotary:
+        streamed = bm if kind == "dkdv" else bn
+        live += _ROTARY_TILES[kind] * streamed * dp / (32 * warps)
+        staged += stages * streamed * dp * 8
+    if has_mask:
+        live += bm * bn / (32 * warps)
+    return live, staged
+
+
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
-                 tma: bool = False) -> list:
+                 tma: bool = False, rotary: bool = False, has_mask: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
     ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists.  With ``tma``
@@ -667,7 +692,9 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     else:
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
-        kept = [c for c in cands if _fits(kind, *c, d0 + d1, itemsize, has_dropout)] or [cands[-1]]
+        kept = [c for c in cands
+                if _fits(kind, *c, d0 + d1, itemsize, has_dropout, *_extra_state(kind, *c, d0 + d1, rotary, has_mask))]
+        kept = kept or [cands[-1]]
         if kind == "dkdv" and dtype == torch.float32 and d0 + d1 <= 128:
             kept = next(c[has_dropout] for limit, c in _TF32_DKDV.items() if d0 + d1 <= limit)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
@@ -683,7 +710,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
 
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              prec: str = "tf32", tma: bool = False):
+              prec: str = "tf32", tma: bool = False, rotary: bool = False, has_mask: bool = False):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
     ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
     launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
@@ -693,11 +720,15 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropo
         return _KERNELS[kind], dict(_INTERP[kind], USE_TMA=True) if force else _INTERP[kind]
     if tma and device_type == "cuda":
         ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
+
+    def configs():
+        return _gpu_configs(kind, d, dtype, has_dropout, prec, tma, rotary, has_mask)
+
     if force:
-        cfg = next(c for c in _gpu_configs(kind, d, dtype, has_dropout, prec, tma) if c.kwargs.get("USE_TMA"))
+        cfg = next(c for c in configs() if c.kwargs.get("USE_TMA"))
         return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return gpu_launcher(_KERNELS[kind], lambda: _gpu_configs(kind, d, dtype, has_dropout, prec, tma), _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout, prec, tma))
+    return gpu_launcher(_KERNELS[kind], configs, _TUNE_KEY,
+                        ("attention", kind, d, dtype, has_dropout, prec, tma, rotary, has_mask))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -567,8 +567,8 @@ _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0,
 # bytes).  Not covered: RoPE at d=128, where every candidate spills in dK/dV (24-250 bytes)
 # and dQ (8-32); the Qwen-VL towers run d=80 (Qwen2/2.5-VL) and d=72 (Qwen3-VL).  At d=72/88
 # the rotate-half partner columns (offset D/2 = 36/44 elements: not 16-byte aligned) load
-# 2 bytes at a time (``_rotary._load_rot``).
-_ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
+# 2 bytes at a time (``_rotary._load_rot``).  The tile counts are ``attention._ROTARY_TILES``
+# (the dense kernels use the same term, ``attention._extra_state``).
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, rotary: bool = False,
@@ -584,7 +584,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     the untuned default (never none: the dense list's last if all fail).  fp32 under the
     "highest" matmul precision (``prec`` "ieee": FMA dots) takes the dense kernels' measured
     spill-free lists (``attention._CANDIDATES_IEEE``) instead of the rule."""
-    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits
+    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _ROTARY_TILES, _fits
 
     d0, d1 = split_head_dim(d)
     dp = d0 + d1

@@ -155,6 +155,9 @@ VARIANTS = {
     "dropout": (False, 0.1, False),
     "mask+dropout": (True, 0.1, False),
     "causal": (False, 0.0, True),
+    # the dense attention with in-kernel RoPE (``mk.attention(rotary=(cos, sin))``): fp32 cos/sin
+    # (L, D) shared by the batch; other families run it as "plain"
+    "rotary": (False, 0.0, False),
 }
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -188,9 +191,12 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
         mask = torch.ones(p.B, 1, 1, p.Lk, dtype=torch.bool) if use_mask else None
         seed = torch.zeros(1, dtype=torch.int64)
         scale = p.d ** -0.5
-        out, lse = A.attention_forward(q, k, v, mask, seed, drop, causal, scale)
-        A.attention_backward(torch.empty_like(out), q, k, v, out, lse, mask, seed, drop, causal, scale)
-        if not drop:  # token pruning (FastV / VisionZip): the mass each key gets from the last query row
+        rot = {}
+        if variant == "rotary":
+            rot = dict(cos=torch.empty(max(p.Lq, p.Lk), p.d), sin=torch.empty(max(p.Lq, p.Lk), p.d))
+        out, lse = A.attention_forward(q, k, v, mask, seed, drop, causal, scale, **rot)
+        A.attention_backward(torch.empty_like(out), q, k, v, out, lse, mask, seed, drop, causal, scale, **rot)
+        if not drop and not rot:  # token pruning (FastV / VisionZip): the mass each key gets from the last query row
             rows = torch.full((p.B, 1), p.Lq - 1, dtype=torch.int64)
             S.attention_scores(q, k, rows, None, mask, causal, scale)
 

@@ -127,6 +127,21 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _phase_range(phase: tl.constexpr, lo, mid, hi):
+    """Bounds of one phase of a two-phase block loop (``for phase in tl.static_range(2)``):
+    phase 0 is [lo, mid), phase 1 [max(lo, mid), hi).  The kernels put the tiles that need no
+    mask work in one phase and the masked ones (causal band, ragged end) in the other, so each
+    phase compiles to its own loop without the other's selects."""
+    if phase == 0:
+        start = lo
+        end = mid
+    else:
+        start = tl.maximum(lo, mid)
+        end = hi
+    return start, end
+
+
+@triton.jit
 def _online_softmax(s, scale, m_i, l_i):
     """Online-softmax update for one tile whose base-2 logits are ``s·scale`` (``scale`` > 0):
     (P, rescale of the old state, m, l).  The scale is folded into the max-subtract, so each

@@ -77,6 +77,7 @@ from ._tiles import (
     _load_rows2,
     _mask_args,
     _online_softmax,
+    _phase_range,
     _store_rows,
     _tile_logits,
     rotary_args,
@@ -145,12 +146,7 @@ def _attn_fwd(
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo_n = 0
-            hi_n = mid
-        else:
-            lo_n = mid
-            hi_n = hi
+        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             if phase == 0:
@@ -272,12 +268,7 @@ def _attn_bwd_dkdv(
             qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
             dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for phase in tl.static_range(2):
-            if phase == 0:
-                lo_m = lo
-                hi_m = band
-            else:
-                lo_m = tl.maximum(lo, band)
-                hi_m = LQ
+            lo_m, hi_m = _phase_range(phase, lo, band, LQ)
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
@@ -376,12 +367,7 @@ def _attn_bwd_dq(
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo_n = 0
-            hi_n = mid
-        else:
-            lo_n = mid
-            hi_n = hi
+        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < LK

@@ -64,6 +64,7 @@ from ._tiles import (
     _load_cols2,
     _load_rows2,
     _online_softmax,
+    _phase_range,
     _store_rows,
     _tile_logits,
     rotary_args,
@@ -187,12 +188,7 @@ def _varlen_fwd(
         scale = 1.0
     hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo_n = 0
-            hi_n = mid
-        else:
-            lo_n = mid
-            hi_n = hi
+        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             if phase == 0:
@@ -285,12 +281,7 @@ def _varlen_bwd_dkdv(
         stats = LSE + h * 2 * TOTAL_Q + q_lo
         seed = seed0 + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
         for phase in tl.static_range(2):
-            if phase == 0:
-                lo_m = lo
-                hi_m = band
-            else:
-                lo_m = tl.maximum(lo, band)
-                hi_m = LQ
+            lo_m, hi_m = _phase_range(phase, lo, band, LQ)
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
@@ -379,12 +370,7 @@ def _varlen_bwd_dq(
 
     hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo_n = 0
-            hi_n = mid
-        else:
-            lo_n = mid
-            hi_n = hi
+        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             cols = start_n + offs_n
             if phase == 0:

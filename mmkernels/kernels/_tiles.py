@@ -32,6 +32,16 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_chunks(a0, a1, b0, b1, D1: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a·b contracted over a head dim split into chunks D0 + D1 (``split_head_dim``): a0·b0, plus
+    a1·b1 when D1 > 0."""
+    acc = _dot(a0, b0, PREC, UPCAST)
+    if D1 > 0:
+        acc += _dot(a1, b1, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _load_rows(base, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
     """Tile [rows, d] of a (L, D) matrix; out-of-range rows/columns read 0.
 
@@ -88,23 +98,11 @@ def _store_rows(base, val, rows, row_ok, stride_r, offs_d, stride_d, HEAD_DIM: t
 def _mask_logits(
     s, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    """Apply bounds, causal and user masks to base-2 logits ``s`` (-inf where not allowed)."""
-    allowed = col_ok[None, :] & row_ok[:, None]
-    if IS_CAUSAL:
-        allowed = allowed & (cols[None, :] <= rows[:, None])
-    if MASK_KIND != 0:
-        mptrs = mask_base + rows[:, None] * smm + cols[None, :] * smn
-        mval = tl.load(mptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-        if MASK_KIND == 1:
-            allowed = allowed & (mval != 0)
-        else:
-            mval = mval.to(tl.float32)
-            # HF masks use finfo(dtype).min: ×log2(e) would overflow fp32 to -inf and turn a
-            # "very negative" row into a fully masked one; clamp finite values to -1e30 instead
-            # (same softmax: exp underflows to 0 either way), keep true -inf as -inf.
-            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
-            s += mval * LOG2E
-    return tl.where(allowed, s, float("-inf"))
+    """Apply bounds (rows and columns), causal and user masks to already-scaled base-2 logits
+    ``s`` [rows, cols] (-inf where not allowed): :func:`_tile_logits` on every tile."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    return _tile_logits(s, rows[:, None], cols[None, :], ok, ok, mask_base, smm, smn, 1.0, MASK_KIND, False, True, True,
+                        IS_CAUSAL)
 
 
 @triton.jit
@@ -114,9 +112,7 @@ def _logits(
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """S = (Q Kᵀ·scale + mask)·log2(e) for one [BLOCK_M, BLOCK_N] tile, -inf where not allowed."""
-    s = _dot(q0, kT0, PREC, UPCAST)
-    if D1 > 0:
-        s += _dot(q1, kT1, PREC, UPCAST)
+    s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
     return _mask_logits(s * qk_scale, rows, cols, row_ok, col_ok, mask_base, smm, smn, MASK_KIND, IS_CAUSAL)
 
 
@@ -219,7 +215,7 @@ def _bwd_scores(
     p = tl.math.exp2((s * scale - m_row) - log2l)
     pd = p
     if HAS_DROPOUT:
-        keep = tl.rand(seed, qi * LK + kj) >= dropout_p  # the forward's (row, col) counters
+        keep = _dropout_keep(seed, qi, kj, LK, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -246,10 +242,11 @@ def _finish_rows(STATS, bh, LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT: 
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, LK, dropout_p):
-    """Philox keep-mask (True = kept) of one tile; the same (seed, row, col) gives the same bit."""
-    offsets = rows[:, None] * LK + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def _dropout_keep(seed, qi, kj, LK, dropout_p):
+    """Philox keep-mask (True = kept) of one tile, from query/key indices broadcast to its shape
+    (``rows[:, None], cols[None, :]``, or transposed): the same (seed, row, col) gives the same
+    bit in the forward and both backward kernels."""
+    return tl.rand(seed, qi * LK + kj) >= dropout_p
 
 
 # --------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from ._tiles import (
     _aligned,
     _bwd_scores,
     _dot,
+    _dot_chunks,
     _dot_precision,
     _dropout_keep,
     _finish_rows,
@@ -158,14 +159,12 @@ def _attn_fwd(
             else:
                 kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
                                         HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            s = _dot(q0, kT0, PREC, UPCAST)
-            if D1 > 0:
-                s += _dot(q1, kT1, PREC, UPCAST)
+            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
             s = _tile_logits(s, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
                              mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL)
             p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
             if HAS_DROPOUT:
-                p = tl.where(_dropout_keep(seed, rows, cols, LK, dropout_p), p, 0.0)
+                p = tl.where(_dropout_keep(seed, rows[:, None], cols[None, :], LK, dropout_p), p, 0.0)
             p = p.to(V.dtype.element_ty)
             if USE_TMA:
                 v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
@@ -284,11 +283,8 @@ def _attn_bwd_dkdv(
                 m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
                 log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
-                sT = _dot(k0, qT0, PREC, UPCAST)
-                dpT = _dot(v0, tl.trans(do0), PREC, UPCAST)
-                if D1 > 0:
-                    sT += _dot(k1, qT1, PREC, UPCAST)
-                    dpT += _dot(v1, tl.trans(do1), PREC, UPCAST)
+                sT = _dot_chunks(k0, k1, qT0, qT1, D1, PREC, UPCAST)
+                dpT = _dot_chunks(v0, v1, tl.trans(do0), tl.trans(do1), D1, PREC, UPCAST)
                 ld_ok = col_ok[:, None] & row_ok[None, :]
                 pdT, dsT = _bwd_scores(sT, dpT, rows[None, :], cols[:, None], ld_ok, ld_ok, mask_base, smm, smn,
                                        qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK, dropout_p,
@@ -380,11 +376,8 @@ def _attn_bwd_dq(
                 vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
             else:
                 vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot(q0, kT0, PREC, UPCAST)
-            dp = _dot(do0, vT0, PREC, UPCAST)
-            if D1 > 0:
-                s += _dot(q1, kT1, PREC, UPCAST)
-                dp += _dot(do1, vT1, PREC, UPCAST)
+            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
+            dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
             _, ds = _bwd_scores(s, dp, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
                                 mask_base, smm, smn, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
                                 MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)

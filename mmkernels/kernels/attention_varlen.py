@@ -58,6 +58,7 @@ from ._tiles import (
     _aligned,
     _bwd_scores,
     _dot,
+    _dot_chunks,
     _dot_precision,
     _dropout_keep,
     _finish_rows,
@@ -197,14 +198,12 @@ def _varlen_fwd(
                 col_ok = cols < LK
             kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
                                     HEAD_DIM, D0, D1, ROTARY, ALIGNED)
-            s = _dot(q0, kT0, PREC, UPCAST)
-            if D1 > 0:
-                s += _dot(q1, kT1, PREC, UPCAST)
+            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
             s = _tile_logits(s, rows_c[:, None], cols[None, :], col_ok[None, :], col_ok[None, :], Q, 0, 0, qk_scale,
                              0, PRESCALE, phase == 1, True, IS_CAUSAL)
             p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
             if HAS_DROPOUT:
-                p = tl.where(_dropout_keep(seed, rows_c, cols, LK, dropout_p), p, 0.0)
+                p = tl.where(_dropout_keep(seed, rows_c[:, None], cols[None, :], LK, dropout_p), p, 0.0)
             p = p.to(V.dtype.element_ty)
             v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
@@ -292,11 +291,8 @@ def _varlen_bwd_dkdv(
                 m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
                 log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
-                sT = _dot(k0, qT0, PREC, UPCAST)
-                dpT = _dot(v0, tl.trans(do0), PREC, UPCAST)
-                if D1 > 0:
-                    sT += _dot(k1, qT1, PREC, UPCAST)
-                    dpT += _dot(v1, tl.trans(do1), PREC, UPCAST)
+                sT = _dot_chunks(k0, k1, qT0, qT1, D1, PREC, UPCAST)
+                dpT = _dot_chunks(v0, v1, tl.trans(do0), tl.trans(do1), D1, PREC, UPCAST)
                 # no key bounds: a padding key (cols >= LK) only reaches its own dK/dV row, never stored
                 pdT, dsT = _bwd_scores(sT, dpT, (rows + off)[None, :], cols[:, None], col_ok[:, None], col_ok[:, None],
                                        Q, 0, 0, qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK,
@@ -380,11 +376,8 @@ def _varlen_bwd_dq(
             kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
                                     HEAD_DIM, D0, D1, ROTARY, ALIGNED)
             vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot(q0, kT0, PREC, UPCAST)
-            dp = _dot(do0, vT0, PREC, UPCAST)
-            if D1 > 0:
-                s += _dot(q1, kT1, PREC, UPCAST)
-                dp += _dot(do1, vT1, PREC, UPCAST)
+            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
+            dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
             # the ragged key block must be bounds-masked here (BOUNDS): a zero padding key gets
             # P = exp2(-m), which overflows when a row's logits are all below -128 (base 2),
             # and inf·0 in dS·K is NaN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -29,8 +30,10 @@ def check_dropout_and_scale(dropout_p, scale, allow_one: bool = False) -> None:
     ok = isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) <= 1.0
     if not ok or (not allow_one and float(dropout_p) == 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, {'1]' if allow_one else '1)'}, got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"scale: expected a finite float (or None for 1/sqrt(D)), got {scale!r}")
 
 
 def interpreting() -> bool:
@@ -121,3 +124,28 @@ def check_rotary_tensor(name: str, t, query: torch.Tensor) -> None:
                          f"{describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if t.device != query.device:
         raise ValueError(f"{name}: expected device {query.device} like query, got {describe(t)}")
+
+
+def cu_seqlens_problems(cu: torch.Tensor, total: int, max_seqlen: int | None) -> torch.Tensor:
+    """A 0-dim bool tensor on ``cu``'s device: True when ``cu`` is *not* a valid prefix-sum
+    tensor of ``total`` rows (first entry 0, non-decreasing, last entry ``total``) or a length
+    exceeds the ``max_seqlen`` hint.  Device ops only: no host read."""
+    steps = cu[1:] - cu[:-1]
+    bad = (cu[0] != 0) | (cu[-1] != total) | (steps < 0).any()
+    if max_seqlen is not None:
+        bad = bad | (steps > max_seqlen).any()
+    return bad
+
+
+def safe_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """``cu_seqlens`` (n+1,) made safe to index a packed tensor of ``total`` rows, on the device
+    (no host read, CUDA-graph capturable): contiguous int32 (n+2,), every boundary clamped to
+    ``[0, total]`` and non-decreasing (a running max), the first one 0, and ``total`` appended.
+
+    Valid prefix sums keep their n sequences and gain one empty trailing sequence; for any other
+    integer tensor of the right shape the kernels still read and write only inside their tensors
+    and every row belongs to exactly one sequence (the rows before ``cu[0]`` join sequence 0, the
+    rows after the last boundary form the trailing one), so every output element is written.
+    The op reports the invalid values separately (:func:`cu_seqlens_problems`)."""
+    c = torch.cummax(cu.clamp(0, total), 0).values
+    return torch.cat([c.new_zeros(1), c[1:], c.new_full((1,), total)]).to(torch.int32)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreting, new_output
+from .._utils import interpreting, new_output, safe_cu_seqlens
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
 from ._tiles import (
@@ -434,6 +434,17 @@ def _common(query, key, cos, sin, seed, dropout_p, is_causal, scale):
     return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
 
 
+def _safe_metadata(cu_q, cu_k, total_q: int, total_k: int):
+    """The kernels index with cu_seqlens unchecked, so they get copies that cannot point outside
+    the packed tensors (clamped, non-decreasing, contiguous: two tiny device ops each, no host
+    read) whatever the caller passed; valid values keep their meaning (plus one empty trailing
+    sequence)."""
+    if cu_q.shape != cu_k.shape or cu_q.dim() != 1 or cu_q.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_q / cu_seqlens_k: expected two (n+1,) tensors, got shapes "
+                         f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    return safe_cu_seqlens(cu_q, total_q), safe_cu_seqlens(cu_k, total_k)
+
+
 def _head_bucket(d: int) -> int:
     return 64 if d <= 64 else (128 if d <= 128 else 256)
 
@@ -444,6 +455,7 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
     +inf max for rows with no visible key)."""
     total_q, h, d = query.shape
     total_k, hkv = key.shape[0], key.shape[1]
+    cu_q, cu_k = _safe_metadata(cu_q, cu_k, total_q, total_k)
     n = cu_q.shape[0] - 1
     out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
     lse = new_output((h, 2, total_q), torch.float32, query.device)
@@ -473,6 +485,7 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     of the un-rotated query and key when rotary is given)."""
     total_q, h, d = query.shape
     total_k, hkv = key.shape[0], key.shape[1]
+    cu_q, cu_k = _safe_metadata(cu_q, cu_k, total_q, total_k)
     n = cu_q.shape[0] - 1
     dq = new_output((total_q, h, d), query.dtype, query.device)
     dk = new_output((total_k, hkv, d), key.dtype, key.device)

@@ -23,7 +23,9 @@ from .._utils import (
     check_rotary_tensor,
     contiguous_outputs,
     describe,
+    cu_seqlens_problems,
     empty_contiguous,
+    safe_cu_seqlens,
     triton_device_reason,
 )
 from ..reference import attention_varlen as ref
@@ -132,16 +134,42 @@ def _check_cu_seqlens(name: str, cu, total: int, device, n_expected: int | None)
         raise ValueError(f"{name}: expected device {device} like query, got {describe(cu)}")
     if n_expected is not None and cu.shape[0] != n_expected:
         raise ValueError(f"{name}: expected {n_expected} entries like cu_seqlens_q, got {describe(cu)}")
-    # Values are checked only where reading them costs no device sync (a CPU tensor, eager):
-    # on a GPU that read is exactly the host synchronisation this op exists to avoid.
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        steps = cu[1:] - cu[:-1]
-        if bool((steps < 0).any()) or bool(cu[0] != 0):
-            raise ValueError(f"{name}: expected non-decreasing prefix sums starting at 0, got {describe(cu)} "
-                             f"= {cu.tolist() if cu.numel() <= 16 else '...'}")
-        if bool(cu[-1] != total):
-            raise ValueError(f"{name}: last entry must equal the packed length {total}, got {describe(cu)} "
-                             f"ending in {int(cu[-1])}")
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+    """The precise ``ValueError`` for bad ``cu_seqlens`` values; reads them on the host, so it
+    runs only where that costs no device sync (a CPU tensor, eager) or the route syncs anyway
+    (the reference backend).  Everywhere else the device check of :func:`_report_bad_cu_seqlens`
+    reports them."""
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()) or bool(cu[0] != 0):
+        raise ValueError(f"{name}: expected non-decreasing prefix sums starting at 0, got {describe(cu)} "
+                         f"= {cu.tolist() if cu.numel() <= 16 else '...'}")
+    if bool(cu[-1] != total):
+        raise ValueError(f"{name}: last entry must equal the packed length {total}, got {describe(cu)} "
+                         f"ending in {int(cu[-1])}")
+    if max_seqlen is not None and steps.numel() and bool((steps > max_seqlen).any()):
+        raise ValueError(f"max_seqlen_{name[-1]}: the hint {max_seqlen} is smaller than the longest sequence "
+                         f"of {name} ({int(steps.max())})")
+
+
+def _host_checks_values(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _report_bad_cu_seqlens(cu_q, cu_k, total_q: int, total_k: int, max_q, max_k) -> None:
+    """Bad ``cu_seqlens`` values reported without a host sync: a device-side assertion
+    (``torch._assert_async``; works under ``torch.compile`` and CUDA-graph capture) that fires
+    at the next synchronising point.  The kernels themselves run on clamped boundaries
+    (:func:`mmkernels._utils.safe_cu_seqlens`), so they never touch memory outside their
+    tensors, whatever the values."""
+    bad = cu_seqlens_problems(cu_q, total_q, max_q) | cu_seqlens_problems(cu_k, total_k, max_k)
+    torch._assert_async(
+        ~bad,
+        "mmkernels.attention_varlen: invalid cu_seqlens_q / cu_seqlens_k (expected int32 prefix sums "
+        "non-decreasing from 0 to the packed length, each length at most the max_seqlen hint); the "
+        "kernels ran on clamped boundaries, so the result of this call is not meaningful",
+    )
 
 
 def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, enable_gqa, rotary) -> None:
@@ -164,6 +192,9 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
     check_gqa_heads(hq, key.shape[1], enable_gqa, key)
     _check_cu_seqlens("cu_seqlens_q", cu_q, total_q, query.device, None)
     _check_cu_seqlens("cu_seqlens_k", cu_k, key.shape[0], query.device, cu_q.shape[0])
+    if _host_checks_values(cu_q):
+        _check_cu_values("cu_seqlens_q", cu_q, total_q, max_q)
+        _check_cu_values("cu_seqlens_k", cu_k, key.shape[0], max_k)
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
             raise ValueError(f"{name}: expected None or a non-negative int (an upper bound hint), got {m!r}")
@@ -234,36 +265,68 @@ def _segments(cu: torch.Tensor, total: int):
     return seg, idx - cu[seg]
 
 
+def _zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:
+    """0 that depends on ``tensors`` (an empty sum): added to an output computed without them, it
+    gives each a zero gradient (not None) and never a NaN from their values."""
+    return sum(t.flatten()[:0].sum() for t in tensors)
+
+
 def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
               scale, enable_gqa, rotary):
     """One SDPA call over the whole packing with a dense block-diagonal (total_q, total_k) mask,
     built on the device (no host read): O(total_q·total_k) memory, the automatic route only where
-    the Triton kernels cannot run (CPU without the interpreter, float64, head dims over 256)."""
+    the Triton kernels cannot run (CPU without the interpreter, float64, head dims over 256).
+
+    Sequences stay independent under NaN/Inf: SDPA multiplies every masked probability (0) by
+    its value, so one NaN anywhere in the packing would reach every row.  Non-finite key rows
+    and value entries are zeroed for the call, and the rows of their own sequence get NaN back
+    exactly where a per-sequence SDPA (math backend) has it: every row of a sequence with a
+    non-finite key (that head), every row's column d of a sequence with a non-finite value in
+    column d."""
     if rotary is not None:
         query, key = ref.apply_rotary(query, *rotary), ref.apply_rotary(key, *rotary)
     total_q, total_k = query.shape[0], key.shape[0]
+    anchor = _zero_anchor(query, key, value)
     if total_q == 0 or total_k == 0:
-        return query.new_zeros(total_q, query.shape[1], value.shape[-1]) + 0 * (query.sum() + value.sum())
-    seg_q, pos_q = _segments(cu_seqlens_q, total_q)
-    seg_k, pos_k = _segments(cu_seqlens_k, total_k)
+        return query.new_zeros(total_q, query.shape[1], value.shape[-1]) + anchor
+    cu_q, cu_k = safe_cu_seqlens(cu_seqlens_q, total_q), safe_cu_seqlens(cu_seqlens_k, total_k)
+    n = cu_q.shape[0] - 1
+    seg_q, pos_q = _segments(cu_q, total_q)
+    seg_k, pos_k = _segments(cu_k, total_k)
     allowed = seg_q[:, None] == seg_k[None, :]
     if is_causal:
-        lens_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        lens_q = cu_q[1:] - cu_q[:-1]
+        lens_k = cu_k[1:] - cu_k[:-1]
         shift = (lens_k - lens_q)[seg_q]  # bottom-right alignment
         allowed &= pos_k[None, :] <= (pos_q + shift)[:, None]
+    key_bad = ~torch.isfinite(key).all(-1)  # (total_k, Hkv)
+    value_bad = ~torch.isfinite(value)  # (total_k, Hkv, Dv)
+    key = torch.where(key_bad[..., None], 0.0, key)
+    value = torch.where(value_bad, 0.0, value)
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
+    rep = q.shape[1] // k.shape[1]
+    if rep != 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
     out = out.squeeze(0).transpose(0, 1)
+    # NaN back where the sequence's own keys/values put it, per (sequence, kv head[, column])
+    seq_key_bad = torch.zeros(n, key.shape[1], dtype=torch.int32, device=key.device).index_add_(
+        0, seg_k, key_bad.to(torch.int32)) > 0
+    seq_value_bad = torch.zeros(n, *value.shape[1:], dtype=torch.int32, device=key.device).index_add_(
+        0, seg_k, value_bad.to(torch.int32)) > 0
+    poisoned = seq_key_bad[seg_q][..., None] | seq_value_bad[seg_q]  # (total_q, Hkv, Dv)
+    if rep != 1:
+        poisoned = poisoned.repeat_interleave(rep, dim=1)
+    out = torch.where(poisoned, float("nan"), out)
     # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
-    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(()))
+    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(())) + anchor
 
 
 def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                    scale, enable_gqa, rotary):
+    if not _host_checks_values(cu_seqlens_q):  # this route reads cu_seqlens on the host anyway
+        _check_cu_values("cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q)
+        _check_cu_values("cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k)
     return ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
                                 enable_gqa, rotary)
 
@@ -307,9 +370,13 @@ def attention_varlen(
 
     No host synchronisation: nothing reads a device value on the host, so the call is
     CUDA-graph capturable and compiles with no graph break.  ``max_seqlen_q`` / ``max_seqlen_k``
-    are optional upper bounds (as flash-attn's) that only shrink the launch grid; a wrong
-    (too small) hint gives wrong results.  The values of ``cu_seqlens_*`` (non-decreasing from 0,
-    ending at the total) are checked when they live on the CPU; on a GPU they are trusted.
+    are optional upper bounds (as flash-attn's) that only shrink the launch grid.  Bad values
+    (``cu_seqlens_*`` not non-decreasing from 0 to the total, a length above its ``max_seqlen``
+    hint) raise ``ValueError`` in eager mode on CPU tensors; elsewhere (CUDA tensors,
+    ``torch.compile``, CUDA-graph capture) a device-side assertion reports them at the next
+    synchronising point, with no host sync.  Whatever the values, the kernels only read and
+    write inside their tensors: they run on boundaries clamped to ``[0, total]`` and made
+    non-decreasing (:func:`mmkernels._utils.safe_cu_seqlens`).
 
     ``is_causal`` is **bottom-right** aligned per sequence, like flash-attn's varlen kernels and
     what HF's flash path expects: row i sees key j iff j <= i + (Lk − Lq).  Lq=3, Lk=5 and
@@ -357,4 +424,7 @@ def attention_varlen(
                   is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
                   rotary=tuple(rotary) if rotary is not None else None)
     chosen = dispatch.select("attention_varlen", inputs, backend)
+    if chosen.name != "reference" and not _host_checks_values(cu_seqlens_q):
+        _report_bad_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
+                               max_seqlen_k)
     return chosen.run(**inputs)

@@ -179,6 +179,8 @@ def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropo
     b = max(bx, enc.shape[0])
     lk, dkv = enc.shape[1], enc.shape[2]
     h = num_heads
+    # the kernel reads the (Dq,) biases with unit stride: a strided / expanded view is copied
+    bq, bk, bv = bq.contiguous(), bk.contiguous(), bv.contiguous()
     d = wq.shape[0] // h
     out = new_output((b, lq, wq.shape[0]), x.dtype, x.device)
     stats = new_output((b, h, 2, lq), torch.float32, x.device)

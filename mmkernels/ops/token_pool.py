@@ -54,6 +54,12 @@ def _spec_from_args(geometry: list[int], mode: str, norm: str, eps: float) -> To
     return TokenPoolSpec(h, w, mode, kh, kw, sh, sw, oh, ow, bool(has_cls), bool(keep_cls), norm or None, float(eps))
 
 
+def _unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused kernels index the (C_out,) norm weight / bias with unit stride: an expanded
+    (stride 0) or sliced one is copied here — C_out elements, nothing next to the pass over x."""
+    return t if t is None else t.contiguous()
+
+
 # --------------------------------------------------------------------------------------
 # torch.library ops (fused backends)
 # --------------------------------------------------------------------------------------
@@ -72,6 +78,7 @@ def _token_pool_fwd(
     """(out, saved); ``save=False`` (no gradient needed) returns no saved tensors and, on the
     Triton path, skips writing them."""
     spec = _spec_from_args(geometry, mode, norm, eps)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     if impl == "triton":
         from ..kernels import token_pool as kernels
 
@@ -105,6 +112,7 @@ def _token_pool_bwd(
     """(dx, dweight, dbias); dweight / dbias are empty (0,) tensors when weight / bias are None
     (custom ops cannot return None)."""
     spec = _spec_from_args(geometry, mode, norm, eps)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     dx, dw, db = _impl(impl).backward(grad_out, x, spec, weight, bias, list(saved))
     return contiguous_outputs(dx, dw if dw is not None else x.new_empty((0,)),
                               db if db is not None else x.new_empty((0,)))

@@ -390,6 +390,15 @@ def _attn_bwd_dq(
             dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
             if D1 > 0:
                 dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
+    if MASK_GRAD and IS_CAUSAL:
+        # the key tiles skipped above the causal band, [cdiv(hi, BLOCK_N)·BLOCK_N, LK), get
+        # dS = 0 (a position hidden by is_causal sends no gradient into the mask): DS comes
+        # uninitialised, and zeros here cost one store per element, no memset of the whole buffer
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start_n in range((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, LK, BLOCK_N):
+            cols = start_n + offs_n
+            ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
+            tl.store(ds_ptrs, zero, mask=row_ok[:, None] & (cols < LK)[None, :])
 
     dq_base = DQ + bh * LQ * HEAD_DIM
     _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
@@ -484,6 +493,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, ROTARY=rot, **kv_cfg,
     )
+    # uninitialised: the dQ kernel writes every element of dS, the causally skipped tiles as zeros
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
                                 tma=not rot and tma_target(query.device) and tma_ok(key, value),

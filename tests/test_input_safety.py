@@ -172,3 +172,65 @@ def test_non_finite_scale_rejected(scale):
         mk.attention_varlen(q, k, v, _cu(GOOD), _cu(GOOD), scale=scale)
     with pytest.raises(ValueError, match="scale: expected a finite float"):
         mk.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
+
+
+# --------------------------------------------------------------------- Dv != D, empty tensors
+@pytest.mark.parametrize("dv", [8, 24, 40])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_varlen_value_head_dim_differs(backend, dv):
+    lens = [5, 0, 9, 6]
+    cu = _cu([0, 5, 5, 14, 20])
+    q, k = _r3(20, 4, 16), _r3(20, 2, 16)
+    v = _r3(20, 2, dv)
+    rot = None
+    if dv < 16:  # rotary applies to q/k; Dv < D keeps them unpadded
+        f = torch.randn(20, 8, device=DEVICE)
+        rot = (f.cos(), f.sin())
+    kw = dict(is_causal=True, enable_gqa=True, rotary=rot)
+    assert sum(lens) == 20
+    out = mk.attention_varlen(q, k, v, cu, cu, backend=backend, **kw)
+    assert out.shape == (20, 4, dv)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rot64 = None if rot is None else tuple(t.double() for t in rot)
+    ref = mk.attention_varlen(q64, k64, v64, cu, cu, backend="reference", **{**kw, "rotary": rot64})
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    grads64 = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    assert_close_abs("out", out, ref, 2e-5)
+    for name, g, e in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_close_abs(name, g, e, 2e-5 * max(1.0, float(e.abs().max())))
+
+
+def _r3(*shape):
+    return torch.randn(*shape, device=DEVICE, requires_grad=True)
+
+
+EMPTY = {  # (total_q, Hq, total_k, Hkv, D, Dv, cu_q, cu_k)
+    "no-rows": (0, 2, 0, 2, 16, 16, [0, 0], [0, 0]),
+    "no-keys": (7, 2, 0, 2, 16, 16, [0, 3, 7], [0, 0, 0]),
+    "no-queries": (0, 2, 6, 2, 16, 16, [0, 0, 0], [0, 2, 6]),
+    "no-heads": (7, 0, 7, 0, 16, 16, [0, 3, 7], [0, 3, 7]),
+    "Dv=0": (7, 2, 7, 2, 16, 0, [0, 3, 7], [0, 3, 7]),
+    "no-sequences": (0, 2, 0, 2, 16, 16, [0], [0]),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+def test_varlen_empty_runs_with_zero_gradients(backend, case):
+    tq, hq, tk, hkv, d, dv, cq, ck = EMPTY[case]
+    q, k, v = _r3(tq, hq, d), _r3(tk, hkv, d), _r3(tk, hkv, dv)
+    with poisoned():
+        out = mk.attention_varlen(q, k, v, _cu(cq), _cu(ck), backend=backend)
+    assert out.shape == (tq, hq, dv)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    for name, g, t in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        assert g is not None, f"{name}: None (expected zeros like the other routes)"
+        assert torch.equal(g, torch.zeros_like(t)), name
+
+
+def test_head_dim_zero_rejected():
+    q = torch.randn(5, 2, 0)
+    with pytest.raises(ValueError, match="head dim 0"):
+        mk.attention_varlen(q, q, torch.randn(5, 2, 4), _cu([0, 5]), _cu([0, 5]))

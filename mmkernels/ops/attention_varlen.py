@@ -184,6 +184,9 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
         if t.dtype != query.dtype or t.device != query.device:
             raise ValueError(f"{name}: expected dtype {query.dtype} on {query.device} like query, got {describe(t)}")
     total_q, hq, d = query.shape
+    if d == 0:
+        raise ValueError(f"query: head dim 0 (softmax of all-zero scores would silently average value); "
+                         f"expected D >= 1, got {describe(query)}")
     if key.shape[-1] != d:
         raise ValueError(f"key: head dim must equal query's head dim {d}, got {describe(key)}")
     if value.shape[0] != key.shape[0] or value.shape[1] != key.shape[1]:
@@ -228,26 +231,38 @@ def _triton_check(inp) -> list:
     reasons: list = []
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    d = q.shape[-1]
+    d = max(q.shape[-1], v.shape[-1])
     # any head dim: the kernels split it into power-of-two chunks and zero-pad in registers
     # (the ALIGNED hint only when the strides are multiples of 8 elements), as mk.attention
-    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
+    if d > _TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim {d} (supported: up to {_TRITON_MAX_HEAD_DIM})")
-    if v.shape[-1] != d:
-        reasons.append(f"value head dim {v.shape[-1]} differs from query/key head dim {d}")
-    if rotary is not None and any(t.requires_grad for t in rotary):
-        reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
-    if 0 in q.shape[1:]:
-        reasons.append("zero heads")
+    if rotary is not None:
+        if any(t.requires_grad for t in rotary):
+            reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
+        if v.shape[-1] > q.shape[-1]:
+            reasons.append("rotary with Dv > D (the kernels would zero-pad the rotated head dim)")
     return reasons
 
 
 def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                 scale, enable_gqa, rotary):
+    total_q, hq, d = query.shape
+    dv = value.shape[-1]
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # nothing to launch (no rows, heads or keys; D = 0 is rejected by validation): rows that
+        # see no key are 0, and every input gets a zero gradient, as on the other routes
+        return query.new_zeros(total_q, hq, dv) + _zero_anchor(query, key, value)
     seed = None
     if dropout_p > 0.0:
         # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
+    # Dv != D: the kernels take one head dim, so the narrower side is zero-padded (zero columns
+    # of Q/K add nothing to QKᵀ; zero columns of V give output columns that are sliced off), as
+    # mk.attention does: a copy of that side per call, in a case VLMs rarely have
+    if dv < d:
+        value = F.pad(value, (0, d - dv))
+    elif dv > d:
+        query, key = F.pad(query, (0, dv - d)), F.pad(key, (0, dv - d))
     cos = sin = None
     if rotary is not None:
         cos, sin = rotary
@@ -255,7 +270,7 @@ def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             cos, sin = cos.contiguous(), sin.contiguous()
     out, _ = _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
                          max_seqlen_k, float(dropout_p), bool(is_causal), float(scale))
-    return out
+    return out[..., :dv] if dv < d else out
 
 
 def _segments(cu: torch.Tensor, total: int):
@@ -287,7 +302,7 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         query, key = ref.apply_rotary(query, *rotary), ref.apply_rotary(key, *rotary)
     total_q, total_k = query.shape[0], key.shape[0]
     anchor = _zero_anchor(query, key, value)
-    if total_q == 0 or total_k == 0:
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:  # no rows, keys or heads; Dv = 0
         return query.new_zeros(total_q, query.shape[1], value.shape[-1]) + anchor
     cu_q, cu_k = safe_cu_seqlens(cu_seqlens_q, total_q), safe_cu_seqlens(cu_seqlens_k, total_k)
     n = cu_q.shape[0] - 1
@@ -327,6 +342,8 @@ def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if not _host_checks_values(cu_seqlens_q):  # this route reads cu_seqlens on the host anyway
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q)
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k)
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:  # as the other routes: zeros, zero grads
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
     return ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
                                 enable_gqa, rotary)
 

@@ -72,5 +72,6 @@ def attention_varlen(
             v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
         outs.append(torch.matmul(p, v).transpose(0, 1))
     if not outs:
-        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + 0 * query.sum()
+        # an empty sum keeps the graph (zero gradients) without 0 * NaN
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + query.flatten()[:0].sum()
     return torch.cat(outs, 0)

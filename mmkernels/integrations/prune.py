@@ -22,6 +22,7 @@ RoPE tables and position ids.  :func:`mmkernels.unpatch` removes all of it.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +66,14 @@ class FastV:
     rectangular); ``input_ids`` given (image tokens are found by id).  A dynamic (default) cache;
     the pruned ``forward`` returns logits for the kept positions only
     (:func:`kept_index` says which).
+
+    The sequence gets shorter, so every per-token tensor loses the same positions: the attention
+    mask, RoPE tables and position ids of layers >= ``layer`` are gathered internally (the caller's
+    tensors are not modified), and ``labels=`` / ``shift_labels=`` given to the model's ``forward``
+    are gathered at the kept positions before HF computes the loss.  With ``labels`` the loss is
+    next-token prediction over the pruned sequence: text-to-text terms are unchanged, the token
+    after a run of dropped image tokens is predicted from the last kept token before it, and the
+    labels of dropped positions (image tokens: normally ``-100``) leave the loss.
     """
 
     layer: int = 2
@@ -149,9 +158,41 @@ class _FastVState:
         self.cache = None        # the cache that prefill filled: decode steps are recognised by it
         self.mode = None         # None | "prefill" | "decode" for the running LM forward
         self.memo: dict = {}     # id(original kwarg tensor) -> gathered, per LM forward
+        self.pruned = False      # whether the running parent forward pruned (set by layer_pre)
+        self.targets: list = []  # [(private copy given to HF, original)] of labels / shift_labels
+        self.labels_pos = False  # labels' positional index in the owner's forward (None: keyword only)
+
+    # -- the model computing the loss (e.g. LlavaForConditionalGeneration) ----------------
+    def owner_pre(self, module, args, kwargs):
+        """``labels`` / ``shift_labels`` are handed to HF as private copies, which
+        :meth:`parent_post` shrinks to the kept positions once the parent's forward has pruned
+        (the loss is computed after it, from these same tensor objects)."""
+        self.targets = []
+        args, labels_pos = list(args), self.labels_pos
+        for name in ("labels", "shift_labels"):
+            if name in kwargs:
+                t = kwargs[name]
+            elif name == "labels" and labels_pos is not None and labels_pos < len(args):
+                t = args[labels_pos]
+            else:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                continue  # HF's own checks apply
+            private = t.clone()
+            self.targets.append((private, t))
+            if name in kwargs:
+                kwargs[name] = private
+            else:
+                args[labels_pos] = private
+        return tuple(args), kwargs
+
+    def owner_post(self, module, args, kwargs, output):
+        self.targets = []
+        return None
 
     # -- parent (multimodal model) -----------------------------------------------------
     def parent_pre(self, module, args, kwargs):
+        self.pruned = False
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             embeds = kwargs.get("inputs_embeds")
@@ -165,6 +206,13 @@ class _FastVState:
 
     def parent_post(self, module, args, kwargs, output):
         self.visual = None
+        if self.pruned:
+            # the logits HF computes next cover the kept positions only: drop the same positions
+            # from labels / shift_labels (in place on the private copies HF holds, see owner_pre)
+            for private, original in self.targets:
+                if original.shape[-1] == self.prefill_len:
+                    private.set_(gather_tokens(original, self.index, -1))
+        self.pruned = False
         return None
 
     # -- language model ------------------------------------------------------------------
@@ -232,6 +280,7 @@ class _FastVState:
                 n_vis = int(self.visual_or_raise().sum(1)[0])
                 k = int(round(keep * n_vis)) if isinstance(keep, float) else keep
                 hidden, self.index = select_tokens(hidden, scores.to(hidden.device), k, protect=~self.visual)
+                self.pruned = True
             idx = self.index
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor):
@@ -261,6 +310,19 @@ class _FastVState:
         if self.visual is None:
             raise RuntimeError("FastV: lost track of the image-token mask during the forward")
         return self.visual
+
+
+def _labels_position(module: nn.Module):
+    """The positional index of ``labels`` in ``module.forward`` (None: keyword only), or False when
+    its forward takes no ``labels``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    for i, p in enumerate(params):
+        if p.name == "labels":
+            return i if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else None
+    return False
 
 
 def _visual_token_ids(config) -> list[int]:
@@ -298,6 +360,12 @@ def _apply_fastv(model: nn.Module, spec: FastV, report, undo: list[Callable]) ->
                    lm.register_forward_pre_hook(st.lm_pre, with_kwargs=True),
                    lm.register_forward_hook(st.lm_post, with_kwargs=True, always_call=True)]
         handles += [layer.register_forward_pre_hook(st.layer_pre, with_kwargs=True) for layer in layers[spec.layer:]]
+        # the module that computes the loss from labels (LlavaForConditionalGeneration for LlavaModel ...)
+        owner = model.get_submodule(path.rpartition(".")[0]) if path else None
+        st.labels_pos = _labels_position(owner) if owner is not None else False
+        if st.labels_pos is not False:
+            handles += [owner.register_forward_pre_hook(st.owner_pre, with_kwargs=True),
+                        owner.register_forward_hook(st.owner_post, with_kwargs=True, always_call=True)]
         m.__dict__[_STATE] = st
 
         def _undo(handles=handles, m=m, st=st):

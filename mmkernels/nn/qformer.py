@@ -16,7 +16,14 @@ from torch import nn
 
 from ..dispatch import BackendNotSupportedError
 from ..ops.attention import attention
-from ..ops.qformer import normalize_encoder_mask, qformer_cross_attention, route, shares_kv
+from ..ops.qformer import (
+    check_keep_mask_values,
+    normalize_encoder_mask,
+    qformer_cross_attention,
+    route,
+    shares_kv,
+)
+from ._checks import check_hf_module, is_int, is_linear, is_number
 
 __all__ = ["QFormerAttention", "QFormerSharedKV"]
 
@@ -69,7 +76,29 @@ class QFormerAttention(nn.Module):
 
     @classmethod
     def from_hf(cls, module: nn.Module, *, backend: str | None = None) -> "QFormerAttention":
-        """A drop-in sharing ``module``'s ``query``/``key``/``value`` layers (same Parameters)."""
+        """A drop-in sharing ``module``'s ``query``/``key``/``value`` layers (same Parameters).
+
+        ``module``: an HF ``Blip2QFormerMultiHeadAttention`` / ``InstructBlipQFormerMultiHeadAttention``
+        (e.g. ``layer.crossattention.attention``); anything else raises ``ValueError``."""
+        check_hf_module(
+            "QFormerAttention.from_hf", "module",
+            module, "an HF Blip2QFormerMultiHeadAttention / InstructBlipQFormerMultiHeadAttention",
+            (("config", "a config", None),
+             ("num_attention_heads", "a positive int", is_int),
+             ("attention_head_size", "a positive int", is_int),
+             ("all_head_size", "a positive int", is_int),
+             ("attention_dropout", "a float", is_number),
+             ("query", "an nn.Linear", is_linear),
+             ("key", "an nn.Linear", is_linear),
+             ("value", "an nn.Linear", is_linear)),
+            children=("attention",))
+        a = module.num_attention_heads * module.attention_head_size
+        widths = {n: getattr(module, n).out_features for n in ("query", "key", "value")}
+        if module.all_head_size != a or any(w != a for w in widths.values()):
+            raise ValueError(
+                f"module: QFormerAttention.from_hf expected query/key/value with num_attention_heads · "
+                f"attention_head_size = {module.num_attention_heads} · {module.attention_head_size} = {a} outputs "
+                f"(all_head_size {module.all_head_size}), got {type(module).__name__} with out_features {widths}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name in ("config", "num_attention_heads", "attention_head_size", "all_head_size", "attention_dropout"):
@@ -149,6 +178,8 @@ class QFormerAttention(nn.Module):
         cross = encoder_hidden_states is not None
         states = encoder_hidden_states if cross else hidden_states
         mask = encoder_attention_mask if cross else attention_mask
+        if cross and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            check_keep_mask_values(mask)  # as qformer_cross_attention checks it
         h, d = self.num_attention_heads, self.attention_head_size
         q = self.query(hidden_states).view(*hidden_states.shape[:2], h, d).transpose(1, 2)
         k = self.key(states).view(*states.shape[:2], h, d).transpose(1, 2)

@@ -29,7 +29,9 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.token_pool import token_pool
+from .. import dispatch
+from ..ops.token_pool import check_options, make_spec, token_pool
+from ._checks import check_hf_module, is_int, is_linear, is_norm, is_number
 
 __all__ = [
     "Gemma3MultiModalProjector",
@@ -93,6 +95,8 @@ class TokenPooler(nn.Module):
     (ones) and — for layernorm by default — ``bias`` (zeros) of size ``norm_dim`` (the output
     width: C, or kernel_size²·C for ``merge``) are parameters.  ``grid`` may be fixed here or
     passed per call (inferred when square).  Everything else as in :func:`mmkernels.token_pool`.
+    The options are checked at construction (``ValueError`` naming the argument; with a fixed
+    ``grid`` the geometry too), not at the first forward.
     """
 
     def __init__(self, mode: str = "avg", kernel_size=2, stride=None, output_size=None, *, grid=None,
@@ -100,6 +104,21 @@ class TokenPooler(nn.Module):
                  eps: float = 1e-6, elementwise_affine: bool = True, bias: bool | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        # every option is checked here, not at the first forward (ValueError naming the argument)
+        check_options(grid=grid, mode=mode, kernel_size=kernel_size, stride=stride, output_size=output_size,
+                      has_cls=has_cls, keep_cls=keep_cls, norm=norm, eps=eps)
+        if grid is not None:  # the geometry too (window vs grid, merge divisibility), on a meta stand-in
+            h, w = (grid, grid) if isinstance(grid, int) else grid
+            make_spec(torch.empty(1, int(has_cls) + h * w, 1, device="meta"), grid=grid, mode=mode,
+                      kernel_size=kernel_size, stride=stride, output_size=output_size, has_cls=has_cls,
+                      keep_cls=keep_cls, norm=norm, eps=eps)
+        if norm_dim is not None and not is_int(norm_dim):
+            raise ValueError(f"norm_dim: expected a positive int (the output width) or None, got {norm_dim!r}")
+        for name, flag in (("elementwise_affine", elementwise_affine), ("bias", bias)):
+            if not (isinstance(flag, bool) or (name == "bias" and flag is None)):
+                raise ValueError(f"{name}: expected a bool{' or None' if name == 'bias' else ''}, got {flag!r}")
+        if backend is not None:
+            dispatch.forced_backend(backend)  # an unknown name raises ValueError
         self.mode, self.kernel_size, self.stride, self.output_size = mode, kernel_size, stride, output_size
         self.grid, self.has_cls, self.keep_cls = grid, has_cls, keep_cls
         self.norm, self.eps, self.backend = norm, eps, backend
@@ -160,6 +179,14 @@ class Gemma3MultiModalProjector(nn.Module):
     @classmethod
     def from_hf(cls, module: nn.Module, backend: str | None = None) -> "Gemma3MultiModalProjector":
         """Wrap an HF ``Gemma3MultiModalProjector``, sharing its parameters."""
+        check_hf_module(
+            "Gemma3MultiModalProjector.from_hf", "module", module, "an HF Gemma3MultiModalProjector",
+            (("mm_input_projection_weight", "a 2-D tensor", lambda w: isinstance(w, torch.Tensor) and w.dim() == 2),
+             ("mm_soft_emb_norm", "an RMSNorm", is_norm),
+             ("mm_soft_emb_norm.eps", "a float", is_number),
+             ("patches_per_image", "a positive int", is_int),
+             ("tokens_per_side", "a positive int", is_int)),
+            children=("multi_modal_projector",))
         w = module.mm_input_projection_weight
         new = cls(w.shape[0], w.shape[1], module.patches_per_image, module.tokens_per_side,
                   eps=module.mm_soft_emb_norm.eps, backend=backend, device="meta")
@@ -197,6 +224,11 @@ class LlavaOnevisionPooling(nn.Module):
     @classmethod
     def from_hf(cls, model: nn.Module, backend: str | None = None) -> "LlavaOnevisionPooling":
         """From an HF LLaVA-OneVision model (its ``config``); ``apply_pooling`` is a method."""
+        check_hf_module(
+            "LlavaOnevisionPooling.from_hf", "model", model,
+            "an HF LLaVA-OneVision model (config.vision_config.image_size / patch_size)",
+            (("config.vision_config.image_size", "a positive int", is_int),
+             ("config.vision_config.patch_size", "a positive int", is_int)))
         return cls.from_config(model.config, backend=backend)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -233,13 +265,24 @@ class InternVLPixelShuffle(nn.Module):
                 backend: str | None = None) -> "InternVLPixelShuffle":
         """From an HF ``InternVLModel`` (ratio from its config, norm from ``multi_modal_projector``),
         an ``InternVLMultiModalProjector``, or an original ``mlp1`` ``nn.Sequential``; shares the norm."""
+        expected = ("an HF InternVLModel, an InternVLMultiModalProjector (with .layer_norm) or the original "
+                    "mlp1 nn.Sequential(LayerNorm, Linear, GELU, Linear)")
+        given = type(module).__name__
         if hasattr(module, "multi_modal_projector"):
-            downsample_ratio = module.config.downsample_ratio if downsample_ratio is None else downsample_ratio
+            if downsample_ratio is None:
+                check_hf_module("InternVLPixelShuffle.from_hf", "module", module, expected,
+                                (("config.downsample_ratio", "a float", is_number),))
+                downsample_ratio = module.config.downsample_ratio
             module = module.multi_modal_projector
-        if isinstance(module, nn.Sequential):
-            norm = module[0] if isinstance(module[0], nn.LayerNorm) else None
+        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.LayerNorm):
+            norm = module[0]
+        elif is_norm(getattr(module, "layer_norm", None)):
+            norm = module.layer_norm
         else:
-            norm = getattr(module, "layer_norm", None)
+            what = "an nn.Sequential not starting with a LayerNorm" if isinstance(module, nn.Sequential) else (
+                "no .layer_norm norm module")
+            raise ValueError(f"module: InternVLPixelShuffle.from_hf expected {expected}, got {given} ({what}); "
+                             "without a norm, build InternVLPixelShuffle(downsample_ratio)")
         return cls(0.5 if downsample_ratio is None else downsample_ratio, norm, has_cls=has_cls, backend=backend)
 
     def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
@@ -261,6 +304,10 @@ class Idefics3PixelShuffle(nn.Module):
 
     @classmethod
     def from_hf(cls, connector: nn.Module, backend: str | None = None) -> "Idefics3PixelShuffle":
+        """From an HF ``Idefics3Connector`` / ``SmolVLMConnector`` (its ``scale_factor``)."""
+        check_hf_module("Idefics3PixelShuffle.from_hf", "connector", connector,
+                        "an HF Idefics3Connector / SmolVLMConnector", (("scale_factor", "a positive int", is_int),),
+                        children=("connector",))
         return cls(connector.scale_factor, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +334,12 @@ class LlavaNextVideoPooler(nn.Module):
 
     @classmethod
     def from_hf(cls, pooler: nn.Module, backend: str | None = None) -> "LlavaNextVideoPooler":
+        """From an HF ``LlavaNextVideoPooler`` (its ``pool``: AvgPool2d / MaxPool2d / Conv2d)."""
+        check_hf_module("LlavaNextVideoPooler.from_hf", "pooler", pooler,
+                        "an HF LlavaNextVideoPooler (.pool: AvgPool2d, MaxPool2d or Conv2d)",
+                        (("pool", "an AvgPool2d, MaxPool2d or Conv2d",
+                          lambda p: isinstance(p, (nn.AvgPool2d, nn.MaxPool2d, nn.Conv2d))),),
+                        children=("vision_resampler",))
         pool = pooler.pool
         k = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
         if isinstance(pool, nn.AvgPool2d):
@@ -338,6 +391,13 @@ class Qwen2VLPatchMerger(nn.Module):
     @classmethod
     def from_hf(cls, merger: nn.Module, backend: str | None = None) -> "Qwen2VLPatchMerger":
         """Wrap an HF patch merger, sharing its ``ln_q`` and ``mlp`` modules."""
+        check_hf_module(
+            "Qwen2VLPatchMerger.from_hf", "merger", merger, "an HF Qwen2-VL PatchMerger / Qwen2_5_VLPatchMerger",
+            (("ln_q", "a LayerNorm or an RMSNorm", is_norm),
+             ("mlp", "an nn.Sequential ending in an nn.Linear",
+              lambda m: isinstance(m, nn.Sequential) and len(m) > 0 and is_linear(m[-1])),
+             ("hidden_size", "a positive int", is_int)),
+            children=("merger",))
         kind, _, _, eps = _norm_of(merger.ln_q)
         context_dim = merger.ln_q.weight.shape[0]
         merge = math.isqrt(merger.hidden_size // context_dim)

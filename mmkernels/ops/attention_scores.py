@@ -118,6 +118,9 @@ def _validate(query, key, lse, attn_mask, is_causal, scale, enable_gqa, reduce_h
     if key.dtype != query.dtype or key.device != query.device:
         raise ValueError(f"key: expected dtype {query.dtype} on {query.device} like query, got {describe(key)}")
     b, hq, lq, d = query.shape
+    if d == 0:
+        raise ValueError(f"query: expected a head dim D >= 1 in (B, H, L, D) (D = 0 gives no logits and no "
+                         f"default scale 1/sqrt(D)), got {describe(query)}")
     if key.shape[0] != b or key.shape[-1] != d:
         raise ValueError(f"key: expected (B={b}, Hkv, Lk, D={d}) like query {describe(query)}, got {describe(key)}")
     check_gqa_heads(hq, key.shape[1], enable_gqa, key)
@@ -188,6 +191,13 @@ def _reduce(scores: torch.Tensor, reduce_heads):
 
 
 def _run_scores(query, key, rows, stats, attn_mask, is_causal, scale, backend):
+    if key.shape[2] == 0:
+        # no keys (Lk = 0): nothing receives attention, the scores are the empty (B, H, 0) tensor
+        # (as mk.attention returns zeros for rows with no key); no backend runs, a forced one is
+        # still checked by name
+        dispatch.forced_backend(backend)
+        b, h = query.shape[:2]
+        return query.new_zeros(b, h, 0, dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
     inputs = dict(query=query, key=key, rows=rows, stats=stats, attn_mask=attn_mask,
                   is_causal=bool(is_causal), scale=float(scale))
     return dispatch.select("attention_scores", inputs, backend).run(**inputs)
@@ -231,6 +241,9 @@ def attention_scores(
     (B, Hq, Lq, Lk); causal top-left aligned).  A selected row whose keys are all masked adds 0::
 
         query_index=-1, Lq=3, Lk=5, is_causal=True     row 2 sees keys 0 1 2 → scores[3:] = 0
+
+    No keys (Lk = 0) gives the empty result, (B, 0) / (B, Hq, 0); a head dim D = 0 raises
+    ``ValueError`` (there are no logits, and no default scale).
 
     ``lse``: the row statistics of a forward over the same query/key/mask, so the Triton path
     skips its own softmax pass.  Two forms: (B, Hq, Lq) natural-log log-sum-exp (flash-attn's

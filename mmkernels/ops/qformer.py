@@ -122,6 +122,24 @@ _qformer_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------
+def check_keep_mask_values(mask: torch.Tensor, name: str = "encoder_attention_mask") -> None:
+    """A non-bool 2-D (B, Lk) mask is a keep-mask: its values must be 0 (drop) or 1 (keep).  An
+    additive mask there (0 = keep, -10000 / finfo.min / -inf = drop) would be read inverted (its
+    nonzero columns kept, its 0 columns dropped), so it raises ``ValueError``.  The values are
+    read only where that costs no device sync: a CPU tensor, outside ``torch.compile``
+    (elsewhere the mask is trusted)."""
+    if mask.dtype == torch.bool or mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        example = mask[bad][0].item()
+        raise ValueError(
+            f"{name}: a 2-D mask is a keep-mask (B, Lk) with 1/True = keep and 0/False = drop, got a value "
+            f"{example!r} outside {{0, 1}} in {describe(mask)}; pass an additive mask as 4-D (B or 1, H or 1, "
+            f"Lq or 1, Lk), e.g. mask[:, None, None, :]"
+        )
+
+
 def _validate(x, enc, wq, bq, wk, bk, wv, bv, num_heads, mask, dropout_p, scale) -> None:
     named = (("hidden_states", x), ("encoder_hidden_states", enc), ("q_weight", wq), ("k_weight", wk),
              ("v_weight", wv), ("q_bias", bq), ("k_bias", bk), ("v_bias", bv))
@@ -166,6 +184,8 @@ def _validate(x, enc, wq, bq, wk, bk, wv, bv, num_heads, mask, dropout_p, scale)
         b, lq, lk = max(x.shape[0], enc.shape[0]), x.shape[1], enc.shape[1]
         if mask.dim() == 2:
             ok = mask.shape[1] == lk and mask.shape[0] in (1, b)
+            if ok:
+                check_keep_mask_values(mask)
         else:
             if mask.dtype != torch.bool and mask.dtype != x.dtype:
                 raise ValueError(
@@ -384,9 +404,12 @@ def qformer_cross_attention(
 
     ``encoder_attention_mask``: (B, Lk) with 1/True = keep (an image padding mask), or any
     SDPA mask broadcastable to (B, H, Lq, Lk) (bool True = attend, or additive float such as
-    HF's extended (B, 1, 1, Lk) mask).  ``scale`` defaults to d^-½.  ``dropout_p`` drops
-    attention probabilities in-kernel (Philox, seeded from torch's generator).  Rows with no
-    visible key return 0.
+    HF's extended (B, 1, 1, Lk) mask).  A 2-D mask is always a keep-mask: values other than
+    0 / 1 (an additive mask such as 0 / -10000) raise ``ValueError`` — pass additive masks 4-D.
+    That value check reads the mask only where it costs no device sync (a CPU tensor, outside
+    ``torch.compile``); a CUDA mask or a compiled call is trusted.  ``scale`` defaults to
+    d^-½.  ``dropout_p`` drops attention probabilities in-kernel (Philox, seeded from torch's
+    generator).  Rows with no visible key return 0.
 
     Equivalent PyTorch (HF ``Blip2QFormerMultiHeadAttention`` in cross-attention mode)::
 

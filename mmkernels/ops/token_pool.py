@@ -24,7 +24,7 @@ from .._utils import contiguous_outputs, describe, empty_contiguous, triton_devi
 from ..dispatch import Reason
 from ..reference import token_pool as ref
 
-__all__ = ["token_pool", "make_spec"]
+__all__ = ["token_pool", "make_spec", "check_options"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,13 +148,45 @@ _token_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 def _pair(name: str, value) -> tuple[int, int]:
     """A positive int or a pair of positive ints, as (a, b)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
     if not ok:
         raise ValueError(f"{name}: expected a positive int or a pair of positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
+    return int(pair[0]), int(pair[1])
+
+
+def check_options(*, grid=None, mode: str = "avg", kernel_size=2, stride=None, output_size=None,
+                  has_cls: bool = False, keep_cls: bool = False, norm: str | None = None, eps: float = 1e-6) -> None:
+    """The checks of a ``token_pool`` call that need no input (raises ValueError naming the argument):
+    what :class:`mmkernels.nn.TokenPooler` runs at construction, and :func:`make_spec` at every call."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm: expected None, 'layernorm' or 'rmsnorm', got {norm!r}")
+    if not isinstance(has_cls, bool) or not isinstance(keep_cls, bool):
+        raise ValueError(f"has_cls/keep_cls: expected bools, got {has_cls!r}, {keep_cls!r}")
+    if keep_cls and not has_cls:
+        raise ValueError("keep_cls: keep_cls=True needs has_cls=True (there is no CLS token to keep)")
+    if keep_cls and mode == "merge":
+        raise ValueError("keep_cls: not available with mode='merge' (the CLS token has C channels, merged rows s²·C)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    if grid is not None:
+        _pair("grid", grid)
+    if output_size is not None and mode != "bilinear":
+        raise ValueError(f"output_size: only used by mode='bilinear' (mode={mode!r}); use kernel_size/stride")
+    if mode == "bilinear":
+        if stride is not None:
+            raise ValueError("stride: not used by mode='bilinear'; pass output_size")
+        if output_size is not None:
+            _pair("output_size", output_size)
+        return
+    kh, kw = _pair("kernel_size", kernel_size)
+    if stride is not None:
+        sh, sw = _pair("stride", stride)
+        if mode == "merge" and (sh, sw) != (kh, kw):
+            raise ValueError(f"stride: mode='merge' uses stride = kernel_size = {(kh, kw)}, got {stride!r}")
 
 
 def make_spec(x: torch.Tensor, *, grid=None, mode: str = "avg", kernel_size=2, stride=None, output_size=None,
@@ -169,18 +201,8 @@ def make_spec(x: torch.Tensor, *, grid=None, mode: str = "avg", kernel_size=2, s
         raise ValueError(f"x: expected a floating dtype (float16/bfloat16/float32/float64), got {describe(x)}")
     if x.shape[2] == 0:
         raise ValueError(f"x: expected at least one channel (C > 0) in (B, N, C), got {describe(x)}")
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if norm is not None and norm not in NORMS:
-        raise ValueError(f"norm: expected None, 'layernorm' or 'rmsnorm', got {norm!r}")
-    if not isinstance(has_cls, bool) or not isinstance(keep_cls, bool):
-        raise ValueError(f"has_cls/keep_cls: expected bools, got {has_cls!r}, {keep_cls!r}")
-    if keep_cls and not has_cls:
-        raise ValueError("keep_cls: keep_cls=True needs has_cls=True (there is no CLS token to keep)")
-    if keep_cls and mode == "merge":
-        raise ValueError("keep_cls: not available with mode='merge' (the CLS token has C channels, merged rows s²·C)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    check_options(grid=grid, mode=mode, kernel_size=kernel_size, stride=stride, output_size=output_size,
+                  has_cls=has_cls, keep_cls=keep_cls, norm=norm, eps=eps)
     n_grid = x.shape[1] - int(has_cls)
     if grid is None:
         side = math.isqrt(max(n_grid, 0))
@@ -193,17 +215,11 @@ def make_spec(x: torch.Tensor, *, grid=None, mode: str = "avg", kernel_size=2, s
         if h * w != n_grid:
             raise ValueError(f"grid: (h, w) = ({h}, {w}) has {h * w} cells but x has {n_grid} grid tokens "
                              f"(N={x.shape[1]}, has_cls={has_cls}; {describe(x)})")
-    if output_size is not None and mode != "bilinear":
-        raise ValueError(f"output_size: only used by mode='bilinear' (mode={mode!r}); use kernel_size/stride")
     if mode == "bilinear":
-        if stride is not None:
-            raise ValueError("stride: not used by mode='bilinear'; pass output_size")
         oh, ow = _pair("output_size", output_size) if output_size is not None else (-(-h // 2), -(-w // 2))
         return TokenPoolSpec(h, w, mode, 1, 1, 1, 1, oh, ow, has_cls, keep_cls, norm, float(eps))
     kh, kw = _pair("kernel_size", kernel_size)
     if mode == "merge":
-        if stride is not None and _pair("stride", stride) != (kh, kw):
-            raise ValueError(f"stride: mode='merge' uses stride = kernel_size = {(kh, kw)}, got {stride!r}")
         if h % kh or w % kw:
             raise ValueError(f"grid: (h, w) = ({h}, {w}) is not divisible by kernel_size {(kh, kw)} for mode='merge'")
         return TokenPoolSpec(h, w, mode, kh, kw, kh, kw, h // kh, w // kw, has_cls, keep_cls, norm, float(eps))

@@ -5,7 +5,9 @@
 * with ``transformers.AttentionInterface``: :func:`mmkernels_attention_forward`, which takes
   HF's attention-interface call (``module, query, key, value, attention_mask, dropout, scaling,
   is_causal, **kwargs``; q/k/v (B, H, L, D)) and runs :func:`mmkernels.attention`, returning
-  ``(output (B, Lq, H, D), None)`` exactly as HF's ``sdpa`` implementation does;
+  ``(output (B, Lq, H, D), None)`` exactly as HF's ``sdpa`` implementation does — except that a
+  call asked for attention weights (``output_attentions=True``) runs the model's eager attention
+  and returns them (one warning per process), where ``sdpa`` drops them;
 * with ``transformers.masking_utils.AttentionMaskInterface``: :func:`mmkernels_mask`, which
   builds the same boolean mask (True = attend, (B, 1, Lq, Lk), or ``None`` when ``is_causal``
   alone describes it) as HF builds for ``sdpa`` — the form :func:`mmkernels.attention` reads
@@ -54,7 +56,7 @@ def mmkernels_attention_forward(
     scaling: float | None = None,
     is_causal: bool | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HF attention-interface function on :func:`mmkernels.attention`.
 
     ``query`` (B, Hq, Lq, D), ``key``/``value`` (B, Hkv, Lk, D) with Hkv = Hq /
@@ -66,12 +68,29 @@ def mmkernels_attention_forward(
     ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs, from ``DataCollatorWithFlattening(
     return_flash_attn_kwargs=True)``) runs as one :func:`mmkernels.attention_varlen` call
     (see :func:`_packed_forward`).  Returns ``(out (B, Lq, Hq, D), None)``: the
-    attention weights are never formed.  Extra keyword arguments (``sliding_window``,
+    attention weights are never formed (unless requested, below).  Extra keyword arguments (``sliding_window``,
     ``position_ids``, ...) are ignored, as in HF's sdpa function; ``softcap`` and
     ``position_bias`` are handled (``softcap`` is rejected with ``ValueError``, like sdpa).
 
+    ``output_attentions=True`` (in ``kwargs``, or transformers' output recorder collecting
+    attentions for this forward): the fused kernel never forms the weights, so that call runs
+    through eager attention instead — the model's own ``eager_attention_forward`` with HF's
+    eager (additive) mask — and returns ``(out, weights (B, Hq, Lq, Lk))`` as ``"eager"`` would,
+    with one :class:`UserWarning` per process (O(L²) memory, no fused kernel).  transformers'
+    ``sdpa`` instead warns once and returns ``None`` (so no attentions come back).
+
     Equivalent PyTorch: ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
     """
+    if _attentions_requested(kwargs):
+        if getattr(module, "_mmkernels_scores_request", None) is not None:
+            # token pruning scores this layer: its scores come from the fused call, as without weights
+            _fused_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        return _eager_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    return _fused_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def _fused_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """:func:`mmkernels_attention_forward` without attention weights: the kernels."""
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='mmkernels' does not support `softcap`; use 'eager'")
     groups = getattr(module, "num_key_value_groups", 1) or 1
@@ -118,6 +137,112 @@ def mmkernels_attention_forward(
         out = attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
                         scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+_output_attentions_warned = False
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover - torch without torch.compiler
+        return False
+
+
+def _attentions_requested(kwargs) -> bool:
+    """Whether this attention call must return its weights: ``output_attentions=True`` in the
+    kwargs HF forwards to the attention function, or (outside a compile trace) transformers'
+    output recorder collecting ``*attentions`` for the running forward (models whose layers do
+    not pass the flag down still record the attention module's second output)."""
+    if kwargs.get("output_attentions"):
+        return True
+    if _compiling():
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: the flag is in kwargs or nowhere
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any(k.endswith("attentions") for k in collected)
+
+
+def _warn_output_attentions(fn) -> None:
+    global _output_attentions_warned
+    if _output_attentions_warned or _compiling():
+        return
+    _output_attentions_warned = True
+    import warnings
+
+    where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    warnings.warn(
+        f"attn_implementation='mmkernels' with output_attentions=True: the fused kernel never forms the "
+        f"attention weights, so every call asked for them runs eager attention ({where}), which materialises "
+        "the (B, H, Lq, Lk) probabilities (O(L^2) memory, no fused kernel). Request attentions only when "
+        "needed. (Warned once per process.)",
+        UserWarning, stacklevel=4,
+    )
+
+
+def _generic_eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                                     softcap=None, **kwargs):
+    """transformers' canonical ``eager_attention_forward`` (for a model module that has none)."""
+    groups = query.shape[1] // key.shape[1] if key.shape[1] else 1
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+_EAGER_FUNCTIONS: dict[type, object] = {}
+
+
+def _model_eager_function(module):
+    """The ``eager_attention_forward`` of ``module``'s modeling file (what ``"eager"`` runs) when
+    it takes ``scaling`` and ``dropout`` by name, else :func:`_generic_eager_attention_forward`."""
+    cls = type(module)
+    fn = _EAGER_FUNCTIONS.get(cls)
+    if fn is None:
+        import inspect
+        import sys
+
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        try:
+            params = inspect.signature(fn).parameters if callable(fn) else {}
+        except (TypeError, ValueError):
+            params = {}
+        if not {"scaling", "dropout"} <= set(params):
+            fn = _generic_eager_attention_forward
+        _EAGER_FUNCTIONS[cls] = fn
+    return fn
+
+
+def _eager_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """The call as ``attn_implementation="eager"`` runs it, for ``output_attentions=True``: the
+    model's eager function on HF's eager mask (additive float; the boolean / ``None``-when-causal
+    mask built for this implementation converted the way ``masking_utils.eager_mask`` does)."""
+    fn = _model_eager_function(module)
+    _warn_output_attentions(fn)
+    lq, lk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None and causal and lq > 1:
+        # the mask interface skipped a pure causal mask (is_causal carries it): eager needs it explicit
+        # (top-left aligned, as SDPA's is_causal and the fused path read it)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()[None, None]
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, torch.zeros((), device=mask.device, dtype=query.dtype), torch.finfo(query.dtype).min)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if is_causal is not None:
+        kwargs = dict(kwargs, is_causal=is_causal)
+    return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _packed_forward(query, key, value, cu_q, cu_k, kwargs, dropout, scaling, is_causal, enable_gqa):

@@ -9,6 +9,10 @@ What is patched (each switch of :func:`patch` turns one group off):
     :mod:`mmkernels.integrations.hf`) on its config and sub-configs: CLIP / SigLIP / EVA-style
     BLIP-2 vision towers, the LMs (LLaMA,
     Qwen2, Gemma 3, OPT, ...), and the Q-Former when ``qformer=False``.  No module changes class.
+    A config the user set to ``"eager"`` (on a model that supports sdpa, so not HF's fallback)
+    is left alone unless ``override_eager=True``.  ``output_attentions=True`` still returns the
+    weights: those calls run the model's eager attention (one warning per process; see
+    :func:`mmkernels.integrations.hf.mmkernels_attention_forward`).
   * Qwen2-VL / Qwen2.5-VL (window and full blocks) / Qwen3-VL (and GLM-4V, Qwen3.5, Qwen3-Omni)
     vision attention: ``forward`` overridden on the instance to run qkv → one
     :func:`mmkernels.attention_varlen` over the packed images/windows with the vision RoPE fused →
@@ -35,8 +39,10 @@ What is patched (each switch of :func:`patch` turns one group off):
   ``SmolVLMConnector.pixel_shuffle`` are overridden on the instance.
 
 Parameters, buffers and ``state_dict`` keys do not change (the drop-ins share the original
-``Parameter`` objects).  :func:`unpatch` puts every original module object, method and config
-value back.
+``Parameter`` objects).  A drop-in of another class gets transformers' output-recording hooks of
+the module it replaces (``output_attentions`` / ``cross_attentions`` of the Q-Former), which
+transformers would otherwise not install on it.  :func:`unpatch` puts every original module
+object, method and config value back.
 """
 
 from __future__ import annotations
@@ -161,7 +167,17 @@ def _all_configs(config) -> list:
     return out
 
 
-def _patch_hf_attention(model: nn.Module, state: _State, report: PatchReport) -> None:
+def _explicit_eager(implementation, owner) -> bool:
+    """Whether a config's ``implementation`` is ``"eager"`` by the user's choice: HF only falls
+    back to eager by itself for a model class without sdpa support (``owner``: the model the
+    config belongs to; None, a sub-config without its own model, is kept as the user has it)."""
+    if implementation != "eager":
+        return False
+    return owner is None or bool(getattr(owner, "_supports_sdpa", True))
+
+
+def _patch_hf_attention(model: nn.Module, state: _State, report: PatchReport,
+                        override_eager: bool = False) -> None:
     PreTrainedModel = _pretrained_model_class()
     if PreTrainedModel is None:
         return
@@ -179,8 +195,10 @@ def _patch_hf_attention(model: nn.Module, state: _State, report: PatchReport) ->
     seen: set[int] = set()
     for root_path, root in roots:
         configs: list[tuple[Any, Any]] = []  # this root's configs, with their value before
+        owner_models: dict[int, nn.Module] = {}  # config id -> the PreTrainedModel it configures
         for path, m in root.named_modules():
             if isinstance(m, PreTrainedModel):
+                owner_models.setdefault(id(m.config), m)
                 for c in _all_configs(m.config):
                     if id(c) not in seen:
                         seen.add(id(c))
@@ -202,6 +220,12 @@ def _patch_hf_attention(model: nn.Module, state: _State, report: PatchReport) ->
                 owners.setdefault(id(m.config), ".".join(p for p in (root_path, path) if p))
         for c, old in configs:
             state.configs.append((c, old))
+            if not override_eager and _explicit_eager(old, owner_models.get(id(c))):
+                c._attn_implementation_internal = old  # set_attn_implementation recursed into it
+                report.skipped.append((owners.get(id(c), f"{root_path or '<root>'} (sub-config)"), type(c).__name__,
+                                       "attn_implementation='eager' set by the user: left alone "
+                                       "(patch(..., override_eager=True) switches it)"))
+                continue
             new = c._attn_implementation_internal
             if new != old:
                 report.configs.append((owners.get(id(c), f"{root_path or '<root>'} (sub-config)"),
@@ -228,6 +252,88 @@ def _replace(model: nn.Module, path: str, new: nn.Module, state: _State, report:
     parent._modules[name] = new
     state.modules.append((parent, name, old))
     report.replaced.append((path, _class_name(type(old)), _class_name(type(new))))
+    _mirror_output_recorders(model, path, old, new, state)
+
+
+def _mirror_output_recorders(model: nn.Module, path: str, old: nn.Module, new: nn.Module, state: _State) -> None:
+    """transformers (5.x) collects ``output_attentions`` / ``cross_attentions`` / hidden states
+    with forward hooks it installs, once and lazily, on the modules of the classes a model lists
+    in ``_can_record_outputs``; a drop-in of another class (``QFormerAttention`` for
+    ``Blip2QFormerMultiHeadAttention``) would never get them and its outputs would silently go
+    missing.  Give ``new`` the recording hooks that transformers installs (or would install) on
+    ``old``, with the owning model's rules; the hooks are removed by :func:`unpatch`."""
+    PreTrainedModel = _pretrained_model_class()
+    if PreTrainedModel is None:
+        return
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder, _active_collector
+    except ImportError:  # a transformers without hook-based output capture
+        return
+    parts = path.split(".")
+    owner, rel = None, path
+    for i in range(len(parts) - 1, -1, -1):  # the nearest PreTrainedModel above the module
+        candidate = model.get_submodule(".".join(parts[:i])) if i else model
+        if isinstance(candidate, PreTrainedModel):
+            owner, rel = candidate, ".".join(parts[i:])
+            break
+    if owner is None:
+        return
+    module_name = "." + rel + "."  # transformers matches layer_name on ".a.b.c" (+ ".")
+    hooks = []
+    for key, specs in _CAN_RECORD_REGISTRY.get(owner).items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if isinstance(spec, str):  # matched on the module path: transformers hooks the drop-in itself
+                continue
+            if not isinstance(spec, OutputRecorder):
+                spec = OutputRecorder(target_class=spec, index=0 if "hidden_states" in key else 1)
+            cls = spec.target_class
+            if (cls is None or not isinstance(old, cls) or isinstance(new, cls)
+                    or (spec.class_name is not None and module_name[:-1].endswith(spec.class_name))):
+                continue
+            if spec.layer_name is not None and "." + spec.layer_name.strip(".") + "." not in module_name:
+                continue
+            hooks.append(_recording_hook(_active_collector, key, spec.index, spec.capture_initial_hidden_state))
+    if not hooks:
+        return
+    handles = [new.register_forward_hook(h) for h in hooks]
+    installed = bool(getattr(owner, "_output_capturing_hooks_installed", False))
+
+    def undo():
+        for handle in handles:
+            handle.remove()
+        if not installed and getattr(owner, "_output_capturing_hooks_installed", False):
+            # transformers installed its hooks (once, for good) while the drop-in was in place:
+            # the original module coming back must record as it would have
+            for h in hooks:
+                old.register_forward_hook(h)
+
+    state.undo.append(undo)
+
+
+def _recording_hook(collector, key: str, index: int, capture_initial_hidden_state: bool):
+    """transformers' output-capturing forward hook (``output_capturing.install_output_capuring_hook``)."""
+
+    def hook(module, args, output):
+        collected = collector.get()
+        if collected is None or key not in collected:
+            return
+        if key == "hidden_states":
+            states, selection = collected[key], collected.get("_hidden_states_layers")
+
+            def append(h):
+                states.append(h if selection is None or len(states) in selection else None)
+
+            if capture_initial_hidden_state and not states:
+                append(args[0])
+            h = output[index] if isinstance(output, tuple) else output
+            if h is not None:
+                append(h)
+        elif not isinstance(output, tuple):
+            collected[key].append(output)
+        elif output[index] is not None:
+            collected[key].append(output[index])
+
+    return hook
 
 
 def _override(owner: nn.Module, name: str, fn: Callable, path: str, state: _State, report: PatchReport,
@@ -398,7 +504,7 @@ def _share_qformer_kv(path: str, m: nn.Module, mode: bool | None, state: _State,
 
 
 def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True,
-          prune=None, qformer_shared_kv: bool | None = None) -> PatchReport:
+          prune=None, qformer_shared_kv: bool | None = None, override_eager: bool = False) -> PatchReport:
     """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
     ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
     MultiheadAttention`, Q-Former attention → :class:`mmkernels.nn.QFormerAttention`, token
@@ -412,6 +518,11 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     from one GEMM per forward (:class:`mmkernels.nn.QFormerSharedKV`) — None: where
     :func:`mmkernels.ops.qformer.shares_kv` says so (Triton: unless the fused kernel would run;
     SDPA: on a GPU); True: always; False: never.  Change it later through the encoder's ``mmkernels_shared_kv.mode``.
+
+    ``override_eager``: also switch the attention configs the user set to ``"eager"`` (left
+    alone by default, listed under "left alone").  ``output_attentions=True`` on a patched model
+    returns the attention weights as eager does: those calls run eager attention, with one
+    warning per process naming the cost.
 
     Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
     unchanged.  Patching a patched model raises; :func:`unpatch` first.
@@ -432,7 +543,7 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     state, report = _State(), PatchReport()
     try:
         if attention:
-            _patch_hf_attention(model, state, report)
+            _patch_hf_attention(model, state, report, override_eager)
         for path, m in list(model.named_modules()):
             cls = type(m).__name__
             if not path:

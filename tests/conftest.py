@@ -26,9 +26,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU machines)")
     config.addinivalue_line("markers", "slow: long-running case (a subprocess, an AOT compile, an emulation build)")
     config.addinivalue_line("markers", "fuzz: seeded random-shape fuzz cases (`-m fuzz` draws the long run)")
+    config.addinivalue_line("markers", "soak: opt-in load test (`-m soak`): thousands of calls, memory and caches bounded")
 
 
 def pytest_collection_modifyitems(config, items):
+    if "soak" not in (config.getoption("-m") or ""):
+        opt_in = pytest.mark.skip(reason="opt-in load test: run with -m soak")
+        for item in items:
+            if "soak" in item.keywords:
+                item.add_marker(opt_in)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")

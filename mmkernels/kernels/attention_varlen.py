@@ -83,7 +83,7 @@ _SEED_STRIDE = tl.constexpr(1000003)
 # jit helpers
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tile(CU, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+def _tile(CU, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr):
     """(sequence, first local row, sequence start, sequence length) of program ``pid``; length 0
     for a program past the packing's last tile (it returns).
 
@@ -91,10 +91,16 @@ def _tile(CU, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.constexpr):
     Otherwise sequence s owns programs [P_{s-1}, P_s) with P_s = sum_{r<=s} ceil(L_r / BLOCK):
     the sequence of t is the number of s with P_s <= t, found by scanning cu_seqlens in SCAN-wide
     vector chunks (one chunk up to SCAN sequences: ~207 windows of a 1000x2500 px Qwen2.5-VL image).
+    USE_MAP (more than SCAN sequences, no hint): that scan would cost every program O(n), the
+    whole grid O(n²), so the launcher computes the (sequence, block) of each program with three
+    device ops (:func:`tile_map`) and the program reads its two entries.
     """
     seq = pid * 0
     first = pid * 0
-    if PER_SEQ > 0:
+    if USE_MAP:
+        seq = tl.load(TILE_MAP + pid)
+        first = pid - tl.load(TILE_MAP + tl.num_programs(0) + pid)
+    elif PER_SEQ > 0:
         seq = pid // PER_SEQ
         first = seq * PER_SEQ
     else:
@@ -143,7 +149,7 @@ def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
@@ -153,12 +159,13 @@ def _varlen_fwd(
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
+    PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
     if m_start >= LQ:
         return  # past the last tile of the packing (the grid is an upper bound)
     k_lo = tl.load(CU_K + seq).to(tl.int64)
@@ -222,7 +229,7 @@ def _varlen_fwd(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
@@ -232,7 +239,8 @@ def _varlen_bwd_dkdv(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
+    PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one sequence on transposed tiles (Sᵀ = K Qᵀ, dPᵀ = V dOᵀ:
@@ -240,7 +248,7 @@ def _varlen_bwd_dkdv(
     Hopper's wgmma tile (as the dense ``_attn_bwd_dkdv``)."""
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    seq, n_start, k_lo, LK = _tile(CU_K, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN)
+    seq, n_start, k_lo, LK = _tile(CU_K, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN, USE_MAP)
     if n_start >= LK:
         return
     q_lo = tl.load(CU_Q + seq).to(tl.int64)
@@ -320,7 +328,7 @@ def _varlen_bwd_dkdv(
 
 @triton.jit
 def _varlen_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
@@ -330,12 +338,13 @@ def _varlen_bwd_dq(
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
+    PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    seq, m_start, q_lo, LQ = _tile(CU_Q, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN)
+    seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
     if m_start >= LQ:
         return
     k_lo = tl.load(CU_K + seq).to(tl.int64)
@@ -434,6 +443,23 @@ def _common(query, key, cos, sin, seed, dropout_p, is_causal, scale):
     return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
 
 
+def tile_map(cu: torch.Tensor, block: int, programs: int, per_seq: int) -> tuple[torch.Tensor, bool]:
+    """(map, used): with more than ``_SCAN`` sequences and no ``max_seqlen`` hint, the int32
+    (2, programs) map of each program's sequence (n when idle) and its first program, from
+    device ops (no host read); otherwise ``cu`` itself as an unused placeholder.  Measured in the
+    interpreter: 5,000 empty sequences took > 600 s with the in-kernel scan (every program
+    scanning every sequence)."""
+    n = cu.shape[0] - 1
+    if per_seq > 0 or n <= _SCAN:
+        return cu, False
+    ntiles = (cu[1:] - cu[:-1] + (block - 1)) // block
+    ends = torch.cumsum(ntiles, 0)
+    pid = torch.arange(programs, device=cu.device, dtype=ends.dtype)
+    seq = torch.searchsorted(ends, pid, right=True)
+    first = (ends - ntiles)[seq.clamp(max=n - 1)]
+    return torch.stack([seq, pid - first]).to(torch.int32).contiguous(), True
+
+
 def _safe_metadata(cu_q, cu_k, total_q: int, total_k: int):
     """The kernels index with cu_seqlens unchecked, so they get copies that cannot point outside
     the packed tensors (clamped, non-decreasing, contiguous: two tiny device ops each, no host
@@ -469,12 +495,13 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
     cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
     kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
+    tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     kernel[(programs, h)](
-        query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg,
+        query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *cstr,
         h, total_q, h // hkv, n, per_seq, _head_bucket(d),
         float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value), **cfg,
+        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value), **cfg,
     )
     return out, lse
 
@@ -505,17 +532,19 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_k, bn, max_k)
+    tmap, use_map = tile_map(cu_k, bn, programs, per_seq)
     kv_kernel[(programs, hkv)](
-        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap, *common,
         h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
-        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
+        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
     )
     q_kernel, q_cfg, bm = _launcher("dq", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
+    tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     q_kernel[(programs, h)](
-        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, *common,
+        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap, *common,
         h, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
-        **meta, SCAN=_SCAN, ALIGNED=_aligned(query, key, value, grad_out), **q_cfg,
+        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **q_cfg,
     )
     if meta["ROTARY"]:
         # (total, H, D) viewed as (1, H, total, D): the packed row is the rotary row

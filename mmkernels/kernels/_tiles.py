@@ -175,8 +175,11 @@ def _tile_logits(
             s = tl.where(mval != 0, s, float("-inf"))
         else:
             mval = mval.to(tl.float32)
-            # clamp HF's finfo.min to -1e30 (×log2 e must not overflow to -inf), keep true -inf
-            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30))
+            # clamp HF's finfo.min to -1e30 (×log2 e must not overflow to -inf), keep true -inf,
+            # and keep NaN: a NaN entry gives a NaN logit (SDPA's math), not a masked one — the
+            # default maximum (max.f32) would return -1e30 for it; PropagateNan.ALL is max.NaN.f32,
+            # the same single instruction
+            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30, propagate_nan=tl.PropagateNan.ALL))
             s += mval * LOG2E
     if EDGE:
         if BOUNDS:

@@ -30,6 +30,14 @@ view (stride 0 along broadcast dims), so (B, 1, 1, Lk) padding masks cost one ro
 Causal masking is top-left aligned (query i sees key j <= i) as in SDPA.  Rows with no
 visible key get LSE = +inf, O = 0 and zero gradients.
 
+NaN (the rule of ``mk.attention``'s docstring, "NaN and Inf" in docs/design.md): what reaches a
+row through the tiles it computes propagates as in SDPA's math (a NaN or +inf additive mask entry
+gives a NaN logit — the finfo.min clamp keeps NaN; 0·NaN in P·V); what a row cannot reach here —
+keys above the causal band it skips, logits a select hides (causal triangle, bool mask) — the op
+layer adds from reductions over Q, K, V and the mask (``ops.attention._math_nans``).  Not in the
+kernel: seeding a bool-masked row's sum with its query's NaN (for a row whose keys are all
+hidden) cost the sm_90 bf16 forward up to 9 registers (d=72 mask + dropout: 243 → 252).
+
 Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus the
 (batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
 

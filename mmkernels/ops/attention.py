@@ -254,6 +254,50 @@ def _rotary_3d(rotary, query, key, batch):
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
+def _math_nans(out, query, key, value, attn_mask=None, *, queries=False, keys=False, values=False,
+               mask_rows=False, rotary=None):
+    """``out`` (B, Hq, Lq, Dv) with NaN where SDPA's math backend has one that a route may not
+    produce itself — the part of the NaN rule (:func:`attention`, "NaN and Inf") that lives at
+    positions a route skips or selects away (keys above the causal band, causal / bool-masked
+    logits): ``queries``: the rows whose query holds a NaN (needed where a bool mask hides all
+    of a row's keys); ``keys``: every element of the heads whose key (B, Hkv, Lk, D) holds a NaN
+    (with ``rotary``, also every head of a batch whose cos/sin hold one: the rotated keys do);
+    ``values``: column d of the heads whose value column d holds a NaN; ``mask_rows``: the rows of
+    a float ``attn_mask`` holding a NaN or +inf.  Device ops only (never a host read): ``amax``
+    reductions over Q, K, V, the mask (NaN survives them) and one ``masked_fill`` of ``out``; the
+    kernels' loops pay nothing."""
+    cols = rows = None
+    if keys and key.shape[-2] > 0 and key.shape[-1] > 0:
+        cols = torch.isnan(key.amax(dim=(-2, -1)))[..., None, None]  # (B, Hkv, 1, 1)
+        for t in rotary or ():  # (1 or B, L, D or D/2)
+            cols = cols | torch.isnan(t.amax(dim=(-2, -1)))[:, None, None, None]
+    if values and value.shape[-2] > 0:
+        vb = torch.isnan(value.amax(dim=-2))[..., None, :]  # (B, Hkv, 1, Dv)
+        cols = vb if cols is None else cols | vb
+    if cols is not None and cols.shape[1] != out.shape[1]:  # GQA: a kv head's flags go to its query heads
+        cols = cols.repeat_interleave(out.shape[1] // cols.shape[1], dim=1)
+    if queries and query.shape[-1] > 0:
+        rows = torch.isnan(query.amax(dim=-1, keepdim=True))  # (B, Hq, Lq, 1)
+    if mask_rows and attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.shape[-1] > 0:
+        top = attn_mask.amax(dim=-1, keepdim=True)  # (.., Lq, 1): NaN / +inf iff the row holds one
+        mb = torch.isnan(top) | torch.isposinf(top)
+        rows = mb if rows is None else rows | mb
+    bad = rows if cols is None else cols if rows is None else rows | cols
+    return out if bad is None else out.masked_fill(bad, float("nan"))
+
+
+def _triton_nans(out, query, key, value, attn_mask, is_causal, rotary=None):
+    """The Triton forward + :func:`_math_nans` where the kernel can miss a NaN: causal (skipped
+    and selected-away keys, mask entries above the diagonal) and bool masks (selected-away keys,
+    a NaN query row with every key hidden; V needs nothing there: every key tile is visited and
+    0·NaN = NaN)."""
+    bool_mask = attn_mask is not None and attn_mask.dtype == torch.bool
+    if not (is_causal or bool_mask):
+        return out
+    return _math_nans(out, query, key, value, attn_mask, queries=bool_mask, keys=True, values=is_causal,
+                      mask_rows=is_causal, rotary=rotary)
+
+
 def _triton_check(inp) -> list:
     q, k, v = inp["query"], inp["key"], inp["value"]
     r = triton_device_reason(q)
@@ -284,6 +328,7 @@ def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
     d, dv = query.shape[-1], value.shape[-1]
+    query0, key0, value0 = query, key, value  # unpadded, for the NaN rule's pass
     # Dv != D: the kernels take one head dim, so the narrower side is zero-padded (zero columns
     # of Q/K add nothing to QKᵀ; zero columns of V give output columns that are sliced off).
     # A copy of that side per call: this case is rare in VLMs, the common one pays nothing.
@@ -294,7 +339,7 @@ def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     cos, sin = rotary if rotary is not None else (None, None)
     out, _ = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), float(scale),
                             cos, sin)
-    return out[..., :dv] if dv < d else out
+    return _triton_nans(out[..., :dv] if dv < d else out, query0, key0, value0, attn_mask, is_causal, rotary)
 
 
 def _sdpa_check(inp) -> list:
@@ -317,13 +362,22 @@ def _sdpa_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     if attn_mask is not None and is_causal:
-        # older torch rejects the pair; recent torch applies both: the same, made explicit
+        # older torch rejects the pair; recent torch applies both: the same, made explicit.  A float
+        # mask gets -inf added above the diagonal (not filled): a NaN / +inf entry there stays NaN,
+        # as SDPA's math makes it
         tril = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-        attn_mask = attn_mask & tril if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~tril, float("-inf"))
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & tril
+        else:
+            attn_mask = attn_mask + torch.zeros(tril.shape, dtype=attn_mask.dtype,
+                                                device=tril.device).masked_fill_(~tril, float("-inf"))
         is_causal = False
-    return F.scaled_dot_product_attention(
+    out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
+    # SDPA's fused kernels skip the keys above the causal band (the CPU flash kernel too): the
+    # NaN rule's keys / values part is added back; with a mask every key is computed
+    return _math_nans(out, query, key, value, keys=is_causal, values=is_causal)
 
 
 def _reference_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=None):
@@ -372,6 +426,7 @@ def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_c
         if dropout_p > 0.0:  # as the Triton backend draws it: torch.manual_seed replays the mask
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device)
         out, lse = _attention_fwd(query, key, value, attn_mask, seed, float(dropout_p), bool(is_causal), scale)
+        out = _triton_nans(out, query, key, value, attn_mask, is_causal)
         stats = scores_ops._stats_from_lse(lse.detach(), rows, b, h, lq)
     else:
         out, stats = chosen.run(**inputs), None
@@ -431,7 +486,19 @@ def attention(
     ``scale`` defaults to 1/sqrt(D).  ``dropout_p > 0`` drops attention probabilities with
     Philox random numbers drawn from torch's generator (``torch.manual_seed`` replays them;
     the backward regenerates the same mask).  A query row whose keys are all masked returns 0
-    and gets zero gradients.
+    and gets zero gradients (torch 2.13's math backend gives 0 there too; older torch gave NaN).
+
+    NaN and Inf — every backend gives SDPA's math backend's NaN pattern (and its finite values
+    elsewhere): a NaN in query row i makes row i NaN, even when all its keys are masked; a NaN in
+    key j makes every element of the heads reading that key head NaN, however j is hidden
+    (``is_causal``, a bool False or a -inf entry: math adds masks as -inf, NaN + -inf = NaN); a
+    NaN in value (j, d) makes column d of every row of those heads NaN (masked probabilities are
+    exact zeros and 0·NaN = NaN); a float-mask entry (i, j) that is NaN or +inf makes row i NaN,
+    also above the causal diagonal (+inf + -inf = NaN), while -inf is the ordinary "masked".
+    ±inf inside query/key/value follow the arithmetic and are not pinned down.  Cost: with
+    ``is_causal`` or a bool mask the Triton route adds a reduction over K (bool mask: also Q;
+    causal: also V, and a float mask's rows) and one pass over the output; the kernels are
+    unchanged but for a NaN-keeping float-mask clamp (same instruction count).
 
     ``rotary=(cos, sin)`` (keyword only; needs Lq == Lk): the vision RoPE of Qwen2-VL's
     ``apply_rotary_pos_emb_vision`` (rotate-half, fp32 math, rounded to the input dtype) applied

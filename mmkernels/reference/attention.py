@@ -3,7 +3,8 @@
 Works in any floating dtype, float64 included, on any device.  Differences from
 ``torch.nn.functional.scaled_dot_product_attention``: none in value, except that a query row
 whose keys are all masked out returns exactly 0 (SDPA's math path does so too in recent
-torch releases; older ones gave NaN).
+torch releases; older ones gave NaN).  NaN propagates as in SDPA's math path: masks are added
+as -inf, so a NaN logit stays NaN where it is masked (the rule of ``mk.attention``'s docstring).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def attention_probs(
         else:
             scores = scores + attn_mask.to(scores.dtype)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        # added as -inf, not filled (SDPA's math does the same): a NaN logit stays NaN where it is
+        # masked (NaN in k, +inf in a float mask above the causal diagonal) — the NaN rule of
+        # ``mk.attention``; finite logits get exactly -inf either way
+        scores = scores + torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+            ~allowed, float("-inf"))
     if lk == 0:  # no keys: every row is fully masked (its P·V is then an empty sum, 0)
         return scores
     row_max = scores.amax(dim=-1, keepdim=True)

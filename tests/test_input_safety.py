@@ -137,17 +137,20 @@ def _nan_rows(out):
             torch.isnan(out[:, 1, 2]).nonzero().flatten().tolist())
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
-def test_non_finite_stays_in_its_sequence(backend, bad):
-    """A non-finite key in sequence 1 (head 0) and value (head 1, column 2) in sequence 2: no
-    other sequence changes; with NaN, the NaN pattern is the per-sequence SDPA math pattern."""
+def test_non_finite_stays_in_its_sequence(backend, bad, causal):
+    """A non-finite key in sequence 1 (head 0) and value (head 1, column 2) in sequence 2, each
+    the last row of its sequence (causally visible to that row only): no other sequence changes;
+    with NaN, the NaN pattern is the per-sequence SDPA math pattern (math adds the causal mask as
+    -inf, NaN + -inf = NaN, and multiplies masked probabilities by V: 0·NaN = NaN)."""
     q, k, v = _qkv()
     k2, v2 = k.clone(), v.clone()
-    k2[7, 0, 3] = bad
-    v2[15, 1, 2] = bad
-    clean = mk.attention_varlen(q, k, v, _cu(GOOD), _cu(GOOD), backend="reference")
-    out = mk.attention_varlen(q, k2, v2, _cu(GOOD), _cu(GOOD), backend=backend)
+    k2[11, 0, 3] = bad
+    v2[19, 1, 2] = bad
+    clean = mk.attention_varlen(q, k, v, _cu(GOOD), _cu(GOOD), is_causal=causal, backend="reference")
+    out = mk.attention_varlen(q, k2, v2, _cu(GOOD), _cu(GOOD), is_causal=causal, backend=backend)
     assert torch.equal(out[0:5], clean[0:5]) or (out[0:5] - clean[0:5]).abs().max() < 1e-6, \
         "sequence 0 changed by a non-finite value in another sequence"
     assert torch.isfinite(out[0:5]).all()

@@ -270,7 +270,10 @@ def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             cos, sin = cos.contiguous(), sin.contiguous()
     out, _ = _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
                          max_seqlen_k, float(dropout_p), bool(is_causal), float(scale))
-    return out[..., :dv] if dv < d else out
+    out = out[..., :dv] if dv < d else out
+    if is_causal:
+        out = _triton_nans(out, query, key, value[..., :dv], cu_seqlens_q, cu_seqlens_k, rotary)
+    return out
 
 
 def _segments(cu: torch.Tensor, total: int):
@@ -278,6 +281,39 @@ def _segments(cu: torch.Tensor, total: int):
     idx = torch.arange(total, device=cu.device, dtype=cu.dtype)
     seg = torch.searchsorted(cu[1:], idx, right=True)
     return seg, idx - cu[seg]
+
+
+def _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n: int):
+    """``out`` (total_q, Hq, Dv) with NaN where a per-sequence SDPA (math backend) has one from
+    the sequence's own keys/values: every row of a sequence (kv head) holding a bad key row
+    ``key_bad`` (total_k, Hkv), column d of every row of a sequence holding a bad value entry
+    ``value_bad`` (total_k, Hkv, Dv).  Device ops only (``index_add`` per sequence, a gather per
+    row, one ``where``)."""
+    seq_key_bad = torch.zeros(n, key_bad.shape[1], dtype=torch.int32, device=out.device).index_add_(
+        0, seg_k, key_bad.to(torch.int32)) > 0
+    seq_value_bad = torch.zeros(n, *value_bad.shape[1:], dtype=torch.int32, device=out.device).index_add_(
+        0, seg_k, value_bad.to(torch.int32)) > 0
+    poisoned = seq_key_bad[seg_q][..., None] | seq_value_bad[seg_q]  # (total_q, Hkv, Dv)
+    if poisoned.shape[1] != out.shape[1]:  # GQA: a kv head's flags go to its query heads
+        poisoned = poisoned.repeat_interleave(out.shape[1] // poisoned.shape[1], dim=1)
+    return torch.where(poisoned, float("nan"), out)
+
+
+def _triton_nans(out, query, key, value, cu_q, cu_k, rotary):
+    """Causal calls: the kernels skip the key tiles above each sequence's causal band, where
+    SDPA math still adds a NaN key's logits (NaN + -inf = NaN) and multiplies a NaN value by a
+    zero probability; the rule (every row of the sequence / column d of every row) is applied
+    after the kernel from one pass over K and V (and cos/sin, which rotate the keys)."""
+    total_q, total_k = query.shape[0], key.shape[0]
+    cu_q, cu_k = safe_cu_seqlens(cu_q, total_q), safe_cu_seqlens(cu_k, total_k)
+    key_bad = torch.isnan(key.amax(-1))  # (total_k, Hkv): NaN survives amax
+    if rotary is not None:
+        rot_bad = torch.isnan(rotary[0].amax(-1)) | torch.isnan(rotary[1].amax(-1))  # (total,)
+        key_bad = key_bad | rot_bad[:, None]
+    value_bad = torch.isnan(value)
+    seg_q, _ = _segments(cu_q, total_q)
+    seg_k, _ = _segments(cu_k, total_k)
+    return _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, cu_q.shape[0] - 1)
 
 
 def _zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:
@@ -324,15 +360,7 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
     out = out.squeeze(0).transpose(0, 1)
-    # NaN back where the sequence's own keys/values put it, per (sequence, kv head[, column])
-    seq_key_bad = torch.zeros(n, key.shape[1], dtype=torch.int32, device=key.device).index_add_(
-        0, seg_k, key_bad.to(torch.int32)) > 0
-    seq_value_bad = torch.zeros(n, *value.shape[1:], dtype=torch.int32, device=key.device).index_add_(
-        0, seg_k, value_bad.to(torch.int32)) > 0
-    poisoned = seq_key_bad[seg_q][..., None] | seq_value_bad[seg_q]  # (total_q, Hkv, Dv)
-    if rep != 1:
-        poisoned = poisoned.repeat_interleave(rep, dim=1)
-    out = torch.where(poisoned, float("nan"), out)
+    out = _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n)
     # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
     return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(())) + anchor
 

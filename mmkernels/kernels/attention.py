@@ -41,8 +41,10 @@ hidden) cost the sm_90 bf16 forward up to 9 registers (d=72 mask + dropout: 243 
 Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus the
 (batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
 
-Rotary (``cos``/``sin`` given): Q and K tiles are rotated as they are loaded (Qwen2-VL's vision
-RoPE, :mod:`mmkernels.kernels._rotary`); the backward rotates dQ and dK back in a final pass.
+Rotary (``cos``/``sin`` given): Q and K are rotated once, before the loops, into contiguous copies
+(Qwen2-VL's vision RoPE, :func:`mmkernels.kernels._rotary.rotate`, recomputed in the backward), so
+the loops, their tiles, candidates and TMA are exactly the plain ones; the backward rotates dQ and
+dK back in a final pass.
 
 TMA (sm_90): the autotuner's candidates include tensor-descriptor versions of the main loops
 (``USE_TMA=True`` in the config; the streamed tiles — forward and dQ: K and V, dK/dV: Q and dO —
@@ -52,9 +54,8 @@ d <= 128 (``_tma_offered``), only when the streamed operands meet TMA's precondi
 (``_tma.tma_ok``: 16-byte aligned base, unit last stride, other strides multiples of 16 bytes;
 otherwise the list has no TMA config), and after the pointer-load candidates, so the untuned
 default (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner picks per shape.
-None with rotary: the rotation reads each row's partner columns, so only V/dO could go by TMA,
-and rotary's pipelined cos/sin tiles already take the 128×128 forward to 340 KB of shared
-memory.  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA
+With rotary they apply to the rotated copies (contiguous: TMA-compatible when D is a
+multiple of 8).  Compiled for sm_90 under triton 3.6 and 3.9 (``mmkernels inspect --tma-only``): TMA
 copies and wgmma, registers and spills as their pointer twins.  The launcher installs Triton's
 scratch allocator for the device-side descriptors when none is set.
 
@@ -72,7 +73,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output
 from ._launch import for_gpu, gpu_launcher
-from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
+from ._rotary import rotate, unrotate_grad
 from ._tiles import (
     _aligned,
     _bwd_scores,
@@ -100,17 +101,16 @@ from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, 
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, SEED, COS, SIN,
+    Q, K, V, O, LSE, MASK, SEED,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     smb, smh, smm, smn,
-    scb, scl, scd,
     H, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
@@ -129,7 +129,7 @@ def _attn_fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
@@ -151,7 +151,6 @@ def _attn_fwd(
         hi = LK
         mid = (LK // BLOCK_N) * BLOCK_N
     if USE_TMA:
-        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
@@ -165,8 +164,7 @@ def _attn_fwd(
             if USE_TMA:
                 kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
             else:
-                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
             s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
             s = _tile_logits(s, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
                              mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL)
@@ -214,17 +212,16 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdm, sdd,
     smb, smh, smm, smn,
-    scb, scl, scd,
     H, HKV, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
@@ -243,7 +240,7 @@ def _attn_bwd_dkdv(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    k0, k1 = _load_rot2(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    k0, k1 = _load_rows2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
     v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -271,7 +268,6 @@ def _attn_bwd_dkdv(
         mask_base = MASK + b * smb + h * smh
         seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
         if USE_TMA:
-            tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
             qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
             dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for phase in tl.static_range(2):
@@ -282,8 +278,7 @@ def _attn_bwd_dkdv(
                 if USE_TMA:
                     qT0, qT1 = _tma_cols2(qd0, qd1, start_m, D0, D1)
                 else:
-                    qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd,
-                                            HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                    qT0, qT1 = _load_cols2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
                 if USE_TMA:
                     do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
                 else:
@@ -316,17 +311,16 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdm, sdd,
     smb, smh, smm, smn,
-    scb, scl, scd,
     H, LQ, LK, GROUP, LK_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
@@ -346,7 +340,7 @@ def _attn_bwd_dq(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    q0, q1 = _load_rot2(q_base, rows, row_ok, sqm, sqd, COS, SIN, b * scb, scl, scd, HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
     do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
@@ -367,7 +361,6 @@ def _attn_bwd_dq(
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
         mid = tl.minimum(mid, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
     if USE_TMA:
-        tl.static_assert(ROTARY == 0, "USE_TMA: the launchers offer no TMA candidate with rotary")
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
     for phase in tl.static_range(2):
@@ -378,8 +371,7 @@ def _attn_bwd_dq(
             if USE_TMA:
                 kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
             else:
-                kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skn, skd, COS, SIN, b * scb, scl, scd,
-                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
             if USE_TMA:
                 vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
             else:
@@ -443,27 +435,40 @@ def _lk_bucket(lk: int) -> int:
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
 
 
+def _rotate_qk(query, key, cos, sin):
+    """(query, key, rotation): with cos/sin, Q and K rotated once into contiguous copies
+    (:func:`mmkernels.kernels._rotary.rotate`) that the loops read as plain operands, and
+    ``rotation`` = (cos, sin, strides, kind) for :func:`unrotate_grad`; else the inputs and None."""
+    if cos is None:
+        return query, key, None
+    cos, sin, kind, cstr = rotary_args(cos, sin, query)
+    q_rot = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_rot = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    rotate(query, q_rot, cos, sin, cstr, kind)
+    rotate(key, k_rot, cos, sin, cstr, kind)
+    return q_rot, k_rot, (cos, sin, cstr, kind)
+
+
 def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None,
                       split=True):
     """Launch the forward; returns O (B, H, Lq, D) contiguous and the softmax statistics
     (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
+    query, key, _ = _rotate_qk(query, key, cos, sin)
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                            tma=cos is None and tma_target(query.device) and tma_ok(key, value),
-                            rotary=cos is not None, has_mask=meta["MASK_KIND"] != 0)
+                            tma=tma_target(query.device) and tma_ok(key, value), has_mask=meta["MASK_KIND"] != 0)
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
-    cos, sin, rot, cstr = rotary_args(cos, sin, query)
     kernel[grid](
-        query, key, value, out, lse, mask, seed_arg, cos, sin,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr, *cstr,
+        query, key, value, out, lse, mask, seed_arg,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr,
         h, lq, lk, h // hkv, _lk_bucket(lk),
         float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, ROTARY=rot, **cfg,
+        **meta, **cfg,
     )
     return out, lse
 
@@ -475,6 +480,7 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
     memory, as the mask's own gradient can be).  With rotary (cos/sin) dQ and dK are the
     gradients of the un-rotated query and key, rotated back in a final pass."""
+    query, key, rotation = _rotate_qk(query, key, cos, sin)
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     d = meta["HEAD_DIM"]
@@ -489,32 +495,30 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     dq = new_output((b, h, lq, d), query.dtype, query.device)
     dk = new_output((b, hkv, lk, d), key.dtype, key.device)
     dv = new_output((b, hkv, lk, d), value.dtype, value.device)
-    cos, sin, rot, cstr = rotary_args(cos, sin, query)
-    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr, *cstr)
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstr)
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                                  tma=not rot and tma_target(query.device) and tma_ok(query, grad_out),
-                                  rotary=bool(rot), has_mask=meta["MASK_KIND"] != 0)
+                                  tma=tma_target(query.device) and tma_ok(query, grad_out),
+                                  has_mask=meta["MASK_KIND"] != 0)
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
-        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, cos, sin, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, ROTARY=rot, **kv_cfg,
+        **meta, **kv_cfg,
     )
     # uninitialised: the dQ kernel writes every element of dS, the causally skipped tiles as zeros
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                                tma=not rot and tma_target(query.device) and tma_ok(key, value),
-                                rotary=bool(rot), has_mask=meta["MASK_KIND"] != 0)
+                                tma=tma_target(query.device) and tma_ok(key, value), has_mask=meta["MASK_KIND"] != 0)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
-        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, cos, sin, *common,
+        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, *common,
         h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
-        **meta, ROTARY=rot, **q_cfg, MASK_GRAD=bool(mask_grad),
+        **meta, **q_cfg, MASK_GRAD=bool(mask_grad),
     )
-    if rot:
-        unrotate_grad(dq, cos, sin, cstr, rot)
-        unrotate_grad(dk, cos, sin, cstr, rot)
+    if rotation is not None:
+        unrotate_grad(dq, *rotation)
+        unrotate_grad(dk, *rotation)
     if not mask_grad:
         return dq, dk, dv
     return dq, dk, dv, _sum_to(ds, attn_mask).to(attn_mask.dtype)
@@ -540,7 +544,7 @@ _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 # autotuner's TMA candidates do.
 _FORCE_TMA = False
 
-_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC", "PRESCALE"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "LK_BUCKET", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "PREC", "PRESCALE"]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) candidates for 2-byte dtypes and d <= 128, best guess first
@@ -560,7 +564,7 @@ _CANDIDATES = {
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
-# pointer-load candidates when the operands allow (``_tma.tma_ok``; no rotary): the tiles of the
+# pointer-load candidates when the operands allow (``_tma.tma_ok``): the tiles of the
 # first kept pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
 # dQ's K and V and dK/dV's Q and dO copied by TMA instead of per-thread cp.async.  Compiled for
 # sm_90 (triton 3.6 and 3.9, bf16, d = 64/72/80/88/128): TMA copies and wgmma; registers within a
@@ -638,7 +642,7 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
     tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).  ``extra_live`` (fp32 values per thread) and
     ``extra_staged`` (bytes): what a caller's kernel keeps on top of these (the packed kernels'
-    sequence bookkeeping and rotary tiles, ``attention_varlen._gpu_configs``).
+    sequence bookkeeping, ``attention_varlen._gpu_configs``).
     """
     scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
     acc = 2 * bn * dp if kind == "dkdv" else bm * dp
@@ -651,30 +655,15 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
             and staged * itemsize + extra_staged <= _SHARED_BYTES)
 
 
-# With the in-kernel RoPE: fp32 copies of the streamed tile a thread holds on top (K in the
-# forward and dQ, Q in dK/dV; calibrated on the packed kernels, ``attention_varlen``), and the
-# fp32 cos/sin rows staged in every pipeline stage (8 bytes per element).  Without this term the
-# rotary forward's default 128×128 tile over 3 stages staged 340 KB (over the 227 KB limit).
-_ROTARY_TILES = {"fwd": 1, "dkdv": 5, "dq": 1}
-
-
-def _extra_state(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, rotary: bool,
-                 has_mask: bool) -> tuple[float, int]:
+def _extra_state(kind: str, bm: int, bn: int, warps: int, has_mask: bool) -> tuple[float, int]:
     """(live fp32 values per thread, staged bytes) a candidate keeps on top of ``_fits``' model:
-    the rotary tiles (``_ROTARY_TILES``) and a user mask's tile (one more [bm, bn] score tile:
-    measured, a bool padding mask alone made the 128×128 forward spill 1.9 KB at d=64-88)."""
-    live, staged = 0.0, 0
-    if rotary:
-        streamed = bm if kind == "dkdv" else bn
-        live += _ROTARY_TILES[kind] * streamed * dp / (32 * warps)
-        staged += stages * streamed * dp * 8
-    if has_mask:
-        live += bm * bn / (32 * warps)
-    return live, staged
+    a user mask's tile (one more [bm, bn] score tile: measured, a bool padding mask alone made the
+    128×128 forward spill 1.9 KB at d=64-88)."""
+    return (bm * bn / (32 * warps) if has_mask else 0.0), 0
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
-                 tma: bool = False, rotary: bool = False, has_mask: bool = False) -> list:
+                 tma: bool = False, has_mask: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
     ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists.  With ``tma``
@@ -690,7 +679,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
         kept = [c for c in cands
-                if _fits(kind, *c, d0 + d1, itemsize, has_dropout, *_extra_state(kind, *c, d0 + d1, rotary, has_mask))]
+                if _fits(kind, *c, d0 + d1, itemsize, has_dropout, *_extra_state(kind, c[0], c[1], c[2], has_mask))]
         kept = kept or [cands[-1]]
         if kind == "dkdv" and dtype == torch.float32 and d0 + d1 <= 128:
             kept = next(c[has_dropout] for limit, c in _TF32_DKDV.items() if d0 + d1 <= limit)
@@ -707,7 +696,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
 
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              prec: str = "tf32", tma: bool = False, rotary: bool = False, has_mask: bool = False):
+              prec: str = "tf32", tma: bool = False, has_mask: bool = False):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
     ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
     launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
@@ -719,13 +708,13 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropo
         ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
 
     def configs():
-        return _gpu_configs(kind, d, dtype, has_dropout, prec, tma, rotary, has_mask)
+        return _gpu_configs(kind, d, dtype, has_dropout, prec, tma, has_mask)
 
     if force:
         cfg = next(c for c in configs() if c.kwargs.get("USE_TMA"))
         return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return gpu_launcher(_KERNELS[kind], configs, _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout, prec, tma, rotary, has_mask))
+                        ("attention", kind, d, dtype, has_dropout, prec, tma, has_mask))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

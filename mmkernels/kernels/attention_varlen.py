@@ -14,7 +14,7 @@ n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the lookup is a divisio
 required.  The dK/dV kernel tiles the keys (BLOCK_N over total_k) the same way.
 
 The online softmax, log-sum-exp bookkeeping, dropout, tile masks and backward scores are the
-jit helpers of :mod:`mmkernels.kernels._tiles` shared with the dense kernels, the rotary loads
+jit helpers of :mod:`mmkernels.kernels._tiles` shared with the dense kernels, the rotary pre-pass
 and the final un-rotation of dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not
 copied); this module adds the sequence lookup and the bottom-right causal offset.  As in the
 dense kernels (:mod:`mmkernels.kernels.attention`):
@@ -39,13 +39,12 @@ same shifted index in the forward and the backward, so the mask replays).
 Dropout: Philox keyed by seed + (sequence·H + head)·1000003, counter row·Lk + col (local
 indices), as the dense kernels key by (batch·H + head).
 
-Launches: forward 1 Triton kernel; backward 3 (delta, dK/dV, dQ) + 2 rotary un-rotations when
-rotary is given.
+Launches: forward 1 Triton kernel; backward 3 (delta, dK/dV, dQ).  With rotary: 2 more in the
+forward (Q and K rotated once into contiguous copies the loops read as plain operands) and 4 more
+in the backward (the copies recomputed, then dQ and dK rotated back).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -53,7 +52,7 @@ import triton.language as tl
 
 from .._utils import interpreting, new_output, safe_cu_seqlens
 from ._launch import for_gpu, gpu_launcher
-from ._rotary import _load_keys_T, _load_rot2, unrotate_grad
+from ._rotary import rotate, unrotate_grad
 from ._tiles import (
     _aligned,
     _bwd_scores,
@@ -149,16 +148,15 @@ def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
+    Q, K, V, O, LSE, CU_Q, CU_K, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sot, soh, sod,
-    sct, scd,
     H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -180,8 +178,7 @@ def _varlen_fwd(
     k_base = K + k_lo * skt + hk * skh
     v_base = V + k_lo * svt + hk * svh
 
-    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
-                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -203,8 +200,7 @@ def _varlen_fwd(
                 col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
             else:
                 col_ok = cols < LK
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            kT0, kT1 = _load_cols2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
             s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
             s = _tile_logits(s, rows_c[:, None], cols[None, :], col_ok[None, :], col_ok[None, :], Q, 0, 0, qk_scale,
                              0, PRESCALE, phase == 1, True, IS_CAUSAL)
@@ -229,16 +225,15 @@ def _varlen_fwd(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sdt, sdh, sdd,
-    sct, scd,
     H, HKV, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -260,8 +255,7 @@ def _varlen_bwd_dkdv(
     k_base = K + k_lo * skt + hk * skh
     v_base = V + k_lo * svt + hk * svh
 
-    k0, k1 = _load_rot2(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    k0, k1 = _load_rows2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
     v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -292,8 +286,7 @@ def _varlen_bwd_dkdv(
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
-                qT0, qT1 = _load_keys_T(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
-                                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+                qT0, qT1 = _load_cols2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
                 do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
                 # out-of-range rows: m = +inf, so P = 0 (no query mask needed)
                 m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
@@ -328,16 +321,15 @@ def _varlen_bwd_dkdv(
 
 @triton.jit
 def _varlen_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED, TILE_MAP,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEED, TILE_MAP,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sdt, sdh, sdd,
-    sct, scd,
     H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
     qk_scale, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROTARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -359,8 +351,7 @@ def _varlen_bwd_dq(
     k_base = K + k_lo * skt + hk * skh
     v_base = V + k_lo * svt + hk * svh
 
-    q0, q1 = _load_rot2(q_base, rows, row_ok, sqt, sqd, COS, SIN, q_lo * sct, sct, scd,
-                        HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+    q0, q1 = _load_rows2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
     do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
@@ -382,8 +373,7 @@ def _varlen_bwd_dq(
                 col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
             else:
                 col_ok = cols < LK
-            kT0, kT1 = _load_keys_T(k_base, cols, col_ok, skt, skd, COS, SIN, k_lo * sct, sct, scd,
-                                    HEAD_DIM, D0, D1, ROTARY, ALIGNED)
+            kT0, kT1 = _load_cols2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
             vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
             s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
             dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
@@ -423,24 +413,39 @@ def grid_size(n: int, total: int, block: int, max_seqlen: int | None) -> tuple[i
     return bound, 0
 
 
-def _common(query, key, cos, sin, seed, dropout_p, is_causal, scale):
+def _common(query, seed, dropout_p, is_causal, scale):
     d = query.shape[-1]
-    if os.environ.get("MMKERNELS_ATTN_SPLIT_HEAD_DIM", "1") == "0":
-        d0, d1 = max(16, triton.next_power_of_2(d)), 0
-    else:
-        d0, d1 = split_head_dim(d)
-    cos_t, sin_t, rot, cstr = rotary_args(cos, sin, query)
-    cstr = cstr[1:]  # packed: cos/sin rows are the packed rows, no batch dim
+    d0, d1 = split_head_dim(d)
     has_dropout = dropout_p > 0.0
     if has_dropout and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed tensor")
     meta = dict(
-        HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, ROTARY=rot,
+        HEAD_DIM=d, D0=d0, D1=d1, IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout,
         PREC=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16,
         # the scale is folded into the exp2's FMA unless a scale <= 0 would flip the row max
         PRESCALE=not float(scale) > 0.0,
     )
-    return cos_t, sin_t, cstr, (seed if has_dropout else query), meta
+    return (seed if has_dropout else query), meta
+
+
+def _rotate_qk(query, key, cos, sin):
+    """(query, key, rotation): with cos/sin, Q and K rotated once into contiguous copies that
+    the loops read as plain operands (:func:`mmkernels.kernels._rotary.rotate`; (total, H, D)
+    viewed as (1, H, total, D): the packed row is the rotary row), and ``rotation`` for
+    :func:`_unrotate`; else the inputs and None."""
+    if cos is None:
+        return query, key, None
+    cos, sin, kind, cstr = rotary_args(cos, sin, query)
+    cstr = (0, *cstr[1:])  # packed: cos/sin rows are the packed rows, no batch dim
+    q_rot, k_rot = torch.empty_like(query, memory_format=torch.contiguous_format), \
+        torch.empty_like(key, memory_format=torch.contiguous_format)
+    rotate(_heads_first(query), _heads_first(q_rot), cos, sin, cstr, kind)
+    rotate(_heads_first(key), _heads_first(k_rot), cos, sin, cstr, kind)
+    return q_rot, k_rot, (cos, sin, cstr, kind)
+
+
+def _heads_first(x):
+    return x.transpose(0, 1).unsqueeze(0)
 
 
 def tile_map(cu: torch.Tensor, block: int, programs: int, per_seq: int) -> tuple[torch.Tensor, bool]:
@@ -492,13 +497,14 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         lse[:, 0].fill_(float("inf"))
         lse[:, 1].zero_()
         return out, lse
-    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
+    query, key, _ = _rotate_qk(query, key, cos, sin)
+    seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
     kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     kernel[(programs, h)](
-        query, key, value, out, lse, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *cstr,
+        query, key, value, out, lse, cu_q, cu_k, seed_arg, tmap,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         h, total_q, h // hkv, n, per_seq, _head_bucket(d),
         float(scale) * 1.4426950408889634, float(dropout_p),
         **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value), **cfg,
@@ -519,7 +525,8 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     dv = new_output(tuple(value.shape), value.dtype, value.device)
     if n == 0 or total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cos_t, sin_t, cstr, seed_arg, meta = _common(query, key, cos, sin, seed, dropout_p, is_causal, scale)
+    query, key, rotation = _rotate_qk(query, key, cos, sin)
+    seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
     delta = new_output((h, total_q), torch.float32, query.device)
     pre_m = 64
     # the dense preprocess kernel on a batch-1 view: (B=1, H, L=total_q, D)
@@ -528,13 +535,13 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
         0, grad_out.stride(1), grad_out.stride(0), grad_out.stride(2), h, total_q,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=pre_m, ALIGNED=_aligned(out, grad_out),
     )
-    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *cstr)
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg, bn = _launcher("dkdv", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_k, bn, max_k)
     tmap, use_map = tile_map(cu_k, bn, programs, per_seq)
     kv_kernel[(programs, hkv)](
-        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, seed_arg, tmap, *common,
         h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
     )
@@ -542,14 +549,13 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     q_kernel[(programs, h)](
-        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, cos_t, sin_t, seed_arg, tmap, *common,
+        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, seed_arg, tmap, *common,
         h, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **q_cfg,
     )
-    if meta["ROTARY"]:
-        # (total, H, D) viewed as (1, H, total, D): the packed row is the rotary row
-        unrotate_grad(dq.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
-        unrotate_grad(dk.transpose(0, 1).unsqueeze(0), cos_t, sin_t, (0, *cstr), meta["ROTARY"])
+    if rotation is not None:
+        unrotate_grad(_heads_first(dq), *rotation)
+        unrotate_grad(_heads_first(dk), *rotation)
     return dq, dk, dv
 
 
@@ -560,7 +566,7 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
 # causal block-skipping arithmetic honest.
 _INTERP = {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
            "dq": dict(BLOCK_M=64, BLOCK_N=32)}
-_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "ROTARY", "PREC", "PRESCALE"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "HEAD_BUCKET", "IS_CAUSAL", "HAS_DROPOUT", "PREC", "PRESCALE"]
 
 
 def _mapped(kind: str) -> str:
@@ -579,33 +585,17 @@ def _mapped(kind: str) -> str:
 # dropout it runs 32×64 tiles (no spill at d=64-128).  dQ spilled nothing the dense rule keeps.
 _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0, ("dkdv", True): 0.0,
                 ("dq", False): 0.0, ("dq", True): 0.0}
-# With the in-kernel RoPE, fp32 copies of the streamed tile ([BLOCK_N, dp] keys in the
-# forward and dQ, [BLOCK_M, dp] queries in dK/dV) a thread holds on top: one in the forward
-# (128×64 and 128×128 over 8 warps, 128×32 over 4 spilled at d=80 where 128×32 over 8 did
-# not); in dK/dV the rotated tile, its partner, cos, sin and the transposed copy — 32×128 over
-# 8 warps spilled 8 bytes at d=80 causal (112 + 50 values > 160).  Checked with RoPE at
-# d=64/72/80/88 (plain, causal, dropout): no spill, except d=88 with dropout (fwd 32, dK/dV 280
-# bytes).  Not covered: RoPE at d=128, where every candidate spills in dK/dV (24-250 bytes)
-# and dQ (8-32); the Qwen-VL towers run d=80 (Qwen2/2.5-VL) and d=72 (Qwen3-VL).  At d=72/88
-# the rotate-half partner columns (offset D/2 = 36/44 elements: not 16-byte aligned) load
-# 2 bytes at a time (``_rotary._load_rot``).  The tile counts are ``attention._ROTARY_TILES``
-# (the dense kernels use the same term, ``attention._extra_state``).
-
-
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, rotary: bool = False,
-                 prec: str = "tf32") -> list:
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32") -> list:
     """The dense kernels' candidates pruned by their rule (``attention._fits``: live fp32
     state per thread and staged bytes) with what the packed kernels keep on top:
-    ``_VARLEN_LIVE``, and with the in-kernel RoPE fp32 copies of each streamed tile (K in
-    the forward and dQ, Q in dK/dV: the rotation runs in fp32; ``_ROTARY_TILES``) and its fp32
-    cos/sin rows in every pipeline stage (8 bytes per element: the rotary forward at 128×64, 3 stages, d=80
-    staged 184 KB — over an A100's 163).  Then only the candidates sharing the first one's
+    ``_VARLEN_LIVE`` (rotary runs as a pre-pass, so its calls take these same lists).  Then only
+    the candidates sharing the first one's
     mapped block size are kept: the grid (programs per sequence) is sized before the
     autotuner picks, so only the other block size, warps and stages may vary.  The first is
     the untuned default (never none: the dense list's last if all fail).  fp32 under the
     "highest" matmul precision (``prec`` "ieee": FMA dots) takes the dense kernels' measured
     spill-free lists (``attention._CANDIDATES_IEEE``) instead of the rule."""
-    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _ROTARY_TILES, _fits
+    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits
 
     d0, d1 = split_head_dim(d)
     dp = d0 + d1
@@ -619,12 +609,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def fits(bm, bn, warps, stages):
-        live, staged = _VARLEN_LIVE[kind, has_dropout], 0
-        if rotary:
-            streamed = bm if kind == "dkdv" else bn
-            live += _ROTARY_TILES[kind] * streamed * dp / (32 * warps)
-            staged = stages * streamed * dp * 8
-        return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, live, staged)
+        return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, _VARLEN_LIVE[kind, has_dropout], 0)
 
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
@@ -636,10 +621,10 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, meta: dic
     if not for_gpu(device_type):
         cfg = _INTERP[kind]
         return _KERNELS[kind], cfg, cfg[_mapped(kind)]
-    dropout, rotary, prec = meta["HAS_DROPOUT"], meta["ROTARY"] != 0, meta["PREC"]
-    configs = _gpu_configs(kind, d, dtype, dropout, rotary, prec)
+    dropout, prec = meta["HAS_DROPOUT"], meta["PREC"]
+    configs = _gpu_configs(kind, d, dtype, dropout, prec)
     kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: configs, _TUNE_KEY,
-                               ("attention_varlen", kind, d, dtype, dropout, rotary, prec))
+                               ("attention_varlen", kind, d, dtype, dropout, prec))
     return kernel, cfg, configs[0].kwargs[_mapped(kind)]
 
 

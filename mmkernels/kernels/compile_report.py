@@ -155,8 +155,9 @@ VARIANTS = {
     "dropout": (False, 0.1, False),
     "mask+dropout": (True, 0.1, False),
     "causal": (False, 0.0, True),
-    # the dense attention with in-kernel RoPE (``mk.attention(rotary=(cos, sin))``): fp32 cos/sin
-    # (L, D) shared by the batch; other families run it as "plain"
+    # the dense attention with RoPE (``mk.attention(rotary=(cos, sin))``: Q and K rotated once by
+    # ``rotary.rotate``, then the plain loops): fp32 cos/sin (L, D) shared by the batch; other
+    # families run it as "plain"
     "rotary": (False, 0.0, False),
 }
 
@@ -212,6 +213,9 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
         # one selected query row: its logits against every key (twice: statistics, then column sums)
         "attention_scores.stats": (2.0 * bh * lk * d, kd + 8 * bh),
         "attention_scores.colsum": (2.0 * bh * lk * d, kd + 4 * bh * lk),
+        # Q or K read and its rotated copy written (or dQ / dK rotated back in place), fp32 cos/sin
+        "rotary.rotate": (None, 2 * qd + 8 * max(lq, lk) * d),
+        "rotary.unrotate": (None, 2 * qd + 8 * max(lq, lk) * d),
     }
     return _Case("attention", p.name, variant, d, run, model)
 
@@ -238,10 +242,11 @@ def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
     qd = p.H * total * p.d * esz
     rot = 2 * 4 * total * p.d if p.rotary else 0  # fp32 cos and sin
     model = {
-        "attention_varlen.fwd": (4.0 * pairs * p.d * frac, 4 * qd + 8 * p.H * total + rot),
-        "attention_varlen.dkdv": (8.0 * pairs * p.d * frac, 6 * qd + 12 * p.H * total + rot),
-        "attention_varlen.dq": (6.0 * pairs * p.d * frac, 5 * qd + 12 * p.H * total + rot),
+        "attention_varlen.fwd": (4.0 * pairs * p.d * frac, 4 * qd + 8 * p.H * total),
+        "attention_varlen.dkdv": (8.0 * pairs * p.d * frac, 6 * qd + 12 * p.H * total),
+        "attention_varlen.dq": (6.0 * pairs * p.d * frac, 5 * qd + 12 * p.H * total),
         "attention.preprocess": (2.0 * p.H * total * p.d, 2 * qd + 4 * p.H * total),
+        "rotary.rotate": (None, 2 * qd + rot),
         "rotary.unrotate": (None, 2 * qd + rot),
     }
     return _Case("attention_varlen", p.name, variant, p.d, run, model)
@@ -310,6 +315,7 @@ def _kernel_names() -> dict:
         A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer.fwd",
         V._varlen_fwd: "attention_varlen.fwd", V._varlen_bwd_dkdv: "attention_varlen.dkdv",
         V._varlen_bwd_dq: "attention_varlen.dq", R._rotary_unrotate: "rotary.unrotate",
+        R._rotary_rotate: "rotary.rotate",
         T._token_pool_fwd: "token_pool.fwd", T._token_pool_norm_bwd: "token_pool.norm_bwd",
         T._token_pool_bwd: "token_pool.bwd",
     }

@@ -502,9 +502,10 @@ def attention(
 
     ``rotary=(cos, sin)`` (keyword only; needs Lq == Lk): the vision RoPE of Qwen2-VL's
     ``apply_rotary_pos_emb_vision`` (rotate-half, fp32 math, rounded to the input dtype) applied
-    to query and key inside the Triton kernels, gradients rotated back in the backward.  cos/sin
-    are (L, D) shared by the batch, or (..., L, D) with query's leading batch dims, one row per
-    position; (L, D/2) / (..., L, D/2) stand for ``cat((c, c), -1)``.  They get no gradient.
+    to query and key (on Triton by one O(L·d) pre-pass kernel before the plain loops), gradients
+    rotated back in the backward.  cos/sin are (L, D) shared by the batch, or (..., L, D) with
+    query's leading batch dims, one row per position; (L, D/2) / (..., L, D/2) stand for
+    ``cat((c, c), -1)``.  They get no gradient.
     Equivalent: ``q, k = q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin`` (cos
     unsqueezed over the heads) before the attention.
 

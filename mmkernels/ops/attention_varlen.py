@@ -22,8 +22,8 @@ from .._utils import (
     check_gqa_heads,
     check_rotary_tensor,
     contiguous_outputs,
-    describe,
     cu_seqlens_problems,
+    describe,
     empty_contiguous,
     safe_cu_seqlens,
     triton_device_reason,
@@ -433,9 +433,10 @@ def attention_varlen(
                          1 1 0
                          1 1 1
 
-    ``rotary=(cos, sin)``: Qwen2-VL / Qwen2.5-VL / Qwen3-VL's vision RoPE, applied inside the
-    kernel to query and key exactly as ``apply_rotary_pos_emb_vision`` (rotate-half convention,
-    fp32 math, rounded back to the input dtype); the backward rotates the gradients back.  cos
+    ``rotary=(cos, sin)``: Qwen2-VL / Qwen2.5-VL / Qwen3-VL's vision RoPE, applied to query and
+    key (on Triton by one pre-pass kernel, before the plain attention loops) exactly as
+    ``apply_rotary_pos_emb_vision`` (rotate-half convention, fp32 math, rounded back to the input
+    dtype); the backward rotates the gradients back.  cos
     and sin are (total, D), or (total, D/2) standing for ``cat((c, c), -1)``, indexed by the
     packed row and shared by query and key (so total_q must equal total_k); they get no
     gradient.

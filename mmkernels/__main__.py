@@ -6,6 +6,8 @@ Subcommands:
   bench    times an op across backends on the model shapes of docs/design.md
            (``mmkernels bench attention --quick``); ``bench compare A.json B.json`` is the
            performance gate
+  inspect  compiles every kernel launch for a CUDA target without a GPU and reports registers,
+           spills, shared memory, tensor-core ops and load widths (``mmkernels inspect --quick``)
 
 Heavy imports (torch, the ops) happen inside the subcommand, so ``--help`` is instant.
 """
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
 
     bench_cli.add_parser(sub)
+    # listed here for --help; `mmkernels inspect ...` is parsed by its own parser (see main)
+    sub.add_parser("inspect", add_help=False,
+                   help="compile the kernels for sm_90/sm_80 without a GPU: registers, spills, shared memory, "
+                        "tensor-core ops (--quick: ~1.5 min; --help)")
     return parser
 
 

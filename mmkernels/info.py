@@ -36,6 +36,17 @@ def _probe_attention(torch, device, dtype):
     return (q, k, v), {}, f"query/key/value (1, 2, 16, 64) {_dt(dtype)}"
 
 
+def _probe_attention_scores(torch, device, dtype):
+    q, k = (torch.randn(1, 2, 16, 64, device=device, dtype=dtype) for _ in range(2))
+    return (q, k), {"query_index": 0}, f"query/key (1, 2, 16, 64), row 0 {_dt(dtype)}"
+
+
+def _probe_attention_varlen(torch, device, dtype):
+    q, k, v = (torch.randn(16, 2, 64, device=device, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, 6, 16], dtype=torch.int32, device=device)
+    return (q, k, v, cu, cu), {}, f"query/key/value (16, 2, 64), sequences of 6 and 10 {_dt(dtype)}"
+
+
 def _probe_qformer_cross_attention(torch, device, dtype):
     hq, hk = 64, 48
     kw = dict(device=device, dtype=dtype)
@@ -57,6 +68,8 @@ def _probe_token_pool(torch, device, dtype):
 #: op name (as registered in mmkernels.dispatch) -> builder of (args, kwargs, description)
 PROBES: dict[str, Callable] = {
     "attention": _probe_attention,
+    "attention_scores": _probe_attention_scores,
+    "attention_varlen": _probe_attention_varlen,
     "qformer_cross_attention": _probe_qformer_cross_attention,
     "token_pool": _probe_token_pool,
 }
@@ -101,6 +114,21 @@ def _nvcc() -> str | None:
     if os.access("/usr/local/cuda/bin/nvcc", os.X_OK):
         return "/usr/local/cuda/bin/nvcc"
     return None
+
+
+def _device_reasons(torch, device) -> dict[str, str]:
+    """Why the device-bound backends cannot run on ``device`` at all — the rule every op's own
+    check applies first (``_utils.triton_device_reason``; the CUDA extension needs CUDA tensors).
+    Used for an op without a probe call, so no op reads "available" where the others read "no"."""
+    from ._utils import triton_device_reason
+
+    out = {}
+    why = triton_device_reason(torch.empty(0, device=device))
+    if why is not None:
+        out["triton"] = str(why)
+    if device.type != "cuda":
+        out["cuda"] = "CPU tensors: the CUDA extension runs on CUDA tensors only"
+    return out
 
 
 def _reason_texts(reasons) -> list[str]:
@@ -168,6 +196,7 @@ def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | N
     device = torch.device("cuda" if has_cuda else "cpu")
     dtype = torch.float16 if has_cuda else torch.float32
     ops: dict[str, Any] = {}
+    device_reasons = _device_reasons(torch, device)
     for op in sorted(dispatch._registry):
         probe, auto, probe_desc = _probe(op, device, dtype)
         rows = []
@@ -179,6 +208,8 @@ def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | N
             if b.name == "cuda" and unavailable and not torch.version.cuda:
                 unavailable = [ext_reason]  # the build switches the extension's own reason names cannot help
             reasons = None if probe is None else probe.get(b.name, [])
+            if reasons is None and device_reasons.get(b.name):  # no probe: the device rule still holds
+                reasons = [device_reasons[b.name]]
             rows.append({"name": b.name, "description": b.description, "available": not unavailable,
                          "unavailable_reasons": unavailable, "probe_ok": None if reasons is None else not reasons,
                          "probe_reasons": reasons or []})

@@ -20,6 +20,21 @@ STAMP="$REPO/build/.install-stamp"
 
 log() { echo "install.sh: $*" >&2; }
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+# An attempt with a fallback after it: pip's output shows live, except its "ERROR:" lines (a missing
+# wheel is what the next attempt is for; one "install.sh:" line says which), so a successful install
+# prints no ERROR. The last attempt runs with pip_install: its errors are the real ones.
+try_pip_install() {
+    local out rc why
+    out="$(mktemp)"
+    pip_install "$@" 2>&1 | tee "$out" | grep -v '^ERROR: ' >&2
+    rc=${PIPESTATUS[0]}
+    if (( rc != 0 )); then
+        why="$(grep -m1 '^ERROR: ' "$out" | sed 's/^ERROR: //')"
+        log "(that did not work: ${why:-pip exit code $rc})"
+    fi
+    rm -f "$out"
+    return "$rc"
+}
 
 command -v "$PY" >/dev/null 2>&1 || { log "no Python interpreter '$PY' (set PYTHON=...)"; exit 1; }
 "$PY" -m pip --version >/dev/null 2>&1 || { log "'$PY -m pip' does not work; install pip first"; exit 1; }
@@ -37,9 +52,9 @@ else
     # The default index would pull the CUDA build and its GBs of nvidia-* wheels. So: a local
     # wheel from pip's find-links with nothing else to fetch; else the local "+cpu" wheel with
     # its small dependencies from the index; else PyTorch's CPU index.
-    if ! pip_install --no-index "torch==$TORCH_VERSION"; then
+    if ! try_pip_install --no-index "torch==$TORCH_VERSION"; then
         log "(no local torch wheel with all its dependencies: trying torch==$TORCH_VERSION+cpu)"
-        if ! pip_install "torch==$TORCH_VERSION+cpu"; then
+        if ! try_pip_install "torch==$TORCH_VERSION+cpu"; then
             log "(no torch==$TORCH_VERSION+cpu on the configured indexes: trying PyTorch's CPU index)"
             pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
         fi

@@ -8,6 +8,14 @@
 # The last line is always the unit tests' counts (read from pytest's junit XML, so -qq, -p
 # no:terminal or a long benchmark log cannot hide it). Without a GPU, tests/conftest.py sets
 # TRITON_INTERPRET=1 so the Triton kernels run on CPU.
+#
+#   MMK_TEST_WORKERS=4 bash scripts/test.sh   # the unit tests in 4 pytest-xdist processes
+#
+# Off by default: on this project's shared 2-core machine `-n 2` was slower, not faster (tests/
+# test_token_pool.py + tests/test_qformer.py: 78 s serial vs 100 s with -n 2, and 127 vs 151 s: the
+# second process re-imports torch and re-warms the interpreter, and the cores were already busy).
+# Whole files go to one process (--dist loadfile), so a module's fixtures (test_inspect.py's
+# compiles, the CUDA-emulation build) run once. pytest-xdist comes with the dev extra.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,8 +24,16 @@ cd "$REPO"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-echo "== unit tests: $PY -m pytest tests -q $*"
-"$PY" -m pytest tests -q "$@" --junitxml="$tmp/unit.xml"
+workers=()
+if [[ "${MMK_TEST_WORKERS:-1}" =~ ^[0-9]+$ ]] && (( ${MMK_TEST_WORKERS:-1} > 1 )); then
+    if "$PY" -c "import xdist" >/dev/null 2>&1; then
+        workers=(-n "$MMK_TEST_WORKERS" --dist loadfile)
+    else
+        echo "== MMK_TEST_WORKERS=$MMK_TEST_WORKERS needs pytest-xdist (pip install pytest-xdist, or the dev extra): serial"
+    fi
+fi
+echo "== unit tests: $PY -m pytest tests -q ${workers[*]+${workers[*]} }$*"
+"$PY" -m pytest tests -q ${workers[@]+"${workers[@]}"} "$@" --junitxml="$tmp/unit.xml"
 unit_rc=$?
 summary() {
     "$PY" - "$tmp/unit.xml" "$unit_rc" <<'PY'

@@ -356,3 +356,118 @@ def test_timing_report_csv_markdown_and_plot(tmp_path, capsys):
     if report.matplotlib_missing():
         pytest.skip("matplotlib is not installed (the bench extra)")
     assert report.plot([doc], tmp_path / "p.png") and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------
+# a newcomer's rough edges: spellings, typos, empty shapes, other files, stale ceilings
+# --------------------------------------------------------------------------------------
+def test_dtype_spellings_are_accepted_everywhere(tmp_path, capsys):
+    assert [cases.dtype_name(s) for s in ("bf16", "bfloat16", "torch.bfloat16", "fp16", "float16", "half", "fp32",
+                                          "float32", "float", "BF16")] == \
+        ["bfloat16"] * 3 + ["float16"] * 3 + ["float32"] * 3 + ["bfloat16"]
+    with pytest.raises(ValueError, match="bf16/bfloat16"):
+        cases.dtype_name("int8")
+    out = tmp_path / "bf16.json"
+    assert _main(["bench", "attention", "--shape", "B=1,H=1,L=16,d=16", "--backends", "eager", "--dtype", "bf16",
+                  "--quick", "--warmup-ms", "0", "--rep-ms", "0", "--no-ceilings", "--json", str(out), "--plain",
+                  "--quiet"]) == 0
+    assert [c["dtype"] for c in report.read_json(out)["cases"]] == ["bfloat16"]
+    with pytest.raises(SystemExit) as ex:
+        _main(["bench", "attention", "--dtype", "int8"])
+    assert ex.value.code == 2 and "bf16/bfloat16, fp16/float16/half" in capsys.readouterr().err
+
+
+def test_main_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        _main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"    {c} " in out for c in ("info", "bench", "inspect")), out
+
+
+def test_empty_shape_is_a_clear_error_and_failed_inputs_name_the_reason(capsys):
+    for op, shape in (("attention", "B=0,H=2,L=16,d=64"), ("attention", "B=1,H=2,L=16,d=0"),
+                      ("token_pool", "B=1,h=0,C=8"), ("attention_varlen", "seqlens=0:0,H=2,d=16")):
+        assert _main(["bench", op, "--shape", shape, "--quick"]) == 2, shape
+        assert "at least 1" in capsys.readouterr().err, shape
+    # a shape whose inputs cannot be built: every backend of it says why (it was "not run: None")
+    op = cases.load("attention")
+    spec = cases.ShapeSpec("custom", "empty", "", AttnShape(0, 2, 16, 16, 64))
+    rows, _, _ = runner.run(op, [spec], _cfg(backends=["eager", "sdpa-math"]))
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert all(r["reason"] and "inputs/reference failed" in r["reason"] for r in rows), rows
+    lines = report.format_table({**report.new_doc("attention", "t", "cpu"), "cases": rows})
+    assert not any("None" in line for line in lines if "skipped:" in line)
+
+
+def test_show_says_what_it_reads(tmp_path, capsys):
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("key,ms_p50\nx,1\n")
+    assert _main(["bench", "show", str(csv_file)]) == 2
+    err = capsys.readouterr().err
+    assert "not JSON" in err and "--json FILE" in err and "--csv" in err
+    assert _main(["bench", "show", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_footer_counts_skipped_presets_apart_from_cases():
+    doc = {**report.new_doc("qformer", "t", "cpu"), "skipped_presets": {"llava15": "no Q-Former"},
+           "cases": [{"key": "k", "preset": "blip2", "case": "c", "dtype": "float32", "mode": "fwd",
+                      "backend": "eager", "status": "ok", "ms_p50": 1.0, "ms_p20": 1.0, "ms_p80": 1.0,
+                      "shape": "s"}]}
+    last = report.footer_lines(doc)[-1]
+    assert last.startswith("1 case(s) timed, 0 case(s) skipped, 0 not run, 1 preset(s) skipped"), last
+
+
+def test_figures_over_a_ceiling_and_noisy_baselines_are_flagged():
+    row = {"preset": "p", "case": "c", "dtype": "float32", "mode": "fwd", "status": "ok", "shape": "s"}
+    cases_ = [{**row, "key": "e", "backend": "eager", "ms_p50": 40.0, "ms_p20": 5.0, "ms_p80": 60.0,
+               "pct_of_ceiling": 3.0, "speedup_vs_eager": 1.0},
+              {**row, "key": "s", "backend": "sdpa-flash", "ms_p50": 0.03, "ms_p20": 0.03, "ms_p80": 0.03,
+               "pct_of_ceiling": 851.0, "speedup_vs_eager": 1385.0}]
+    doc = {**report.new_doc("attention", "t", "cpu"), "cases": cases_,
+           "ceilings": {"copy_gbps": 1.0, "matmul_tflops": 0.001, "matmul_dtype": "float32", "cached": True}}
+    text = "\n".join(report.format_table(doc))
+    assert "851%*" in text and "1385.00x?" in text
+    assert "ceiling stale" in text and "mmkernels info --remeasure" in text and "x eager marked ?" in text
+    assert "851%*" in report.format_markdown(doc)
+
+
+def test_stale_cached_ceilings_are_measured_again(tmp_path, monkeypatch):
+    """A ceiling cached while the machine was busy reads far too low: the run re-measures it."""
+    from mmkernels.bench import env
+
+    monkeypatch.setenv("MMKERNELS_CACHE_DIR", str(tmp_path))
+    torch.set_num_threads(1)
+    key = env.device_slug("cpu")
+    stale = {"copy_gbps": 1e-6, "matmul_tflops": 1e-9, "matmul_dtype": "float32", "threads": 1,
+             "measured": "2020-01-01T00:00:00+00:00"}
+    (tmp_path / "ceilings.json").write_text(json.dumps({key: stale}))
+    out = tmp_path / "r.json"
+    assert _main(["bench", "attention", "--shape", "B=1,H=1,L=32,d=16", "--backends", "eager", "--quick",
+                  "--json", str(out), "--plain", "--quiet"]) == 0
+    doc = report.read_json(out)
+    assert doc["ceilings"]["matmul_tflops"] > 1e-6 and doc["ceilings"]["measured"] != stale["measured"]
+    assert any(n.startswith("ceilings re-measured after the run") for n in doc["notes"])
+    assert doc["cases"][0]["pct_of_ceiling"] < 1e6
+    assert json.loads((tmp_path / "ceilings.json").read_text())[key]["matmul_tflops"] > 1e-6
+
+
+def test_compile_is_opt_in_on_a_cpu_and_runs_when_named(monkeypatch):
+    monkeypatch.delenv("MMK_BENCH_COMPILE_CPU", raising=False)
+    from mmkernels.bench.cli import _defaults
+
+    op = cases.load("token_pool")
+    names, left_out = _defaults(op, torch.device("cpu"))
+    assert "compile" not in names and "--backends" in left_out["compile"]
+    assert op.backends()["compile"].why_not(torch.device("cpu")) is None  # so a named one is timed
+
+
+@pytest.mark.slow
+def test_compile_named_on_a_cpu_is_timed(tmp_path, monkeypatch):
+    """``--backends eager,compile`` times torch.compile on a CPU (inductor's C++ build: ~10 s)."""
+    monkeypatch.delenv("MMK_BENCH_COMPILE_CPU", raising=False)
+    out = tmp_path / "c.json"
+    assert _main(["bench", "token_pool", "--shape", "B=1,h=8,C=16,mode=avg,k=2", "--backends", "eager,compile",
+                  "--mode", "fwd", "--quick", "--no-ceilings", "--json", str(out), "--plain", "--quiet"]) == 0
+    rows = report.read_json(out)["cases"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("eager", "ok"), ("compile", "ok")], rows

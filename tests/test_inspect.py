@@ -220,6 +220,50 @@ def test_cli_json():
     assert doc["rows"][0]["registers"] > 0 and doc["rows"][0]["error"] is None
 
 
+def _inspect(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmkernels", "inspect", *args], capture_output=True, text=True,
+                          env=_child_env(), timeout=600, cwd=ROOT)
+
+
+def test_cli_text_streams_rows_after_the_plan():
+    """The count of compiles and a time estimate come first, each row as its compile finishes, and
+    the dtype may be spelled as torch spells it."""
+    res = _inspect("--kernel", "attention.preprocess", "--preset", "eva-vit-g", "--dtype", "bfloat16", "--quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("sm_90, bf16, triton ") and ": 1 compiles (" in lines[0] and "about " in lines[0]
+    assert lines[1].split()[:3] == ["kernel", "preset", "variant"]
+    assert lines[2].split()[:4] == ["attention.preprocess", "eva-vit-g", "plain", "88"]
+    assert lines[-1].startswith("1 compiles in ") and lines[-1].endswith("0 problem(s)")
+
+
+def test_cli_unknown_names_are_errors():
+    """A typo (or a selection that matches no launch) exits 2 naming the valid values; it used to
+    exit 0 with "0 problem(s)", so ``--check`` passed."""
+    for args, expected in ((["--kernel", "atention"], "attention.fwd"), (["--preset", "clip-l33"], "clip-l336"),
+                           (["--head-dim", "96"], "64, 72, 80, 88, 128"), (["--variant", "masked"], "mask+dropout"),
+                           (["--dtype", "int8"], "bf16/bfloat16"),
+                           (["--kernel", "token_pool", "--preset", "clip-l336"], "nothing to compile")):
+        res = _inspect(*args, "--check")
+        assert res.returncode == 2 and expected in res.stderr, (args, res.stdout, res.stderr[-2000:])
+
+
+def test_quick_plan():
+    """``--quick``: the default configuration of every kernel at one preset per head dim; the plan
+    (what is counted and estimated up front) is the compile list without compiling."""
+    code = ("import json\nfrom mmkernels.kernels.compile_report import plan, estimate_s, QUICK_PRESETS\n"
+            "q = plan(90, presets=list(QUICK_PRESETS), configs='default')\nfull = plan(90)\n"
+            "print(json.dumps([len(q), len(full), estimate_s(q), estimate_s(full), sorted({r['kernel'] for r in q}),"
+            " sorted({r['kernel'] for r in full}), sorted({r['head_dim'] for r in q if r['family'] == 'attention'}),"
+            " all(r['default'] for r in q)]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), timeout=300,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n_quick, n_full, s_quick, s_full, k_quick, k_full, dims, defaults = json.loads(res.stdout.splitlines()[-1])
+    assert 0 < n_quick < n_full / 3 and k_quick == k_full and dims == list(HEAD_DIMS) and defaults
+    assert s_quick < 180 and s_full > 4 * s_quick
+
+
 def test_refuses_interpreted_kernels():
     """In this process the kernels are interpreted (conftest sets TRITON_INTERPRET): nothing to compile."""
     import mmkernels.kernels

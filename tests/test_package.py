@@ -113,6 +113,42 @@ def test_forcing_a_backend_the_op_lacks_raises():
             mmkernels.attention(q, q, q)
 
 
+_IMPORT_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import mmkernels
+t2 = time.perf_counter()
+print(json.dumps({m: m in sys.modules for m in ("torch._dynamo", "torch._inductor", "triton", "transformers")}
+                 | {"torch_s": t1 - t0, "mmkernels_s": t2 - t1}))
+"""
+
+
+def test_import_loads_neither_dynamo_nor_triton():
+    """``import mmkernels`` costs ~0.1 s over ``import torch``: torch._dynamo (~1.7 s: it was pulled in
+    by ``@torch.compiler.assume_constant_result`` at import) and triton are imported when used."""
+    res = _run(["-c", _IMPORT_SCRIPT])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for module in ("torch._dynamo", "torch._inductor", "triton", "transformers"):
+        assert out[module] is False, f"import mmkernels imported {module}"
+
+
+def test_assume_constant_result_without_dynamo_marks_the_same_attribute():
+    """ops/token_pool.py marks ``_cuda_unavailable`` as torch.compiler.assume_constant_result does,
+    without importing torch._dynamo: the attribute dynamo reads must still be the one torch sets."""
+    tp = importlib.import_module("mmkernels.ops.token_pool")  # (mmkernels.ops.token_pool is also the function)
+
+    def f():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(f)
+    attrs = {k for k in vars(marked) if "dynamo" in k}
+    assert attrs == {"_dynamo_marked_constant"} and marked._dynamo_marked_constant is True
+    assert tp._cuda_unavailable._dynamo_marked_constant is True
+
+
 # --------------------------------------------------------------------------------------
 # python -m mmkernels info
 # --------------------------------------------------------------------------------------
@@ -147,6 +183,13 @@ def test_info_json_without_gpu_or_interpreter():
         assert rows["triton"]["probe_ok"] is False
         assert any("TRITON_INTERPRET=1" in r for r in rows["triton"]["probe_reasons"])
     assert rows["reference"]["probe_ok"] is True
+    # one rule for every op: each is probed, and no op's Triton backend reads usable on a CPU
+    # without the interpreter (attention_scores / attention_varlen said "available")
+    for op, o in data["ops"].items():
+        assert o["probe_ran"], op
+        for b in o["backends"]:
+            if b["name"] in ("triton", "cuda") and b["available"]:
+                assert b["probe_ok"] is False and b["probe_reasons"], (op, b)
 
 
 def test_info_collect_in_process_triton_usable():

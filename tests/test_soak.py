@@ -103,6 +103,7 @@ def test_soak_memory_and_caches_bounded():
         if i % 500 == 0:
             gc.collect()
             samples.append(round(_rss_mb(), 1))
+            print(f"[soak] {WARMUP + i} calls, {time.time() - start:.0f} s, RSS {samples[-1]} MB", flush=True)
     gc.collect()
     rss1 = _rss_mb()
     autotuned = len(_launch._AUTOTUNED)

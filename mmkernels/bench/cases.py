@@ -11,14 +11,39 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Backend", "Bound", "MODEL_PRESETS", "OpBench", "OpUnavailable", "ShapeSpec", "Skip", "load",
-           "mk_unavailable", "op_names", "parse_kv"]
+__all__ = ["DTYPE_ALIASES", "Backend", "Bound", "MODEL_PRESETS", "OpBench", "OpUnavailable", "ShapeSpec", "Skip",
+           "dtype_arg", "dtype_name", "load", "mk_unavailable", "op_names", "parse_kv"]
 
 #: relative (Frobenius) error bounds against float64: ~3x what plain PyTorch gets in the dtype
 #: (eager bf16 attention measured near 5e-3 at L = 64); gradients get 2.5x more room
 OUT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 2e-3, "float64": 1e-10}
 GRAD_RTOL_FACTOR = 2.5
 MODEL_PRESETS = ("blip2", "instructblip", "llava15", "llava-ov", "gemma3", "qwen2vl", "qwen25vl", "internvl")
+
+
+#: every spelling ``mmkernels bench --dtype`` and ``mmkernels inspect --dtype`` accept -> torch's name
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                 "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+DTYPE_SPELLINGS = "bf16/bfloat16, fp16/float16/half, fp32/float32/float"
+
+
+def dtype_name(text: str) -> str:
+    """torch's name of a dtype spelled any way the commands accept (``bf16``, ``torch.bfloat16``,
+    ``half`` ...); ValueError naming the spellings otherwise."""
+    key = str(text).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {text!r} (expected {DTYPE_SPELLINGS})")
+    return DTYPE_ALIASES[key]
+
+
+def dtype_arg(text: str) -> str:
+    """:func:`dtype_name` as an argparse ``type=``: a bad spelling is a usage error (exit 2)."""
+    import argparse
+
+    try:
+        return dtype_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Skip(Exception):
@@ -58,6 +83,8 @@ class Backend:
     gpu_kernel: bool = False
     layout: str = "bhld"  # attention: "blhd" when it takes (B, L, H, D) tensors
     score_bytes: int | None = None  # attention: bytes per element of the L×L scores it holds
+    #: on a CPU, why it is not in the default set (slow to build: torch.compile); it runs when named
+    cpu_opt_in: str | None = None
 
 
 @dataclass

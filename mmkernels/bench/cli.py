@@ -62,7 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ps = bsub.add_parser("show", help="print the table of results files again (plain, markdown), re-plot",
                          description="Print results files of `mmkernels bench ... --json` again; --plot draws them "
                                      "(several files: one row of panels per op/dtype/mode).")
-    ps.add_argument("files", nargs="+", help="JSON files written by `mmkernels bench <op> --json`")
+    ps.add_argument("files", nargs="+", help="JSON files written by `mmkernels bench <op> --json FILE` (not --csv)")
     ps.add_argument("--markdown", action="store_true", help="a GitHub-markdown table of the timed cases")
     ps.add_argument("--brief", action="store_true", help="timed cases only")
     ps.add_argument("--plain", action="store_true", help="no colours even on a terminal")
@@ -78,10 +78,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "the default without --shape), or the op's extras (attention: sweep; token_pool: llava-video)")
     g.add_argument("--shape", action="append", default=[],
                    help="a custom shape as key=value pairs (repeatable), e.g. B=16,H=16,L=577,d=64 (--list: the keys)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="default: each shape's model dtype (the Q-Former's float32), else bfloat16 on CUDA, "
-                        "float32 on the CPU")
-    g.add_argument("--backends", help="comma-separated backends (default: all that apply; --list)")
+    g.add_argument("--dtype", type=cases.dtype_arg, metavar="DTYPE",
+                   help=f"{cases.DTYPE_SPELLINGS}; default: each shape's model dtype (the Q-Former's float32), "
+                        "else bfloat16 on CUDA, float32 on the CPU")
+    g.add_argument("--backends", help="comma-separated backends (default: all that apply; --list); a backend named "
+                   "here runs even where it is left out of the default set (token_pool's compile on a CPU)")
     g.add_argument("--exclude", default="", help="comma-separated backends to leave out")
     g.add_argument("--mode", help="fwd | bwd | fwd+bwd, or a comma-separated list (default: the op's)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -131,10 +132,27 @@ def _defaults(op: cases.OpBench, device) -> tuple[list[str], dict[str, str]]:
     from .._utils import interpreting
 
     left = dict(op.opt_in)
+    if device.type == "cpu":  # slow to build on a CPU (torch.compile): timed when --backends names them
+        left.update({n: b.cpu_opt_in for n, b in op.backends().items() if b.cpu_opt_in})
     if device.type == "cpu" and interpreting():
         left.update({n: "TRITON_INTERPRET=1 runs the Triton kernel in the interpreter: a correctness check, far "
                         "too slow for timings to mean anything" for n, b in op.backends().items() if b.gpu_kernel})
     return [n for n in op.backends() if n not in left], left
+
+
+def _check_sizes(text: str, shape) -> None:
+    """A --shape with a size below 1 (B=0, a zero-length sequence list) has nothing to time: ValueError."""
+    import dataclasses
+
+    for f in dataclasses.fields(shape):
+        v = getattr(shape, f.name)
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"--shape {text!r}: {f.name}={v}: every size must be at least 1 (an empty tensor "
+                             "has nothing to time)")
+        if isinstance(v, tuple) and all(isinstance(x, int) for x in v) and (min(v, default=0) < 0 or sum(v) < 1):
+            raise ValueError(f"--shape {text!r}: {f.name}={v}: sizes must be >= 0 and add up to at least 1")
 
 
 def _fail(op: str, msg: str) -> int:
@@ -174,6 +192,8 @@ def _cmd_run(args) -> int:
 
     try:
         custom = [op.parse_shape(s) for s in args.shape]
+        for text, spec in zip(args.shape, custom):
+            _check_sizes(text, spec.shape)
     except ValueError as exc:
         return _fail(op.name, str(exc))
     presets = _csv(args.preset) or ([] if custom else ["all"])
@@ -204,7 +224,7 @@ def _cmd_run(args) -> int:
               "threads": torch.get_num_threads() if device.type == "cpu" else None,
               "float32_matmul_precision": torch.get_float32_matmul_precision()}
     doc = report.new_doc(op.name, f"mmkernels bench {op.name}: {op.title}", device, config=config,
-                         ceilings=cfg.ceilings, metric=op.metric, convention=op.convention)
+                         ceilings=cfg.ceilings, metric=op.metric, convention=op.convention, baseline=op.baseline)
     doc.update(skipped_presets=skipped_presets, notes=notes,
                left_out={} if args.backends else {n: w for n, w in left_out.items() if n not in names})
     done, died_in = {}, None
@@ -231,6 +251,7 @@ def _cmd_run(args) -> int:
                                           "notes": notes + [f"PARTIAL: {len(so_far)} of {total} cases"]})
 
     rows, not_timed, fatal = runner.run(op, specs, cfg, done=done, died_in=died_in, on_row=on_row)
+    _remeasure_stale_ceilings(op, rows, cfg, doc, notes, quiet=args.quiet)
     gpu_idle = [n for n in not_timed if backends[n].gpu_kernel]
     if device.type == "cpu":
         interp = sorted({r["backend"] for r in rows if backends[r["backend"]].gpu_kernel and r["status"] == "ok"})
@@ -254,15 +275,44 @@ def _cmd_run(args) -> int:
     return 3 if fatal else 0
 
 
+def _remeasure_stale_ceilings(op, rows, cfg, doc, notes, *, quiet=False) -> None:
+    """A case over 100 % of a *cached* ceiling means the ceiling was measured on a busier machine:
+    measure it again now (CPU ~0.3 s, GPU ~2 s), recompute the derived columns, and say so."""
+    from . import env, report, runner
+
+    c = cfg.ceilings or {}
+    over = [r for r in rows if r.get("status") == "ok" and report.over_ceiling(r)]
+    if not over or not c.get("cached") or c.get("error"):
+        return
+    if not quiet:
+        print(f"{len(over)} case(s) over 100 % of the cached ceilings (measured {c.get('measured')}): measuring them "
+              "again", file=sys.stderr)
+    fresh = env.ceilings(cfg.device, remeasure=True)
+    if fresh.get("error"):
+        notes.append(f"ceilings: {len(over)} case(s) over 100 % of the cached ceilings; re-measuring failed: "
+                     f"{fresh['error']}")
+        return
+    runner.add_derived(rows, op, fresh)
+    cfg.ceilings = doc["ceilings"] = fresh
+    notes.append(f"ceilings re-measured after the run: {len(over)} case(s) read over 100 % of the cached ones, "
+                 f"measured {c.get('measured')} (copy {c.get('copy_gbps')} -> {fresh.get('copy_gbps')} GB/s, matmul "
+                 f"{c.get('matmul_tflops')} -> {fresh.get('matmul_tflops')} TFLOP/s; the cache is updated)")
+
+
 def _cmd_show(args) -> int:
     from . import report
 
     if args.plot and report.matplotlib_missing():
         return _fail("show", report.matplotlib_missing())
-    try:
-        docs = [report.read_json(f) for f in args.files]
-    except (OSError, ValueError) as exc:
-        return _fail("show", str(exc))
+    docs = []
+    for f in args.files:
+        try:
+            docs.append(report.read_json(f))
+        except OSError as exc:
+            return _fail("show", f"cannot read {f}: {exc.strerror or exc}")
+        except ValueError as exc:
+            return _fail("show", f"{exc}. `bench show` reads the JSON files `mmkernels bench <op> --json FILE` "
+                                 "writes (--csv files are for spreadsheets: it does not read them back)")
     for doc in docs:
         if args.markdown:
             print(report.format_markdown(doc) + "\n")

@@ -5,7 +5,7 @@ The JSON document (``schema`` ``mmkernels.bench/1``), written by ``mmkernels ben
 and the only format ``mmkernels bench compare`` / ``show`` / ``--resume`` read::
 
     {"schema", "op", "title", "date", "commit", "git_dirty", "device": {...}, "versions": {...},
-     "interpreter", "ceilings": {...}, "config": {...}, "metric", "flop_convention", "columns",
+     "interpreter", "ceilings": {...}, "config": {...}, "metric", "flop_convention", "baseline", "columns",
      "not_timed": {backend: why}, "left_out": {opt-in backend: what it is},
      "skipped_presets": {preset: why}, "skipped": null | why the whole op was skipped,
      "running": null | the key of the case in progress, "fatal": null | the CUDA error that
@@ -53,13 +53,14 @@ WIDTH = 100
 
 
 def new_doc(op: str, title: str, device, *, config: dict | None = None, ceilings: dict | None = None,
-            metric: str = "", convention: str = "") -> dict:
+            metric: str = "", convention: str = "", baseline: str = "eager") -> dict:
     """A results document with nothing run yet: what it is, and where and when it was measured."""
     commit, dirty = env.git_commit()
     return {"schema": SCHEMA, "op": op, "title": title, "date": env.now_iso(), "commit": commit, "git_dirty": dirty,
             **env.describe(device, nvidia_smi=config is not None), "ceilings": ceilings, "config": config or {},
-            "metric": metric, "flop_convention": convention, "columns": COLUMNS, "not_timed": {}, "left_out": {},
-            "skipped_presets": {}, "skipped": None, "running": None, "fatal": None, "notes": [], "cases": []}
+            "metric": metric, "flop_convention": convention, "baseline": baseline, "columns": COLUMNS,
+            "not_timed": {}, "left_out": {}, "skipped_presets": {}, "skipped": None, "running": None, "fatal": None,
+            "notes": [], "cases": []}
 
 
 def json_safe(x):
@@ -81,7 +82,13 @@ def write_json(path: str | os.PathLike, doc: dict) -> None:
 
 def read_json(path: str | os.PathLike) -> dict:
     """A ``mmkernels bench --json`` file; ValueError for anything else."""
-    doc = json.loads(Path(path).read_text())
+    try:
+        doc = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a `mmkernels bench --json` file: not text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not a `mmkernels bench --json` file: not JSON ({exc.msg}, line {exc.lineno})"
+                         ) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a `mmkernels bench --json` file (schema {SCHEMA})")
     return doc
@@ -115,13 +122,41 @@ def _tput(x) -> str:
     return "-" if not isinstance(x, (int, float)) else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
-def _cells(doc: dict, r: dict) -> list[str]:
-    """backend, ms p50, p20-p80, throughput, % peak, x eager, MiB, check of a timed row."""
+#: a timing whose 80 % quantile is over this many times its 20 % one was taken on a busy machine
+NOISY_SPREAD = 3.0
+
+
+def over_ceiling(r: dict) -> bool:
+    """The row reads over 100 % of the device's measured ceiling: the ceiling is stale (measured
+    while the machine was busier, or at another thread count), not the kernel faster than the device."""
+    pct = r.get("pct_of_ceiling")
+    return isinstance(pct, (int, float)) and pct > 100.0
+
+
+def noisy_baselines(doc: dict) -> set:
+    """(preset, case, dtype, mode) of the groups whose baseline (eager) timing spread over more than
+    ``NOISY_SPREAD``x between its 20 and 80 % quantiles: their "x eager" ratios are not to be trusted."""
+    base = doc.get("baseline") or "eager"
+    out = set()
+    for r in doc.get("cases", []):
+        lo, hi = r.get("ms_p20"), r.get("ms_p80")
+        if (r.get("status") == "ok" and r.get("backend") == base and isinstance(lo, (int, float))
+                and isinstance(hi, (int, float)) and lo > 0 and hi / lo > NOISY_SPREAD):
+            out.add((r["preset"], r["case"], r["dtype"], r["mode"]))
+    return out
+
+
+def _cells(doc: dict, r: dict, noisy: set = frozenset()) -> list[str]:
+    """backend, ms p50, p20-p80, throughput, % peak, x eager, MiB, check of a timed row; a "% peak"
+    over 100 is marked ``*`` (stale ceiling), an "x eager" against a noisy baseline ``?``."""
     chk = r.get("check") or {}
     tput = {"tflops": r.get("tflops"), "gbps": r.get("gbps")}.get(doc.get("metric"), r.get("tflops") or r.get("gbps"))
+    pct = _num(r.get("pct_of_ceiling"), "{:.0f}%") + ("*" if over_ceiling(r) else "")
+    speedup = _num(r.get("speedup_vs_eager"), "{:.2f}x")
+    if r.get("speedup_vs_eager") is not None and (r["preset"], r["case"], r["dtype"], r["mode"]) in noisy:
+        speedup += "?"
     return [r["backend"], _ms(r.get("ms_p50")), f"{_ms(r.get('ms_p20'))}-{_ms(r.get('ms_p80'))}", _tput(tput),
-            _num(r.get("pct_of_ceiling"), "{:.0f}%"), _num(r.get("speedup_vs_eager"), "{:.2f}x"),
-            _num(r.get("peak_mem_mib"), "{:.0f}"),
+            pct, speedup, _num(r.get("peak_mem_mib"), "{:.0f}"),
             _num(chk.get("rel_err"), "{:.1e}") + ("" if chk.get("ok", 1) else " WRONG")]
 
 
@@ -130,8 +165,9 @@ def format_table(doc: dict, *, brief: bool = False) -> list[str]:
     backend; ``brief``: timed rows only. The footer lines follow."""
     metric = {"tflops": "TFLOP/s", "gbps": "GB/s"}.get(doc.get("metric"), "TF|GB/s")
     head = ["backend", "ms p50", "p20-p80", metric, "% peak", "x eager", "MiB", "check"]
-    widths = [14, 8, 15, 8, 6, 7, 6, 14]
+    widths = [14, 8, 15, 8, 6, 8, 6, 13]
     rows = [r for r in doc["cases"] if r.get("status") == "ok" or not brief]
+    noisy = noisy_baselines(doc)
     keep = [i for i, h in enumerate(head) if h != "MiB" or any(r.get("peak_mem_mib") is not None for r in rows)]
 
     def line(cells):
@@ -146,8 +182,9 @@ def format_table(doc: dict, *, brief: bool = False) -> list[str]:
             lines += textwrap.wrap(f"{r['preset']}/{r['case']} {r['dtype']} {r['mode']}: {r['shape']}{real}", WIDTH,
                                    subsequent_indent="    ")
             last = group
-        lines.append(line(_cells(doc, r)) if r.get("status") == "ok" else
-                     short_text(f"  {r['backend']:<15}{r['status'].replace('_', ' ')}: {r.get('reason')}", WIDTH))
+        lines.append(line(_cells(doc, r, noisy)) if r.get("status") == "ok" else
+                     short_text(f"  {r['backend']:<15}{r['status'].replace('_', ' ')}: "
+                                f"{r.get('reason') or 'no reason recorded'}", WIDTH))
     return lines + [w for line in footer_lines(doc) for w in textwrap.wrap(line, WIDTH, subsequent_indent="    ")]
 
 
@@ -173,13 +210,36 @@ def footer_lines(doc: dict) -> list[str]:
     lines += doc.get("notes") or []
     if doc.get("fatal"):
         lines.append(f"FATAL: {doc['fatal']} (rerun with --resume: that case is then skipped)")
+    over = [r for r in doc["cases"] if r.get("status") == "ok" and over_ceiling(r)]
+    if over:
+        worst = max(r["pct_of_ceiling"] for r in over)
+        if c.get("cached") is False:  # measured during this run (or re-measured after it): a busy machine
+            why = ("the ceiling, measured during this run while the machine was busy, is too low: rerun on a quieter "
+                   f"machine (`mmkernels info --remeasure{_threads_flag(c)}` refreshes it)")
+        else:
+            why = (f"ceiling stale — `mmkernels info --remeasure{_threads_flag(c)}`, then rerun (a ceiling measured "
+                   "while the machine was busier is too low)")
+        lines.append(f"% peak marked *: {len(over)} case(s) over 100 % of the measured ceiling (up to {worst:.0f} %): "
+                     + why)
+    noisy = noisy_baselines(doc)
+    if noisy:
+        lines.append(f"x eager marked ?: the {doc.get('baseline') or 'eager'} baseline of {len(noisy)} case(s) spread "
+                     f"over {NOISY_SPREAD:g}x between its 20 and 80 % quantiles (a busy machine): rerun before "
+                     "trusting those ratios")
     wrong = [r["key"] for r in doc["cases"] if r.get("status") == "ok" and not (r.get("check") or {}).get("ok", 1)]
     if wrong:
         lines.append(f"WRONG: {len(wrong)} case(s) failed the float64 check: {', '.join(wrong[:8])}")
     n = {s: sum(1 for r in doc["cases"] if r.get("status") == s) for s in ("ok", "skipped", "not_run")}
-    lines.append(f"{n['ok']} case(s) timed, {n['skipped']} skipped, {n['not_run']} not run; {dev.get('name')}, torch "
-                 f"{doc.get('versions', {}).get('torch')}, commit {str(doc.get('commit'))[:12]}, {doc.get('date')}")
+    presets = len(doc.get("skipped_presets") or {})
+    lines.append(f"{n['ok']} case(s) timed, {n['skipped']} case(s) skipped, {n['not_run']} not run"
+                 + (f", {presets} preset(s) skipped (no such shape)" if presets else "")
+                 + f"; {dev.get('name')}, torch {doc.get('versions', {}).get('torch')}, commit "
+                 f"{str(doc.get('commit'))[:12]}, {doc.get('date')}")
     return lines
+
+
+def _threads_flag(c: dict) -> str:
+    return f" --threads {c['threads']}" if c.get("threads") not in (None, 1) else ""
 
 
 def format_markdown(doc: dict) -> str:
@@ -191,9 +251,10 @@ def format_markdown(doc: dict) -> str:
     lines = [f"{doc.get('title', doc['op'])} — {dev.get('name')}, torch {doc.get('versions', {}).get('torch')}, "
              f"commit {str(doc.get('commit'))[:7]}, {str(doc.get('date'))[:10]}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    noisy = noisy_baselines(doc)
     for r in doc["cases"]:
         if r.get("status") == "ok":
-            cells = [f"{r['preset']}/{r['case']}", r["shape"], r["dtype"], r["mode"], *_cells(doc, r)]
+            cells = [f"{r['preset']}/{r['case']}", r["shape"], r["dtype"], r["mode"], *_cells(doc, r, noisy)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

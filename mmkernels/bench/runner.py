@@ -136,7 +136,7 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig, *, done: dict[str, 
         dtype_name = cfg.dtype or spec.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         dtype = getattr(torch, dtype_name)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        sets, ref = None, None
+        sets, ref, inputs_failed = None, None, None
         for mode in cfg.modes:
             for name in usable:
                 key = case_key(op.name, spec, dtype_name, mode, name)
@@ -159,8 +159,11 @@ def run(op: OpBench, specs: list[ShapeSpec], cfg: RunConfig, *, done: dict[str, 
                         on_row(row, "start")
                     if sets is None:
                         sets, ref = _inputs(op, spec, dtype, cfg, i, row)
+                        inputs_failed = None if sets else row["reason"]
                     if sets:
                         _run_one(op, backends[name], spec, sets, ref, dtype_name, mode, cfg, row)
+                    elif inputs_failed:  # every backend of this shape: the same reason, not a bare "not run"
+                        row.update(status="skipped", reason=inputs_failed)
                     if row["status"] != "ok" and not cuda_alive(device):
                         fatal = f"the CUDA context is unusable after {key}: {short_text(row['reason'], 600)}"
                 if on_row:

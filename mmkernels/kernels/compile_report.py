@@ -505,25 +505,100 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
     arguments marked 16-divisible or constant by the binder) and ``compile_s``.
     """
     from .._utils import interpreting
-    from ._launch import capture_launches
 
     if interpreting():
         raise RuntimeError("compile_report: TRITON_INTERPRET is set, so the kernels are interpreted Python; "
                            "run it in a process without it (mmkernels inspect does)")
+    rows: list[dict] = []
+    for case, launch, name, i, cfg in _launches(arch, dtype=dtype, kernels=kernels, presets=presets,
+                                                head_dims=head_dims, variants=variants, configs=configs):
+        kwargs = dict(launch.kwargs)
+        if cfg is not None:
+            kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        row = _row(case, launch, name, i, cfg, dtype, arch)
+        t0 = time.perf_counter()
+        try:
+            compiled, signature, attrs = _compile(launch.fn, launch.args, kwargs, arch)
+        except Exception as exc:  # report every launch; the caller decides what fails
+            row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        else:
+            row["compiled"] = compiled
+            row["registers"], row["spill_bytes"] = _resources(compiled.asm["cubin"])
+            row["loops"] = _sass_loops(compiled.asm["cubin"])
+            row["shared_bytes"] = compiled.metadata.shared
+            row.update(_ptx_stats(compiled.asm["ptx"]))
+            row["specialization"] = _specialization(launch.fn, signature, attrs)
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def plan(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str] | None = None,
+         presets: Iterable[str] | None = None, head_dims: Iterable[int] | None = None,
+         variants: Iterable[str] = ("plain",), configs: str = "all") -> list[dict]:
+    """The rows :func:`compile_report` would compile with these arguments (``kernel``, ``family``,
+    ``preset``, ``variant``, ``dtype``, ``head_dim``, ``config``, ``default``, ``flops``,
+    ``bytes``), without compiling: the launches are captured, which takes about a second for the
+    default selection. ``mmkernels inspect`` says up front how many compiles it will run."""
+    return [_row(case, launch, name, i, cfg, dtype, arch)
+            for case, launch, name, i, cfg in _launches(arch, dtype=dtype, kernels=kernels, presets=presets,
+                                                        head_dims=head_dims, variants=variants, configs=configs)]
+
+
+#: kernel-name prefixes whose launches come from other families' calls (the RoPE passes of the
+#: dense and the packed attention: rotating Q and K, rotating dQ and dK back)
+_KERNEL_FAMILIES = {"rotary": ("attention", "attention_varlen")}
+
+
+def selection_errors(*, dtype: str = "bf16", kernels: Iterable[str] | None = None,
+                     presets: Iterable[str] | None = None, head_dims: Iterable[int] | None = None,
+                     variants: Iterable[str] = ("plain",), configs: str = "all") -> list[str]:
+    """What is wrong with a selection (unknown kernel, preset, head dim, variant, dtype or configs),
+    each message naming the valid values; empty when it is fine."""
+    errors = []
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype: got {dtype!r}, expected one of {sorted(_DTYPES)}")
+        errors.append(f"dtype: got {dtype!r}, expected one of {sorted(_DTYPES)}")
     if configs not in ("all", "default", "tma"):
-        raise ValueError(f"configs: got {configs!r}, expected 'all', 'default' or 'tma'")
-    variants = list(variants)
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"variants: got {v!r}, expected some of {list(VARIANTS)}")
-    kernels = list(kernels or [])
+        errors.append(f"configs: got {configs!r}, expected 'all', 'default' or 'tma'")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        errors.append(f"variant: unknown {', '.join(map(repr, bad))}; expected some of {', '.join(VARIANTS)}")
+    known = sorted(set(_kernel_names().values()))
+    bad = [k for k in kernels or [] if not any(n == k or n.startswith(k) for n in known)]
+    if bad:
+        errors.append(f"kernel: unknown {', '.join(map(repr, bad))}; expected a name or a prefix of one: "
+                      + ", ".join(known))
+    groups = {"attention": ATTENTION_PRESETS, "attention_varlen": VARLEN_PRESETS, "qformer": QFORMER_PRESETS,
+              "token_pool": TOKEN_POOL_PRESETS}
+    bad = [p for p in presets or [] if not any(p == q.name for g in groups.values() for q in g)]
+    if bad:
+        errors.append(f"preset: unknown {', '.join(map(repr, bad))}; expected one of: "
+                      + "; ".join(f"{f}: {', '.join(q.name for q in g)}" for f, g in groups.items()))
+    dims = sorted({p.d for p in ATTENTION_PRESETS + VARLEN_PRESETS})
+    bad = [d for d in head_dims or [] if d not in dims]
+    if bad:
+        errors.append(f"head dim: no preset has {', '.join(map(str, bad))}; the presets' head dims: "
+                      + ", ".join(map(str, dims)))
+    return errors
+
+
+def _launches(arch: int, *, dtype, kernels, presets, head_dims, variants, configs):
+    """(case, launch, kernel name, candidate index, candidate config) of every compile, in order;
+    each case's launches are captured when the iteration reaches it (its tensors are freed after)."""
+    from ._launch import capture_launches
+
+    variants, kernels = list(variants), list(kernels or [])
+    errors = selection_errors(dtype=dtype, kernels=kernels, presets=presets, head_dims=head_dims, variants=variants,
+                              configs=configs)
+    if errors:
+        raise ValueError("; ".join(errors))
     families = {"attention", "attention_varlen", "qformer", "token_pool"}
     if kernels:
-        families = {f for f in families if any(f.startswith(k.split(".")[0]) or k.startswith(f) for k in kernels)}
+        families = {f for f in families if any(f.startswith(k.split(".")[0]) or k.startswith(f)
+                                               or f in _KERNEL_FAMILIES.get(k.split(".")[0], ()) for k in kernels)}
     names = _kernel_names()
-    rows: list[dict] = []
     for case in _cases(_DTYPES[dtype], set(presets or []), set(head_dims or []), variants, families):
         with capture_launches(arch) as launches:
             case.run()
@@ -537,30 +612,14 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
             elif configs == "tma":
                 cands = [(i, c) for i, c in cands if c is not None and c.kwargs.get("USE_TMA")]
             for i, cfg in cands:
-                kwargs = dict(launch.kwargs)
-                if cfg is not None:
-                    kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                flops, nbytes = case.model.get(name, (None, None))
-                row = dict(kernel=name, family=case.family, preset=case.preset, variant=case.variant, dtype=dtype,
-                           head_dim=case.head_dim, arch=arch, config=_config_dict(cfg, launch.kwargs),
-                           default=i == 0, flops=flops, bytes=nbytes, compiled=None, error=None)
-                t0 = time.perf_counter()
-                try:
-                    compiled, signature, attrs = _compile(launch.fn, launch.args, kwargs, arch)
-                except Exception as exc:  # report every launch; the caller decides what fails
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-                else:
-                    row["compiled"] = compiled
-                    row["registers"], row["spill_bytes"] = _resources(compiled.asm["cubin"])
-                    row["loops"] = _sass_loops(compiled.asm["cubin"])
-                    row["shared_bytes"] = compiled.metadata.shared
-                    row.update(_ptx_stats(compiled.asm["ptx"]))
-                    row["specialization"] = _specialization(launch.fn, signature, attrs)
-                row["compile_s"] = round(time.perf_counter() - t0, 2)
-                rows.append(row)
-                if progress is not None:
-                    progress(row)
-    return rows
+                yield case, launch, name, i, cfg
+
+
+def _row(case, launch, name: str, i: int, cfg, dtype: str, arch: int) -> dict:
+    flops, nbytes = case.model.get(name, (None, None))
+    return dict(kernel=name, family=case.family, preset=case.preset, variant=case.variant, dtype=dtype,
+                head_dim=case.head_dim, arch=arch, config=_config_dict(cfg, launch.kwargs), default=i == 0,
+                flops=flops, bytes=nbytes, compiled=None, error=None)
 
 
 def _specialization(fn, signature: dict, attrs: dict) -> dict:
@@ -656,17 +715,104 @@ def _jsonable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "compiled"} for r in rows]
 
 
+#: ``--quick``: the default configuration of one attention preset per head dim, the Qwen-VL
+#: packings, the Q-Former and the pooling presets (~55 compiles; the full default run ~220)
+QUICK_PRESETS = ("clip-l336", "siglip-so400m", "qwen2-vl", "eva-vit-g", "d128-16k", "qwen2-vl-packed",
+                 "qwen2.5-vl-windows", "blip2", *(p.name for p in TOKEN_POOL_PRESETS))
+
+#: seconds one compile of a default configuration takes on this project's shared 2-core CPU machine
+#: (triton 3.9, sm_90, bf16, nothing in triton's cache; measured with ``mmkernels inspect --quick``:
+#: 52 compiles in 85 s): the up-front estimate. The other autotuner candidates (larger tiles, more
+#: stages) take ``CANDIDATE_FACTOR`` times as long (the full default run: 216 compiles in 631 s)
+COMPILE_S = {"attention.fwd": 3.6, "attention.dkdv": 2.1, "attention.dq": 2.0, "attention_varlen.fwd": 2.3,
+             "attention_varlen.dkdv": 1.5, "attention_varlen.dq": 2.2, "qformer.fwd": 2.0,
+             "attention_scores.stats": 1.2, "attention_scores.colsum": 1.2}
+COMPILE_S_OTHER = 0.9  # the other single-pass kernels: preprocess, RoPE gradient, token pooling
+CANDIDATE_FACTOR = 1.4
+
+
+def estimate_s(rows: list[dict]) -> float:
+    """Rough wall seconds of compiling ``rows`` (from :func:`plan`) with nothing cached."""
+    return sum(COMPILE_S.get(r["kernel"], COMPILE_S_OTHER) * (1.0 if r["default"] else CANDIDATE_FACTOR)
+               for r in rows)
+
+
+def _fmt_duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
+
+
+class _Progress:
+    """``[done/total] kernel preset ... ETA`` on stderr: a rich progress bar on a terminal (rows
+    printed to a terminal stdout appear above it), else a line at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, estimate: float, *, enabled: bool = True, every_s: float = 10.0):
+        self.total, self.estimate, self.every_s = total, estimate, every_s
+        self.done, self.t0, self.last = 0, time.monotonic(), time.monotonic()
+        self.enabled, self.bar = enabled and total > 0, None
+        if self.enabled and sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+            except ImportError:
+                pass
+            else:
+                self.bar = Progress(TextColumn("inspect"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                    TimeElapsedColumn(),
+                                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                                    console=Console(file=sys.stderr), transient=True,
+                                    redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)
+                self.task = self.bar.add_task("", total=total)
+                self.bar.start()
+
+    def __call__(self, row: dict) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        what = f"{row['kernel']} {row['preset']} {row['variant']} {_fmt_config(row['config'])}"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{row['kernel']} {row['preset']}")
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            elapsed = now - self.t0
+            left = elapsed / self.done * (self.total - self.done)
+            print(f"[{self.done}/{self.total}] {_fmt_duration(elapsed)} elapsed, ~{_fmt_duration(left)} left: "
+                  f"compiled {what} ({row['compile_s']} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``mmkernels inspect``: exit status 1 when a compile fails (or, with ``--check``, on any
-    of :func:`problems`)."""
+    of :func:`problems`), 2 on bad arguments (an unknown kernel, preset, head dim, variant or
+    dtype, or a selection with nothing to compile)."""
+    import warnings
+
+    from ..bench.cases import DTYPE_SPELLINGS, dtype_arg
+
     ap = argparse.ArgumentParser(
         prog="mmkernels inspect",
         description="Compile every kernel launch at the preset shapes for a CUDA target (no GPU needed) with a "
         "real launch's specialisation, and report registers, spills, shared memory, tensor-core "
-        "instructions, async copies and load widths.",
+        "instructions, async copies and load widths. Rows are printed as their compiles finish; the "
+        "number of compiles and a time estimate come first. Without arguments: every autotuner candidate of "
+        "the default presets, about 220 compiles, ~10 min on a 2-core CPU (--quick: about 55, ~1.5 min; "
+        "a compile already in triton's cache takes about a second).",
     )
     ap.add_argument("--arch", type=int, default=90, choices=(80, 86, 89, 90), help="compute capability (default 90)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", type=dtype_arg, metavar="DTYPE",
+                    help=f"{DTYPE_SPELLINGS} (default bf16)")
     ap.add_argument("--kernel", action="append", default=[],
                     help="kernel name or prefix (attention, attention.fwd, attention_varlen, qformer, token_pool); "
                     "repeatable")
@@ -674,41 +820,87 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, action="append", default=[], help="attention head dim; repeatable")
     ap.add_argument("--variant", action="append", default=[],
                     help=f"attention variant, one of {list(VARIANTS)} or 'all'; repeatable (default plain)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the default configuration only, of the main presets unless --preset/--head-dim name others "
+                    f"({', '.join(QUICK_PRESETS)}): about 55 compiles, ~1.5 min on a 2-core CPU")
     ap.add_argument("--default-only", action="store_true", help="only the first (untuned default) configuration")
     ap.add_argument("--tma-only", action="store_true",
                     help="only the tensor-descriptor (TMA) candidates of the attention main loops")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON (at the end)")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     ap.add_argument("--check", action="store_true", help="exit 1 on spills, shared memory over the limit or "
                     "main loops without pipelined vector loads")
     args = ap.parse_args(argv)
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
     variants = list(VARIANTS) if "all" in args.variant else (args.variant or ["plain"])
+    presets = args.preset or (list(QUICK_PRESETS) if args.quick and not args.head_dim else [])
+    if args.tma_only and (args.default_only or args.quick):
+        ap.error("--tma-only selects candidates that are never the default: not with --default-only / --quick")
+    configs = "tma" if args.tma_only else "default" if args.default_only or args.quick else "all"
+    selection = dict(dtype=dtype, kernels=args.kernel, presets=presets, head_dims=args.head_dim, variants=variants,
+                     configs=configs)
+    from .._utils import interpreting
 
-    def progress(row: dict) -> None:
-        if not args.json:
-            print(f"  compiled {row['kernel']} {row['preset']} {row['variant']} {_fmt_config(row['config'])} "
-                  f"({row['compile_s']} s)", file=sys.stderr, flush=True)
-
+    if interpreting():
+        print("mmkernels inspect: TRITON_INTERPRET is set, so the kernels would be interpreted Python, not "
+              "compiled: run it without TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    errors = selection_errors(**selection)
+    if errors:
+        ap.error("\n  ".join(errors))
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")  # triton 3.9's notice, not ours
     import triton
 
-    rows = compile_report(args.arch, dtype=args.dtype, kernels=args.kernel, presets=args.preset,
-                          head_dims=args.head_dim, variants=variants,
-                          configs="default" if args.default_only else "tma" if args.tma_only else "all",
-                          progress=progress)
+    planned = plan(args.arch, **selection)
+    if not planned:
+        ap.error("nothing to compile: no launch matches this selection (--kernel, --preset, --head-dim, --variant, "
+                 "--tma-only together); the kernels of a family run only at its presets")
+    eta = estimate_s(planned)
+    head = (f"sm_{args.arch}, {dtype}, triton {triton.__version__}: {len(planned)} compiles "
+            f"({len({r['kernel'] for r in planned})} kernels, {len({(r['preset'], r['variant']) for r in planned})} "
+            f"preset/variant calls, {'every autotuner candidate' if configs == 'all' else configs + ' configs'}); "
+            f"about {_fmt_duration(eta)} on a 2-core CPU with nothing in triton's cache")
+    print(head, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    # the table is printed as the compiles finish: its text columns are sized from the plan
+    ident = [[r["kernel"], r["preset"], r["variant"], str(r["head_dim"]),
+              _fmt_config(r["config"]) + ("" if r["default"] else " (cand)")] for r in planned]
+    widths = [max(len(c), *(len(x[i]) for x in ident)) if i < 5 else max(len(c), 5)
+              for i, c in enumerate(SUMMARY_COLUMNS)]
+
+    def table_line(cells: list[str]) -> str:
+        if args.markdown:
+            return "| " + " | ".join(cells) + " |"
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    if not args.json:
+        print(table_line(list(SUMMARY_COLUMNS)))
+        if args.markdown:
+            print("|" + "---|" * len(SUMMARY_COLUMNS))
+    progress = _Progress(len(planned), eta, enabled=not args.quiet)
+
+    def on_row(row: dict) -> None:
+        progress(row)
+        if not args.json:
+            print(table_line(summary_rows([row])[0]), flush=True)
+
+    try:
+        rows = compile_report(args.arch, progress=on_row, **selection)
+    finally:
+        progress.close()
     found = problems(rows, arch=args.arch)
     if args.json:
         json.dump({"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "rows": _jsonable(rows),
                    "problems": found}, sys.stdout, indent=1, default=str)
         print()
     else:
-        print(f"sm_{args.arch}, {args.dtype}, triton {triton.__version__}: {len(rows)} compiles")
-        print(format_summary(rows, markdown=args.markdown))
-        print(f"\n{len(found)} problem(s)" + (":" if found else ""))
+        took = time.monotonic() - progress.t0
+        print(f"\n{len(rows)} compiles in {_fmt_duration(took)}; {len(found)} problem(s)" + (":" if found else ""))
         for p in found:
             print("  " + p)
     failed = any(r["error"] for r in rows)
     return 1 if failed or (args.check and found) else 0
-
 
 
 class _CallableModule(types.ModuleType):

@@ -14,6 +14,7 @@ dataclasses).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -289,7 +290,17 @@ def _fused_run(impl: str):
 _CUDA_STATE: list = []
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (~1.7 s) at
+    ``import mmkernels``: that decorator only sets this attribute, which dynamo reads when it traces
+    a call (tests/test_package.py checks that it still does)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _cuda_unavailable() -> str:
     if not _CUDA_STATE:
         try:

@@ -26,7 +26,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU machines)")
     config.addinivalue_line("markers", "slow: long-running case (a subprocess, an AOT compile, an emulation build)")
     config.addinivalue_line("markers", "fuzz: seeded random-shape fuzz cases (`-m fuzz` draws the long run)")
-    config.addinivalue_line("markers", "soak: opt-in load test (`-m soak`): thousands of calls, memory and caches bounded")
+    config.addinivalue_line("markers",
+                            "soak: opt-in load test (`-m soak`): thousands of calls, memory and caches bounded")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,11 @@ one (batch, head) and streams the keys in BLOCK_N tiles with an online softmax; 
 and the row's log-sum-exp (as base-2 max and log2 sum) — the backward recomputes P from
 them, so the saved state is O(L) (Q, K, V, O, LSE; no P, no dropout mask).
 
+The forward, dK/dV and dQ bodies are written once, in :mod:`._attention_body`, and shared with
+the packed kernels (:mod:`.attention_varlen`): the kernels here are their dense prologues
+(program id → batch, head, row block; batch b is sequence b, its rows at b·stride_b), calling
+the bodies with ``VARLEN=False`` (top-left causal; masks, mask gradients and TMA enabled).
+
 Backward, without atomics:
 * ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (fp32);
 * ``_attn_bwd_dkdv``: one program per (key block, batch, kv head) loops over the query heads
@@ -72,32 +77,22 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output
+from ._attention_body import _dkdv_body, _dq_body, _fwd_body
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import rotate, unrotate_grad
 from ._tiles import (
     _aligned,
-    _bwd_scores,
-    _dot,
-    _dot_chunks,
     _dot_precision,
-    _dropout_keep,
-    _finish_rows,
-    _load_cols2,
     _load_rows,
-    _load_rows2,
     _mask_args,
-    _online_softmax,
-    _phase_range,
-    _store_rows,
-    _tile_logits,
     rotary_args,
     split_head_dim,
 )
-from ._tma import _row_descs, _tma_cols2, _tma_rows2, ensure_allocator, tma_ok, tma_target
+from ._tma import ensure_allocator, tma_ok, tma_target
 
 
 # --------------------------------------------------------------------------------------
-# forward
+# forward (the body: ``_attention_body._fwd_body``, shared with the packed kernels)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(
@@ -114,6 +109,8 @@ def _attn_fwd(
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
+    """Program (query block, batch·head): rows [pid_m·BLOCK_M, +BLOCK_M) of batch b, head h
+    (``_attention_body._fwd_body``: batch b is sequence b, its rows at b·sqb)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -121,70 +118,10 @@ def _attn_fwd(
     hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, D0)
-
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = MASK + b * smb + h * smh
-
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(SEED) + pid_bh.to(tl.int64) * 1000003
-
-    scale = qk_scale
-    if PRESCALE:
-        scale = 1.0
-    # key blocks [0, mid) need no mask work: entirely inside LK and (causal) entirely left of
-    # this block's first row; [mid, hi) holds the causal diagonal band and the ragged last block
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-        mid = tl.minimum((LK // BLOCK_N) * BLOCK_N, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
-    else:
-        hi = LK
-        mid = (LK // BLOCK_N) * BLOCK_N
-    if USE_TMA:
-        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
-        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
-    for phase in tl.static_range(2):
-        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
-            cols = start_n + offs_n
-            if phase == 0:
-                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
-            else:
-                col_ok = cols < LK
-            if USE_TMA:
-                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
-            else:
-                kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
-            s = _tile_logits(s, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
-                             mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL)
-            p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
-            if HAS_DROPOUT:
-                p = tl.where(_dropout_keep(seed, rows[:, None], cols[None, :], LK, dropout_p), p, 0.0)
-            p = p.to(V.dtype.element_ty)
-            if USE_TMA:
-                v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
-            else:
-                v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-            acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
-            if D1 > 0:
-                acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
-
-    inv_l = _finish_rows(LSE, pid_bh.to(tl.int64), LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
-    o_base = O + b * sob + h * soh
-    _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
-    if D1 > 0:
-        _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, som, offs_d1, sod, HEAD_DIM)
+    _fwd_body(Q, K, V, O, LSE, MASK, SEED, b, b, h, hk, pid_bh, rows, rows, row_ok, pid_m * BLOCK_M, LQ, LK, LQ, pid_bh,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smh, smm, smn,
+              qk_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
+              PRESCALE, BLOCK_M, BLOCK_N, USE_TMA, False)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,88 +162,19 @@ def _attn_bwd_dkdv(
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    """dK, dV of BLOCK_N keys, computed on transposed tiles: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ are
-    [BLOCK_N, BLOCK_M] and dV += P̃ᵀ dO, dK += dSᵀ Q keep BLOCK_N rows, so every product of
-    the loop has BLOCK_N (≥ 64) rows — Hopper's wgmma needs 64-row warpgroup tiles, and the
-    untransposed form (S = Q Kᵀ with 32 query rows) ran half its FLOPs on mma.sync."""
+    """Program (key block, batch·kv head): dK, dV of keys [pid_n·BLOCK_N, +BLOCK_N) on
+    transposed tiles (``_attention_body._dkdv_body``); dK/dV written contiguous (B, Hkv, LK, D)."""
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = (pid_bhk // HKV).to(tl.int64)
     hk = (pid_bhk % HKV).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < LK
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d0 = tl.arange(0, D0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-
-    k0, k1 = _load_rows2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
-    v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    seed0 = 0
-    if HAS_DROPOUT:
-        seed0 = tl.load(SEED)
-
-    # query blocks [lo, band) cross this key block's causal diagonal (masked); [band, LQ) see all
-    # of its keys (no mask work); without causal every block is mask-free
-    lo = 0
-    band = 0
-    if IS_CAUSAL:
-        # query i sees key j only when j <= i: rows above this key block contribute nothing
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        band = tl.minimum(tl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, LQ)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
-        mask_base = MASK + b * smb + h * smh
-        seed = seed0 + bh * 1000003  # the forward's Philox stream of head h (unused without dropout)
-        if USE_TMA:
-            qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
-            dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
-        for phase in tl.static_range(2):
-            lo_m, hi_m = _phase_range(phase, lo, band, LQ)
-            for start_m in range(lo_m, hi_m, BLOCK_M):
-                rows = start_m + offs_m
-                row_ok = rows < LQ
-                if USE_TMA:
-                    qT0, qT1 = _tma_cols2(qd0, qd1, start_m, D0, D1)
-                else:
-                    qT0, qT1 = _load_cols2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
-                if USE_TMA:
-                    do0, do1 = _tma_rows2(dod0, dod1, start_m, D0, D1)
-                else:
-                    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
-                m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))
-                log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
-                sT = _dot_chunks(k0, k1, qT0, qT1, D1, PREC, UPCAST)
-                dpT = _dot_chunks(v0, v1, tl.trans(do0), tl.trans(do1), D1, PREC, UPCAST)
-                ld_ok = col_ok[:, None] & row_ok[None, :]
-                pdT, dsT = _bwd_scores(sT, dpT, rows[None, :], cols[:, None], ld_ok, ld_ok, mask_base, smm, smn,
-                                       qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK, dropout_p,
-                                       MASK_KIND, PRESCALE, phase == 0, False, IS_CAUSAL, HAS_DROPOUT)
-                pdT = pdT.to(DO.dtype.element_ty)
-                dsT = dsT.to(Q.dtype.element_ty)
-                dv0 += _dot(pdT, do0, PREC, UPCAST)
-                dk0 += _dot(dsT, tl.trans(qT0), PREC, UPCAST)
-                if D1 > 0:
-                    dv1 += _dot(pdT, do1, PREC, UPCAST)
-                    dk1 += _dot(dsT, tl.trans(qT1), PREC, UPCAST)
-
-    dk_base = DK + pid_bhk.to(tl.int64) * LK * HEAD_DIM
-    dv_base = DV + pid_bhk.to(tl.int64) * LK * HEAD_DIM
-    _store_rows(dk_base, dk0 * sm_scale, cols, col_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
-    _store_rows(dv_base, dv0, cols, col_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
-    if D1 > 0:
-        _store_rows(dk_base, dk1 * sm_scale, cols, col_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
-        _store_rows(dv_base, dv1, cols, col_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
+    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED, b, b, b, hk, pid_bhk, cols, col_ok, pid_n * BLOCK_N,
+               LQ, LK, H, HKV, GROUP, LQ,
+               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+               qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST,
+               ALIGNED, PRESCALE, BLOCK_M, BLOCK_N, USE_TMA, False)
 
 
 @triton.jit
@@ -324,6 +192,8 @@ def _attn_bwd_dq(
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
+    """Program (query block, batch·head): dQ of rows [pid_m·BLOCK_M, +BLOCK_M)
+    (``_attention_body._dq_body``), written contiguous (B, H, LQ, D)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -332,78 +202,11 @@ def _attn_bwd_dq(
     bh = pid_bh.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, D0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = MASK + b * smb + h * smh
-
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqm, sqd, HEAD_DIM, D0, D1, ALIGNED)
-    do0, do1 = _load_rows2(do_base, rows, row_ok, sdm, sdd, HEAD_DIM, D0, D1, ALIGNED)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_row = tl.load(LSE + bh * 2 * LQ + rows, mask=row_ok, other=float("inf"))[:, None]
-    log2l = tl.load(LSE + bh * 2 * LQ + LQ + rows, mask=row_ok, other=0.0)[:, None]
-    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)[:, None]
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED) + bh * 1000003
-
-    # key blocks [0, mid) are in range and (causal) left of the diagonal: no mask work;
-    # [mid, hi) holds the diagonal band and the ragged last block
-    hi = LK
-    mid = (LK // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-        mid = tl.minimum(mid, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
-    if USE_TMA:
-        kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
-        vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
-    for phase in tl.static_range(2):
-        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < LK
-            if USE_TMA:
-                kT0, kT1 = _tma_cols2(kd0, kd1, start_n, D0, D1)
-            else:
-                kT0, kT1 = _load_cols2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
-            if USE_TMA:
-                vT0, vT1 = _tma_cols2(vd0, vd1, start_n, D0, D1)
-            else:
-                vT0, vT1 = _load_cols2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
-            dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
-            _, ds = _bwd_scores(s, dp, rows[:, None], cols[None, :], col_ok[None, :], row_ok[:, None] & col_ok[None, :],
-                                mask_base, smm, smn, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                                MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)
-            if MASK_GRAD:
-                # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
-                # launcher sums it over the mask's broadcast dims
-                ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
-                tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
-            ds = ds.to(Q.dtype.element_ty)
-            dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
-            if D1 > 0:
-                dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
-    if MASK_GRAD and IS_CAUSAL:
-        # the key tiles skipped above the causal band, [cdiv(hi, BLOCK_N)·BLOCK_N, LK), get
-        # dS = 0 (a position hidden by is_causal sends no gradient into the mask): DS comes
-        # uninitialised, and zeros here cost one store per element, no memset of the whole buffer
-        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_n in range((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, LK, BLOCK_N):
-            cols = start_n + offs_n
-            ds_ptrs = DS + bh * LQ * LK + rows[:, None].to(tl.int64) * LK + cols[None, :]
-            tl.store(ds_ptrs, zero, mask=row_ok[:, None] & (cols < LK)[None, :])
-
-    dq_base = DQ + bh * LQ * HEAD_DIM
-    _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, HEAD_DIM, offs_d0, 1, HEAD_DIM)
-    if D1 > 0:
-        _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, HEAD_DIM, offs_d1, 1, HEAD_DIM)
+    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS, b, b, h, hk, bh, rows, rows, row_ok, pid_m * BLOCK_M,
+             LQ, LK, H, LQ,
+             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+             qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST,
+             ALIGNED, PRESCALE, BLOCK_M, BLOCK_N, MASK_GRAD, USE_TMA, False)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,15 +13,19 @@ at once.  No extra launch, no map tensor.  A ``max_seqlen`` hint shrinks the gri
 n * cdiv(max_seqlen, BLOCK_M) when that is smaller (then the lookup is a division); it is never
 required.  The dK/dV kernel tiles the keys (BLOCK_N over total_k) the same way.
 
-The online softmax, log-sum-exp bookkeeping, dropout, tile masks and backward scores are the
-jit helpers of :mod:`mmkernels.kernels._tiles` shared with the dense kernels, the rotary pre-pass
-and the final un-rotation of dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not
-copied); this module adds the sequence lookup and the bottom-right causal offset.  As in the
-dense kernels (:mod:`mmkernels.kernels.attention`):
+The kernel bodies — loads, two-phase loops, scores, epilogues — are those of
+:mod:`mmkernels.kernels._attention_body`, shared with the dense kernels
+(:mod:`mmkernels.kernels.attention`): the kernels here are the packed prologues (program id →
+sequence and row block via :func:`_tile`, the sequence's first token as its row base) calling
+the bodies with ``VARLEN=True`` (bottom-right causal; no user masks, mask gradient or TMA).  The
+tile helpers are those of :mod:`mmkernels.kernels._tiles`, the rotary pre-pass and the final
+un-rotation of dQ/dK those of :mod:`mmkernels.kernels._rotary` (imported, not copied).  As in
+the dense kernels:
 
 * each key loop runs in two phases: interior blocks (inside the sequence's keys and, causal,
   entirely visible to the tile's first row) with no bounds or causal select, then the edge
-  blocks (the causal band and the sequence's ragged last block) with them (:func:`_key_range`);
+  blocks (the causal band and the sequence's ragged last block) with them
+  (``_attention_body._key_range``);
   the dK/dV query loop likewise (masked band first, then the mask-free rest);
 * the softmax scale is folded into the exp2's FMA (PRESCALE: pre-scaled logits when the scale
   is <= 0, which would flip the row max);
@@ -51,31 +55,18 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreting, new_output, safe_cu_seqlens
+from ._attention_body import _dkdv_body, _dq_body, _fwd_body
 from ._launch import for_gpu, gpu_launcher
 from ._rotary import rotate, unrotate_grad
 from ._tiles import (
     _aligned,
-    _bwd_scores,
-    _dot,
-    _dot_chunks,
     _dot_precision,
-    _dropout_keep,
-    _finish_rows,
-    _load_cols2,
-    _load_rows2,
-    _online_softmax,
-    _phase_range,
-    _store_rows,
-    _tile_logits,
     rotary_args,
     split_head_dim,
 )
 from .attention import (
     _attn_bwd_preprocess,
 )
-
-# Philox key stride between (sequence, head) streams (same constant as the dense kernels)
-_SEED_STRIDE = tl.constexpr(1000003)
 
 
 # --------------------------------------------------------------------------------------
@@ -122,29 +113,8 @@ def _tile(CU, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.cons
     return seq, start, lo.to(tl.int64), length
 
 
-@triton.jit
-def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """(hi, mid) of the key loop of query rows [m_start, m_start + BLOCK_M) of one sequence:
-    keys [0, hi) can be visible; blocks [0, mid) are interior (entirely inside LK and, causal,
-    entirely visible to the block's first row, hence to all of them: no bounds or causal
-    select); [mid, hi) holds the diagonal band and the ragged last block (the edge).
-
-    Causal is bottom-right aligned: row i sees key j iff j <= i + (LK - LQ), so the last row
-    sees keys up to m_start + BLOCK_M - 1 + LK - LQ, and a key block [n, n + BLOCK_N) is fully
-    visible to row m_start iff n + BLOCK_N <= m_start + LK - LQ + 1 (clamped at 0: with LQ > LK
-    the first rows see nothing)."""
-    full = (LK // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, m_start + BLOCK_M + (LK - LQ))
-        mid = tl.minimum(full, tl.maximum(m_start + (LK - LQ) + 1, 0) // BLOCK_N * BLOCK_N)
-    else:
-        hi = LK
-        mid = full
-    return hi, mid
-
-
 # --------------------------------------------------------------------------------------
-# forward
+# forward (the bodies: ``_attention_body``, shared with the dense kernels)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_fwd(
@@ -161,6 +131,7 @@ def _varlen_fwd(
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program (query tile of the packing, head): the sequence and row block from :func:`_tile`."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
@@ -172,52 +143,12 @@ def _varlen_fwd(
     rows = m_start + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
     rows_c = rows + (LK - LQ)  # bottom-right causal alignment (also the dropout row index)
-    offs_n = tl.arange(0, BLOCK_N)
-
-    q_base = Q + q_lo * sqt + h * sqh
-    k_base = K + k_lo * skt + hk * skh
-    v_base = V + k_lo * svt + hk * svh
-
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
-
-    scale = qk_scale
-    if PRESCALE:
-        scale = 1.0
-    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for phase in tl.static_range(2):
-        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
-            cols = start_n + offs_n
-            if phase == 0:
-                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
-            else:
-                col_ok = cols < LK
-            kT0, kT1 = _load_cols2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
-            s = _tile_logits(s, rows_c[:, None], cols[None, :], col_ok[None, :], col_ok[None, :], Q, 0, 0, qk_scale,
-                             0, PRESCALE, phase == 1, True, IS_CAUSAL)
-            p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
-            if HAS_DROPOUT:
-                p = tl.where(_dropout_keep(seed, rows_c[:, None], cols[None, :], LK, dropout_p), p, 0.0)
-            p = p.to(V.dtype.element_ty)
-            v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-            acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
-            if D1 > 0:
-                acc1 = acc1 * alpha[:, None] + _dot(p, v1, PREC, UPCAST)
-
-    inv_l = _finish_rows(LSE, h, TOTAL_Q, q_lo + rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
-    o_base = O + q_lo * sot + h * soh
-    _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, sot, tl.arange(0, D0), sod, HEAD_DIM)
-    if D1 > 0:
-        _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, sot, D0 + tl.arange(0, D1), sod, HEAD_DIM)
+    # strides: the token stride is both the sequence's (its first token q_lo / k_lo) and the row's
+    _fwd_body(Q, K, V, O, LSE, Q, SEED, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h, rows, rows_c, row_ok, m_start,
+              LQ, LK, TOTAL_Q, h,
+              sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sot, soh, sot, sod, 0, 0, 0, 0,
+              qk_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED, PRESCALE,
+              BLOCK_M, BLOCK_N, False, True)
 
 
 # --------------------------------------------------------------------------------------
@@ -238,9 +169,10 @@ def _varlen_bwd_dkdv(
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one sequence on transposed tiles (Sᵀ = K Qᵀ, dPᵀ = V dOᵀ:
-    [BLOCK_N, BLOCK_M]; dV += P̃ᵀ dO, dK += dSᵀ Q), so every product has BLOCK_N (>= 64) rows:
-    Hopper's wgmma tile (as the dense ``_attn_bwd_dkdv``)."""
+    """Program (key tile of the packing, kv head): dK, dV of BLOCK_N keys of one sequence on
+    transposed tiles (``_attention_body._dkdv_body``, as the dense ``_attn_bwd_dkdv``); dK, dV
+    written contiguous (total_k, Hkv, D).  No key bounds in the loop: a padding key only reaches
+    its own dK/dV row, never stored."""
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     seq, n_start, k_lo, LK = _tile(CU_K, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_N, SCAN, USE_MAP)
@@ -248,75 +180,13 @@ def _varlen_bwd_dkdv(
         return
     q_lo = tl.load(CU_Q + seq).to(tl.int64)
     LQ = tl.load(CU_Q + seq + 1) - q_lo
-    off = LK - LQ
     cols = n_start + tl.arange(0, BLOCK_N)
     col_ok = cols < LK
-    offs_m = tl.arange(0, BLOCK_M)
-    k_base = K + k_lo * skt + hk * skh
-    v_base = V + k_lo * svt + hk * svh
-
-    k0, k1 = _load_rows2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
-    v0, v1 = _load_rows2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    if D1 > 0:
-        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    seed0 = 0
-    if HAS_DROPOUT:
-        seed0 = tl.load(SEED)
-
-    # query blocks [lo, band) cross this key block's causal diagonal (masked), [band, LQ) see
-    # all of its keys (no mask work); without causal every block is mask-free.  Query row i
-    # sees key j iff j <= i + off: rows before j - off contribute nothing, and a block whose
-    # first row is >= the last key - off sees the whole key block
-    lo = 0
-    band = 0
-    if IS_CAUSAL:
-        lo = (tl.maximum(n_start - off, 0) // BLOCK_M) * BLOCK_M
-        band = tl.minimum(tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, LQ)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + q_lo * sqt + h * sqh
-        do_base = DO + q_lo * sdt + h * sdh
-        stats = LSE + h * 2 * TOTAL_Q + q_lo
-        seed = seed0 + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
-        for phase in tl.static_range(2):
-            lo_m, hi_m = _phase_range(phase, lo, band, LQ)
-            for start_m in range(lo_m, hi_m, BLOCK_M):
-                rows = start_m + offs_m
-                row_ok = rows < LQ
-                qT0, qT1 = _load_cols2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
-                do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
-                # out-of-range rows: m = +inf, so P = 0 (no query mask needed)
-                m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))
-                log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)
-                sT = _dot_chunks(k0, k1, qT0, qT1, D1, PREC, UPCAST)
-                dpT = _dot_chunks(v0, v1, tl.trans(do0), tl.trans(do1), D1, PREC, UPCAST)
-                # no key bounds: a padding key (cols >= LK) only reaches its own dK/dV row, never stored
-                pdT, dsT = _bwd_scores(sT, dpT, (rows + off)[None, :], cols[:, None], col_ok[:, None], col_ok[:, None],
-                                       Q, 0, 0, qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK,
-                                       dropout_p, 0, PRESCALE, phase == 0, False, IS_CAUSAL, HAS_DROPOUT)
-                pdT = pdT.to(DO.dtype.element_ty)
-                dsT = dsT.to(Q.dtype.element_ty)
-                dv0 += _dot(pdT, do0, PREC, UPCAST)
-                dk0 += _dot(dsT, tl.trans(qT0), PREC, UPCAST)
-                if D1 > 0:
-                    dv1 += _dot(pdT, do1, PREC, UPCAST)
-                    dk1 += _dot(dsT, tl.trans(qT1), PREC, UPCAST)
-
-    # dK, dV: contiguous (total_k, Hkv, D)
-    row_stride = HKV * HEAD_DIM
-    dk_base = DK + k_lo * row_stride + hk * HEAD_DIM
-    dv_base = DV + k_lo * row_stride + hk * HEAD_DIM
-    offs_d0 = tl.arange(0, D0)
-    _store_rows(dk_base, dk0 * sm_scale, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
-    _store_rows(dv_base, dv0, cols, col_ok, row_stride, offs_d0, 1, HEAD_DIM)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        _store_rows(dk_base, dk1 * sm_scale, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
-        _store_rows(dv_base, dv1, cols, col_ok, row_stride, offs_d1, 1, HEAD_DIM)
+    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, Q, SEED, q_lo, k_lo, seq, hk, 0, cols, col_ok, n_start,
+               LQ, LK, H, HKV, GROUP, TOTAL_Q,
+               sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sdt, sdh, sdt, sdd, 0, 0, 0, 0,
+               qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
+               PRESCALE, BLOCK_M, BLOCK_N, False, True)
 
 
 @triton.jit
@@ -334,6 +204,10 @@ def _varlen_bwd_dq(
     PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program (query tile of the packing, head): dQ of one sequence's row block
+    (``_attention_body._dq_body``, which bounds-masks the ragged key block: a zero padding key
+    gets P = exp2(-m), which overflows when a row's logits are all below -128, and inf·0 in dS·K
+    is NaN); dQ written contiguous (total_q, H, D)."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
@@ -341,58 +215,14 @@ def _varlen_bwd_dq(
         return
     k_lo = tl.load(CU_K + seq).to(tl.int64)
     LK = tl.load(CU_K + seq + 1) - k_lo
-    off = LK - LQ
     hk = h // GROUP
     rows = m_start + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    offs_n = tl.arange(0, BLOCK_N)
-    q_base = Q + q_lo * sqt + h * sqh
-    do_base = DO + q_lo * sdt + h * sdh
-    k_base = K + k_lo * skt + hk * skh
-    v_base = V + k_lo * svt + hk * svh
-
-    q0, q1 = _load_rows2(q_base, rows, row_ok, sqt, sqd, HEAD_DIM, D0, D1, ALIGNED)
-    do0, do1 = _load_rows2(do_base, rows, row_ok, sdt, sdd, HEAD_DIM, D0, D1, ALIGNED)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    stats = LSE + h * 2 * TOTAL_Q + q_lo
-    m_row = tl.load(stats + rows, mask=row_ok, other=float("inf"))[:, None]
-    log2l = tl.load(stats + TOTAL_Q + rows, mask=row_ok, other=0.0)[:, None]
-    delta = tl.load(DELTA + h * TOTAL_Q + q_lo + rows, mask=row_ok, other=0.0)[:, None]
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED) + (seq.to(tl.int64) * H + h) * _SEED_STRIDE
-
-    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for phase in tl.static_range(2):
-        lo_n, hi_n = _phase_range(phase, 0, mid, hi)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
-            cols = start_n + offs_n
-            if phase == 0:
-                col_ok = offs_n < BLOCK_N  # constant true: the loads lose their predicates
-            else:
-                col_ok = cols < LK
-            kT0, kT1 = _load_cols2(k_base, cols, col_ok, skt, skd, HEAD_DIM, D0, D1, ALIGNED)
-            vT0, vT1 = _load_cols2(v_base, cols, col_ok, svt, svd, HEAD_DIM, D0, D1, ALIGNED)
-            s = _dot_chunks(q0, q1, kT0, kT1, D1, PREC, UPCAST)
-            dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
-            # the ragged key block must be bounds-masked here (BOUNDS): a zero padding key gets
-            # P = exp2(-m), which overflows when a row's logits are all below -128 (base 2),
-            # and inf·0 in dS·K is NaN
-            _, ds = _bwd_scores(s, dp, (rows + off)[:, None], cols[None, :], col_ok[None, :], col_ok[None, :],
-                                Q, 0, 0, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
-                                0, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)
-            ds = ds.to(Q.dtype.element_ty)
-            dq0 += _dot(ds, tl.trans(kT0), PREC, UPCAST)
-            if D1 > 0:
-                dq1 += _dot(ds, tl.trans(kT1), PREC, UPCAST)
-
-    row_stride = H * HEAD_DIM
-    dq_base = DQ + q_lo * row_stride + h * HEAD_DIM
-    _store_rows(dq_base, dq0 * sm_scale, rows, row_ok, row_stride, tl.arange(0, D0), 1, HEAD_DIM)
-    if D1 > 0:
-        _store_rows(dq_base, dq1 * sm_scale, rows, row_ok, row_stride, D0 + tl.arange(0, D1), 1, HEAD_DIM)
+    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, Q, SEED, Q, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h,
+             rows, rows + (LK - LQ), row_ok, m_start, LQ, LK, H, TOTAL_Q,
+             sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sdt, sdh, sdt, sdd, 0, 0, 0, 0,
+             qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
+             PRESCALE, BLOCK_M, BLOCK_N, False, False, True)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The vision rotary embedding (rotate-half RoPE of Qwen2-VL's ``apply_rotary_pos_emb_vision``)
 for the attention kernels: applied once to Q and K before the attention loops
-(:func:`rotate`: one O(L·d) pass each, into a rotated copy the loops read as plain operands), and
+(:func:`rotated_copies`: one O(L·d) pass each, into a rotated copy the loops read as plain operands), and
 rotated back out of the finished dQ/dK after the backward (:func:`unrotate_grad`, in place).
 
 Rotating inside the loops instead re-rotated every key tile for every query block (and every
@@ -16,10 +16,11 @@ hold D/2 (HF's ``cat((f, f))`` stored once: column c reads c mod D/2).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _load_rows
+from ._tiles import _load_rows, rotary_args
 
 
 @triton.jit
@@ -33,14 +34,16 @@ def _cos_cols(offs_d, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
 
 
 @triton.jit
-def _rotary_rotate(
+def _rotate_rows(
     X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
+    INVERSE: tl.constexpr,
 ):
-    """Y = X·cos + rotate_half(X)·sin for X, Y (B, H, L, D) (X any strides, Y last stride 1), in
-    fp32, rounded to Y's dtype — HF's ``apply_rotary_pos_emb_vision``, once per row, before the
-    attention loops (which then run on plain operands).  cos/sin rows ``b·scb + row·scl``.
-    Grid (cdiv(L, BLOCK_L), B·H)."""
+    """BLOCK_L rows of X (B, H, L, D) (any strides) rotated into Y (last stride 1), in fp32,
+    rounded to Y's dtype.  Forward: y[c] = x[c]·cos[c] ∓ x[c']·sin[c] (rotate_half: − for c < D/2,
+    c' the partner column).  INVERSE (the gradient of that map): y[c] = x[c]·cos[c] ± x[c']·sin[c'].
+    A program owns whole rows, so Y may be X (in place): a row's partner columns are read before
+    it is written.  cos/sin rows ``b·scb + row·scl``.  Grid (cdiv(L, BLOCK_L), B·H)."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -55,68 +58,64 @@ def _rotary_rotate(
     x = _load_rows(base, rows, row_ok, sxl, offs_d, sxd, HEAD_DIM, False).to(tl.float32)
     xp = _load_rows(base, rows, row_ok, sxl, partner, sxd, HEAD_DIM, False).to(tl.float32)
     cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    coffs = b * scb + rows[:, None].to(tl.int64) * scl + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd
-    c = tl.load(COS + coffs, mask=cmask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + coffs, mask=cmask, other=0.0).to(tl.float32)
-    y = x * c + tl.where(lo[None, :], -xp, xp) * s
+    rr = b * scb + rows[:, None].to(tl.int64) * scl
+    c = tl.load(COS + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
+    if INVERSE:
+        s = tl.load(SIN + rr + _cos_cols(partner, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
+        y = x * c.to(tl.float32) + tl.where(lo[None, :], xp, -xp) * s.to(tl.float32)
+    else:
+        s = tl.load(SIN + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
+        y = x * c.to(tl.float32) + tl.where(lo[None, :], -xp, xp) * s.to(tl.float32)
     ptrs = Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syl + offs_d[None, :]
     tl.store(ptrs, y.to(Y.dtype.element_ty), mask=cmask)
 
 
+# Two entry points of the one body, so that ``inspect`` names each pass.
 @triton.jit
-def _rotary_unrotate(
-    X, COS, SIN, H, L, sxb, sxh, sxl, scb, scl, scd,
+def _rotary_rotate(
+    X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """In place on a gradient X (B, H, L, D) (any strides, last = 1) of rotated q or k:
-    dx = dy·cos − rotate_half(dy·sin), i.e. dx[c] = dy[c]·cos[c] ± dy[c']·sin[c'] with c' the
-    rotate_half partner (+ for c < D/2).  A program owns whole rows, so reading a row's partner
-    columns before writing it back is race-free.  Grid (cdiv(L, BLOCK_L), B·H)."""
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    HALF: tl.constexpr = HEAD_DIM // 2
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < L
-    offs_d = tl.arange(0, BLOCK_D)
-    lo = offs_d < HALF
-    partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
-    base = X + b * sxb + h * sxh
-    dy = _load_rows(base, rows, row_ok, sxl, offs_d, 1, HEAD_DIM, False).to(tl.float32)
-    dyp = _load_rows(base, rows, row_ok, sxl, partner, 1, HEAD_DIM, False).to(tl.float32)
-    cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rr = b * scb + rows[:, None].to(tl.int64) * scl
-    c = tl.load(COS + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
-    sp = tl.load(SIN + rr + _cos_cols(partner, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
-    c = c.to(tl.float32)
-    sp = sp.to(tl.float32)
-    dx = dy * c + tl.where(lo[None, :], dyp * sp, -dyp * sp)
-    ptrs = base + rows[:, None] * sxl + offs_d[None, :]
-    tl.store(ptrs, dx.to(X.dtype.element_ty), mask=cmask)
+    """Q or K rotated into a copy before the attention loops (HF's ``apply_rotary_pos_emb_vision``)."""
+    _rotate_rows(X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
+                 HEAD_DIM, BLOCK_D, ROTARY, BLOCK_L, False)
 
 
-def rotate(x, y, cos, sin, cs_strides, rotary_kind: int) -> None:
-    """Launch :func:`_rotary_rotate`: ``y`` (last stride 1) = ``x`` rotated, both viewed as
-    (B, H, L, D); ``cs_strides`` = (batch, row, col) strides of cos/sin (batch 0: shared)."""
+@triton.jit
+def _rotary_unrotate(
+    X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """dQ or dK of the rotated operand rotated back to the un-rotated input's gradient, in place."""
+    _rotate_rows(X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
+                 HEAD_DIM, BLOCK_D, ROTARY, BLOCK_L, True)
+
+
+def _launch(kernel, x, y, cos, sin, cs_strides, rotary_kind: int) -> None:
     b, h, length, d = x.shape
     if x.numel() == 0:
         return
     block_l = 32
-    _rotary_rotate[(triton.cdiv(length, block_l), b * h)](
+    kernel[(triton.cdiv(length, block_l), b * h)](
         x, y, cos, sin, h, length, *x.stride(), y.stride(0), y.stride(1), y.stride(2), *cs_strides,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROTARY=rotary_kind, BLOCK_L=block_l,
     )
 
 
+def rotated_copies(query, key, cos, sin, view=lambda t: t):
+    """(q_rot, k_rot, rotation): Q and K rotated once into contiguous copies that the attention
+    loops read as plain operands, and ``rotation`` = (cos, sin, strides, kind) for
+    :func:`unrotate_grad`.  ``view`` maps a tensor to its (B, H, L, D) view (the packed
+    (total, H, D) layout: ``(1, H, total, D)``, the packed row being the rotary row)."""
+    cos, sin, kind, cstr = rotary_args(cos, sin, query)
+    q_rot = torch.empty_like(query, memory_format=torch.contiguous_format)
+    k_rot = torch.empty_like(key, memory_format=torch.contiguous_format)
+    _launch(_rotary_rotate, view(query), view(q_rot), cos, sin, cstr, kind)
+    _launch(_rotary_rotate, view(key), view(k_rot), cos, sin, cstr, kind)
+    return q_rot, k_rot, (cos, sin, cstr, kind)
+
+
 def unrotate_grad(x, cos, sin, cs_strides, rotary_kind: int) -> None:
-    """Launch :func:`_rotary_unrotate` in place on ``x`` viewed as (B, H, L, D) (last stride 1);
-    ``cs_strides`` = (batch, row, col) strides of cos/sin (batch 0: shared)."""
-    b, h, length, d = x.shape
-    if x.numel() == 0:
-        return
-    block_l = 32
-    _rotary_unrotate[(triton.cdiv(length, block_l), b * h)](
-        x, cos, sin, h, length, x.stride(0), x.stride(1), x.stride(2), *cs_strides,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROTARY=rotary_kind, BLOCK_L=block_l,
-    )
+    """Rotate the gradient ``x`` (viewed as (B, H, L, D), last stride 1) of a rotated q or k
+    back, in place; ``cs_strides`` = (batch, row, col) strides of cos/sin (batch 0: shared)."""
+    _launch(_rotary_unrotate, x, x, cos, sin, cs_strides, rotary_kind)

@@ -47,7 +47,7 @@ Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus 
 (batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
 
 Rotary (``cos``/``sin`` given): Q and K are rotated once, before the loops, into contiguous copies
-(Qwen2-VL's vision RoPE, :func:`mmkernels.kernels._rotary.rotate`, recomputed in the backward), so
+(Qwen2-VL's vision RoPE, :func:`mmkernels.kernels._rotary.rotated_copies`, recomputed in the backward), so
 the loops, their tiles, candidates and TMA are exactly the plain ones; the backward rotates dQ and
 dK back in a final pass.
 
@@ -79,13 +79,12 @@ import triton.language as tl
 from .._utils import interpreting, new_output
 from ._attention_body import _dkdv_body, _dq_body, _fwd_body
 from ._launch import for_gpu, gpu_launcher
-from ._rotary import rotate, unrotate_grad
+from ._rotary import rotated_copies, unrotate_grad
 from ._tiles import (
     _aligned,
     _dot_precision,
     _load_rows,
     _mask_args,
-    rotary_args,
     split_head_dim,
 )
 from ._tma import ensure_allocator, tma_ok, tma_target
@@ -238,26 +237,13 @@ def _lk_bucket(lk: int) -> int:
     return 256 if lk <= 256 else (1024 if lk <= 1024 else 4096)
 
 
-def _rotate_qk(query, key, cos, sin):
-    """(query, key, rotation): with cos/sin, Q and K rotated once into contiguous copies
-    (:func:`mmkernels.kernels._rotary.rotate`) that the loops read as plain operands, and
-    ``rotation`` = (cos, sin, strides, kind) for :func:`unrotate_grad`; else the inputs and None."""
-    if cos is None:
-        return query, key, None
-    cos, sin, kind, cstr = rotary_args(cos, sin, query)
-    q_rot = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    k_rot = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    rotate(query, q_rot, cos, sin, cstr, kind)
-    rotate(key, k_rot, cos, sin, cstr, kind)
-    return q_rot, k_rot, (cos, sin, cstr, kind)
-
-
 def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, scale, cos=None, sin=None,
                       split=True):
     """Launch the forward; returns O (B, H, Lq, D) contiguous and the softmax statistics
     (B, H, 2, Lq) fp32: [..., 0, :] the row max and [..., 1, :] log2 of the row sum, both of the
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
-    query, key, _ = _rotate_qk(query, key, cos, sin)
+    if cos is not None:
+        query, key, _ = rotated_copies(query, key, cos, sin)
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     meta["ALIGNED"] = _aligned(query, key, value)
@@ -283,7 +269,9 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     the dims the mask broadcasts along (its full (B, H, Lq, Lk) fp32 is written once: O(L²)
     memory, as the mask's own gradient can be).  With rotary (cos/sin) dQ and dK are the
     gradients of the un-rotated query and key, rotated back in a final pass."""
-    query, key, rotation = _rotate_qk(query, key, cos, sin)
+    rotation = None
+    if cos is not None:
+        query, key, rotation = rotated_copies(query, key, cos, sin)
     b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
                                                             split)
     d = meta["HEAD_DIM"]

@@ -57,11 +57,10 @@ import triton.language as tl
 from .._utils import interpreting, new_output, safe_cu_seqlens
 from ._attention_body import _dkdv_body, _dq_body, _fwd_body
 from ._launch import for_gpu, gpu_launcher
-from ._rotary import rotate, unrotate_grad
+from ._rotary import rotated_copies, unrotate_grad
 from ._tiles import (
     _aligned,
     _dot_precision,
-    rotary_args,
     split_head_dim,
 )
 from .attention import (
@@ -258,23 +257,8 @@ def _common(query, seed, dropout_p, is_causal, scale):
     return (seed if has_dropout else query), meta
 
 
-def _rotate_qk(query, key, cos, sin):
-    """(query, key, rotation): with cos/sin, Q and K rotated once into contiguous copies that
-    the loops read as plain operands (:func:`mmkernels.kernels._rotary.rotate`; (total, H, D)
-    viewed as (1, H, total, D): the packed row is the rotary row), and ``rotation`` for
-    :func:`_unrotate`; else the inputs and None."""
-    if cos is None:
-        return query, key, None
-    cos, sin, kind, cstr = rotary_args(cos, sin, query)
-    cstr = (0, *cstr[1:])  # packed: cos/sin rows are the packed rows, no batch dim
-    q_rot, k_rot = torch.empty_like(query, memory_format=torch.contiguous_format), \
-        torch.empty_like(key, memory_format=torch.contiguous_format)
-    rotate(_heads_first(query), _heads_first(q_rot), cos, sin, cstr, kind)
-    rotate(_heads_first(key), _heads_first(k_rot), cos, sin, cstr, kind)
-    return q_rot, k_rot, (cos, sin, cstr, kind)
-
-
 def _heads_first(x):
+    """(total, H, D) viewed as (1, H, total, D): the packed row is the rotary row."""
     return x.transpose(0, 1).unsqueeze(0)
 
 
@@ -327,7 +311,8 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         lse[:, 0].fill_(float("inf"))
         lse[:, 1].zero_()
         return out, lse
-    query, key, _ = _rotate_qk(query, key, cos, sin)
+    if cos is not None:
+        query, key, _ = rotated_copies(query, key, cos, sin, _heads_first)
     seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
     kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
@@ -355,7 +340,9 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     dv = new_output(tuple(value.shape), value.dtype, value.device)
     if n == 0 or total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    query, key, rotation = _rotate_qk(query, key, cos, sin)
+    rotation = None
+    if cos is not None:
+        query, key, rotation = rotated_copies(query, key, cos, sin, _heads_first)
     seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
     delta = new_output((h, total_q), torch.float32, query.device)
     pre_m = 64

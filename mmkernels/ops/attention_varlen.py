@@ -246,12 +246,7 @@ def _triton_check(inp) -> list:
 
 def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                 scale, enable_gqa, rotary):
-    total_q, hq, d = query.shape
-    dv = value.shape[-1]
-    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
-        # nothing to launch (no rows, heads or keys; D = 0 is rejected by validation): rows that
-        # see no key are 0, and every input gets a zero gradient, as on the other routes
-        return query.new_zeros(total_q, hq, dv) + _zero_anchor(query, key, value)
+    d, dv = query.shape[-1], value.shape[-1]
     seed = None
     if dropout_p > 0.0:
         # drawn from torch's generator of the tensors' device: torch.manual_seed replays it
@@ -337,9 +332,6 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if rotary is not None:
         query, key = ref.apply_rotary(query, *rotary), ref.apply_rotary(key, *rotary)
     total_q, total_k = query.shape[0], key.shape[0]
-    anchor = _zero_anchor(query, key, value)
-    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:  # no rows, keys or heads; Dv = 0
-        return query.new_zeros(total_q, query.shape[1], value.shape[-1]) + anchor
     cu_q, cu_k = safe_cu_seqlens(cu_seqlens_q, total_q), safe_cu_seqlens(cu_seqlens_k, total_k)
     n = cu_q.shape[0] - 1
     seg_q, pos_q = _segments(cu_q, total_q)
@@ -362,16 +354,11 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     out = out.squeeze(0).transpose(0, 1)
     out = _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n)
     # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
-    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(())) + anchor
+    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(()))
 
 
 def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                    scale, enable_gqa, rotary):
-    if not _host_checks_values(cu_seqlens_q):  # this route reads cu_seqlens on the host anyway
-        _check_cu_values("cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q)
-        _check_cu_values("cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k)
-    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:  # as the other routes: zeros, zero grads
-        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
     return ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
                                 enable_gqa, rotary)
 
@@ -470,7 +457,15 @@ def attention_varlen(
                   is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
                   rotary=tuple(rotary) if rotary is not None else None)
     chosen = dispatch.select("attention_varlen", inputs, backend)
-    if chosen.name != "reference" and not _host_checks_values(cu_seqlens_q):
-        _report_bad_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
-                               max_seqlen_k)
+    if not _host_checks_values(cu_seqlens_q):  # (CPU eager: checked by _validate)
+        if chosen.name == "reference":  # this route reads cu_seqlens on the host anyway
+            _check_cu_values("cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q)
+            _check_cu_values("cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k)
+        else:
+            _report_bad_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
+                                   max_seqlen_k)
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # nothing to compute on any route (no rows, keys or heads, or Dv = 0; D = 0 is rejected):
+        # rows that see no key are 0, and every input gets a zero gradient
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
     return chosen.run(**inputs)

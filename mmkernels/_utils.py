@@ -24,6 +24,14 @@ def broadcasts_to(mask: torch.Tensor, target: tuple) -> bool:
         return False
 
 
+def masks_keys_only(mask: torch.Tensor, shape: tuple) -> bool:
+    """Whether ``mask`` broadcast to ``shape`` (B, H, Lq, Lk) masks keys only: the same for every
+    head and query (a (B, 1, 1, Lk) padding mask, or an expanded view with stride 0 there) —
+    the attention kernels read such a mask once per key, not per score."""
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(shape)
+    return all(m.stride(i) == 0 or m.shape[i] == 1 for i in (1, 2))
+
+
 def check_dropout_and_scale(dropout_p, scale, allow_one: bool = False) -> None:
     """The SDPA-style ``dropout_p`` in [0, 1) (``allow_one``: [0, 1], as SDPA itself takes) and
     ``scale`` float-or-None arguments."""

@@ -39,6 +39,7 @@ from ._tiles import (
     _dot_chunks,
     _dropout_keep,
     _finish_rows,
+    _key_mask,
     _load_cols2,
     _load_rows2,
     _online_softmax,
@@ -102,12 +103,22 @@ def _query_range(n_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     return lo, band
 
 
+@triton.jit
+def _key_span_range(KSPAN, b, hi, mid, BLOCK_N: tl.constexpr):
+    """(hi, mid) of :func:`_key_range` within a key-only mask's spans (``_tiles.key_spans``) of
+    batch row ``b``: keys past the last kept one are never visited, and the interior (mask-free)
+    blocks end where the leading run of unbiased kept keys does."""
+    visit = tl.load(KSPAN + b * 2)
+    lead = tl.load(KSPAN + b * 2 + 1)
+    return tl.minimum(hi, visit), tl.minimum(mid, lead // BLOCK_N * BLOCK_N)
+
+
 # --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_body(
-    Q, K, V, O, LSE, MASK, SEED,
+    Q, K, V, O, LSE, MASK, KSPAN, SEED,
     qb, kb, h, hk, stream, rows, rows_c, row_ok, m_start, LQ, LK, STAT_L, stat_bh,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -149,6 +160,8 @@ def _fwd_body(
     if PRESCALE:
         scale = 1.0
     hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN)
+    if MASK_KIND >= 3:
+        hi, mid = _key_span_range(KSPAN, qb, hi, mid, BLOCK_N)
     if USE_TMA:
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
@@ -169,7 +182,7 @@ def _fwd_body(
                              mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL)
             p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
             if HAS_DROPOUT:
-                p = tl.where(_dropout_keep(seed, rows_c[:, None], cols[None, :], LK, dropout_p), p, 0.0)
+                p = tl.where(_dropout_keep(seed, rows_c, start_n, LK, dropout_p, BLOCK_N), p, 0.0)
             p = p.to(V.dtype.element_ty)
             if USE_TMA:
                 v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
@@ -195,7 +208,7 @@ def _fwd_body(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_body(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KSPAN, SEED,
     qb, kb, seq, hk, out_bhk, cols, col_ok, n_start, LQ, LK, H, HKV, GROUP, STAT_L,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -239,6 +252,15 @@ def _dkdv_body(
 
     off = LK - LQ  # packed: bottom-right causal alignment, query row i sees key j iff j <= i + off
     lo, band = _query_range(n_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN)
+    q_end = LQ
+    kmask = None
+    if MASK_KIND >= 3:
+        # a key-only mask: this program's keys' mask, read once; a block past the last kept key
+        # of its batch row visits no query (its dK, dV are 0)
+        kmask = _key_mask(MASK + qb * smb, cols[:, None], col_ok[:, None], smn, qk_scale, MASK_KIND, PRESCALE)
+        q_end = tl.where(n_start < tl.load(KSPAN + qb * 2), LQ, 0)
+        lo = tl.minimum(lo, q_end)
+        band = tl.minimum(band, q_end)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = seq.to(tl.int64) * H + h  # the Philox stream of (sequence or batch, head h)
@@ -257,7 +279,7 @@ def _dkdv_body(
             qd0, qd1 = _row_descs(q_base, LQ, sqm, HEAD_DIM, BLOCK_M, D0, D1)
             dod0, dod1 = _row_descs(do_base, LQ, sdm, HEAD_DIM, BLOCK_M, D0, D1)
         for phase in tl.static_range(2):
-            lo_m, hi_m = _phase_range(phase, lo, band, LQ)
+            lo_m, hi_m = _phase_range(phase, lo, band, q_end)
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < LQ
@@ -281,7 +303,8 @@ def _dkdv_body(
                 ld_ok = col_ok[:, None] & row_ok[None, :]
                 pdT, dsT = _bwd_scores(sT, dpT, rows_c[None, :], cols[:, None], ld_ok, ld_ok, mask_base, smm, smn,
                                        qk_scale, m_row[None, :], log2l[None, :], delta[None, :], seed, LK, dropout_p,
-                                       MASK_KIND, PRESCALE, phase == 0, False, IS_CAUSAL, HAS_DROPOUT)
+                                       rows_c, n_start, MASK_KIND, PRESCALE, phase == 0, False, IS_CAUSAL,
+                                       HAS_DROPOUT, BLOCK_N, True, kmask)
                 pdT = pdT.to(DO.dtype.element_ty)
                 dsT = dsT.to(Q.dtype.element_ty)
                 dv0 += _dot(pdT, do0, PREC, UPCAST)
@@ -307,7 +330,7 @@ def _dkdv_body(
 
 @triton.jit
 def _dq_body(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KSPAN, SEED, DS,
     qb, kb, h, hk, stream, rows, rows_c, row_ok, m_start, LQ, LK, H, STAT_L,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -357,6 +380,8 @@ def _dq_body(
         seed = tl.load(SEED) + stream * SEED_STRIDE
 
     hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN)
+    if MASK_KIND >= 3:
+        hi, mid = _key_span_range(KSPAN, qb, hi, mid, BLOCK_N)
     if USE_TMA:
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
@@ -380,7 +405,8 @@ def _dq_body(
             dp = _dot_chunks(do0, do1, vT0, vT1, D1, PREC, UPCAST)
             _, ds = _bwd_scores(s, dp, rows_c[:, None], cols[None, :], col_ok[None, :],
                                 row_ok[:, None] & col_ok[None, :], mask_base, smm, smn, qk_scale, m_row, log2l, delta,
-                                seed, LK, dropout_p, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL, HAS_DROPOUT)
+                                seed, LK, dropout_p, rows_c, start_n, MASK_KIND, PRESCALE, phase == 1, True, IS_CAUSAL,
+                                HAS_DROPOUT, BLOCK_N, False)
             if MASK_GRAD:
                 # d(additive mask) = dS of the natural-log logits, full (B, H, Lq, Lk) fp32; the
                 # launcher sums it over the mask's broadcast dims

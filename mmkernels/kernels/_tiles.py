@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import masks_keys_only
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -152,10 +154,39 @@ def _online_softmax(s, scale, m_i, l_i):
 
 
 @triton.jit
+def _key_mask(mask_base, kj, k_ok, smn, qk_scale, MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr):
+    """The per-key mask of a key-only mask (one row per batch, ``kj`` the key indices as a
+    [1, n] or [n, 1] vector): MASK_KIND 3 (bool) the keep flags, out-of-range keys dropped;
+    MASK_KIND 4 (additive) the bias in the units of :func:`_tile_logits`' logits — base 2, and
+    divided by ``qk_scale`` unless PRESCALE (the logits are then raw products, scaled in the
+    exp2's FMA: no pre-scaling multiply per score) — with finfo.min clamped to -1e30 as there,
+    -inf and NaN kept; out-of-range keys -inf."""
+    if MASK_KIND == 3:
+        km = tl.load(mask_base + kj * smn, mask=k_ok, other=0) != 0
+    else:
+        mval = tl.load(mask_base + kj * smn, mask=k_ok, other=float("-inf")).to(tl.float32)
+        mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30, propagate_nan=tl.PropagateNan.ALL))
+        if PRESCALE:
+            km = mval * LOG2E
+        else:
+            km = mval * (LOG2E / qk_scale)
+    return km
+
+
+@triton.jit
+def _apply_key_mask(s, km, MASK_KIND: tl.constexpr):
+    """``s`` with a :func:`_key_mask` applied (broadcast along the query axis)."""
+    if MASK_KIND == 3:
+        return tl.where(km, s, float("-inf"))
+    else:
+        return s + km
+
+
+@triton.jit
 def _tile_logits(
     s, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale,
     MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr, EDGE: tl.constexpr, BOUNDS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, kmask=None,
 ):
     """Masks of one tile of raw products ``s`` (Q Kᵀ, or K Qᵀ in the transposed dK/dV tile:
     ``qi``/``kj`` are the query/key indices broadcast to ``s``'s shape), in either orientation.
@@ -169,7 +200,15 @@ def _tile_logits(
     """
     if PRESCALE:
         s = s * qk_scale
-    if MASK_KIND != 0:
+    if MASK_KIND >= 3:
+        # a key-only mask (key padding): the kernels run interior tiles only over keys it keeps
+        # with bias 0 (``key_spans``), so it is read on EDGE tiles only, one value per key —
+        # or applied from ``kmask``, read once by the caller (the dK/dV program's own keys)
+        if kmask is not None:
+            s = _apply_key_mask(s, kmask, MASK_KIND)
+        elif EDGE:
+            s = _apply_key_mask(s, _key_mask(mask_base, kj, k_ok, smn, qk_scale, MASK_KIND, PRESCALE), MASK_KIND)
+    elif MASK_KIND != 0:
         mval = tl.load(mask_base + qi * smm + kj * smn, mask=ld_ok, other=0)
         if MASK_KIND == 1:
             s = tl.where(mval != 0, s, float("-inf"))
@@ -195,14 +234,18 @@ def _tile_logits(
 @triton.jit
 def _bwd_scores(
     s, dp, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale, m_row, log2l, delta, seed, LK, dropout_p,
+    drop_rows, n0,
     MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr, EDGE: tl.constexpr, BOUNDS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr,
+    kmask=None,
 ):
     """(P̃, dS) of one backward tile from the raw products ``s`` = Q Kᵀ and ``dp`` = dO Vᵀ, in
     either orientation (the row statistics ``m_row``, ``log2l``, ``delta`` and the indices
     ``qi``/``kj`` come broadcast to the tile's shape).  P is rebuilt from the forward's
     statistics (m = +inf: no visible key, P = 0); P̃ = P after dropout and 1/(1-p) (dV = P̃ᵀ dO);
-    dS = P ∘ (dP̃ − delta) (dQ = dS K·scale, dK = dSᵀ Q·scale).
+    dS = P ∘ (dP̃ − delta) (dQ = dS K·scale, dK = dSᵀ Q·scale).  Dropout draws are indexed by the
+    1-D row indices ``drop_rows`` and the tile's first key ``n0`` (:func:`_dropout_keep`; TRANSPOSED:
+    the [keys, rows] tile).
 
     Out-of-range queries need no mask (m = +inf: P = 0).  Out-of-range keys (zero rows) get
     P = exp2(-m), which overflows when a row's logits are all very negative (HF's finfo.min
@@ -211,14 +254,14 @@ def _bwd_scores(
     causal triangle and the bounds are applied on EDGE tiles only.
     """
     s = _tile_logits(s, qi, kj, k_ok, ld_ok, mask_base, smm, smn, qk_scale, MASK_KIND, PRESCALE, EDGE, BOUNDS,
-                     IS_CAUSAL)
+                     IS_CAUSAL, kmask)
     scale = qk_scale
     if PRESCALE:
         scale = 1.0
     p = tl.math.exp2((s * scale - m_row) - log2l)
     pd = p
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, qi, kj, LK, dropout_p)
+        keep = _dropout_keep(seed, drop_rows, n0, LK, dropout_p, BLOCK_N, TRANSPOSED)
         inv_keep = 1.0 / (1.0 - dropout_p)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -245,11 +288,31 @@ def _finish_rows(STATS, bh, LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT: 
 
 
 @triton.jit
-def _dropout_keep(seed, qi, kj, LK, dropout_p):
-    """Philox keep-mask (True = kept) of one tile, from query/key indices broadcast to its shape
-    (``rows[:, None], cols[None, :]``, or transposed): the same (seed, row, col) gives the same
-    bit in the forward and both backward kernels."""
-    return tl.rand(seed, qi * LK + kj) >= dropout_p
+def _dropout_keep(seed, rows, n0, LK, dropout_p, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """Philox keep-mask (True = kept) of the tile of query rows ``rows`` (1-D) and the BLOCK_N keys
+    from ``n0`` (a multiple of 4): [rows, keys], or [keys, rows] when TRANSPOSED (the dK/dV tile).
+    The same (seed, row, key) gives the same bit in the forward and both backward kernels.
+
+    One Philox call (``tl.randint4x``: 4 words of 32 bits) covers 4 consecutive keys of a row:
+    counter = row·ceil(LK/4) + key/4, and the key's word is fixed by key % 4.  ``tl.rand`` per
+    element computed the 4 words and kept one, so this is a quarter of the Philox work; a key
+    is kept when its word is >= dropout_p·2³² (probability 1 - dropout_p up to 2⁻³²)."""
+    g = n0 // 4 + tl.arange(0, BLOCK_N // 4)
+    stride = (LK + 3) // 4
+    if TRANSPOSED:
+        offs = rows[None, :] * stride + g[:, None]  # [BLOCK_N / 4, rows]
+    else:
+        offs = rows[:, None] * stride + g[None, :]  # [rows, BLOCK_N / 4]
+    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    thr = tl.cast(dropout_p * 4294967296.0, tl.uint32)
+    # the 4 words of a group side by side on two new minor axes: [.., 2, 2], key 4g + 2a + b
+    # holds word a + 2b (any fixed bijection would do; this one is what two joins give)
+    k4 = tl.join(tl.join(r0 >= thr, r1 >= thr), tl.join(r2 >= thr, r3 >= thr))
+    if TRANSPOSED:
+        keep = tl.reshape(tl.permute(k4, (0, 2, 3, 1)), (BLOCK_N, rows.shape[0]))
+    else:
+        keep = tl.reshape(k4, (rows.shape[0], BLOCK_N))
+    return keep
 
 
 # --------------------------------------------------------------------------------------
@@ -278,18 +341,49 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp32 with "high"/"medium"; for fp16/bf16 operands the flag is ignored
 
 
-def _mask_args(attn_mask, b, h, lq, lk, like):
-    """(tensor, kind, strides) of the mask's broadcast view; never materialised."""
+def _mask_args(attn_mask, b, h, lq, lk, like, key_only=False):
+    """(tensor, kind, strides) of the mask's broadcast view; never materialised.  Kinds: 0 none,
+    1 bool, 2 additive; with ``key_only`` (the kernels of :mod:`.attention`) a mask that only masks
+    keys — broadcast over heads and queries, a (B, 1, 1, Lk) padding mask — is kind 3 (bool) or 4
+    (additive), read one value per key (:func:`_key_mask`) and paired with :func:`key_spans`."""
     if attn_mask is None:
         return like, 0, (0, 0, 0, 0)
     m = attn_mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
     m = m.expand(b, h, lq, lk)
+    kind = 1 if m.dtype == torch.bool else 2
     if m.dtype == torch.bool:
         m = m.view(torch.uint8)  # same bytes; uint8 loads are the portable path
-        return m, 1, m.stride()
-    return m, 2, m.stride()
+    if key_only and masks_keys_only(m, m.shape):
+        kind += 2
+    return m, kind, m.stride()
+
+
+def key_spans(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32 on the mask's device, per batch row of a key-only mask (B, H, Lq, Lk) view:
+    [0] the keys the kernels visit, [0, last kept key + 1), and [1] the length of the leading run
+    of keys kept with no bias (bool True, additive 0.0) — the interior tiles, which skip the mask.
+
+    A key is dropped (never visited) when the mask hides it exactly: bool False, additive -inf,
+    or an additive value <= -1e30 (HF's finfo.min padding of fp32/bf16 masks) in a row that has a
+    key above -1e29 — such a key's probability is exp2(-1.3e30) = 0 in fp32 next to it, and the
+    kernels clamp finfo.min to -1e30 anyway.  fp16 masks' finfo.min (-65504) stays a bias (read
+    on the edge tiles).  Device ops only, no host read (the key-only twin of the mask rows)."""
+    m = mask[:, 0, 0, :]
+    if m.dtype == torch.uint8:
+        kept = m != 0
+        free = kept
+    else:
+        floor = (m <= -1.0e30) & (m.amax(dim=-1, keepdim=True) > -1.0e29)
+        kept = ~(torch.isneginf(m) | floor)
+        free = m == 0
+    lk = m.shape[-1]
+    idx = torch.arange(1, lk + 1, device=m.device, dtype=torch.int32)
+    visit = (kept.to(torch.int32) * idx).amax(dim=-1) if lk else torch.zeros(m.shape[0], dtype=torch.int32,
+                                                                              device=m.device)
+    lead = free.to(torch.int32).cumprod(dim=-1).sum(dim=-1, dtype=torch.int32)
+    return torch.stack((visit.to(torch.int32), lead), dim=-1).contiguous()
 
 
 def rotary_args(cos, sin, like):

@@ -31,9 +31,14 @@ padded to the next power of two (128): every QKᵀ and PV product is two dots, s
 96 columns of work instead of 128.
 
 Masks: bool (True = attend) or additive float, passed with the strides of their broadcast
-view (stride 0 along broadcast dims), so (B, 1, 1, Lk) padding masks cost one row of reads.
-Causal masking is top-left aligned (query i sees key j <= i) as in SDPA.  Rows with no
-visible key get LSE = +inf, O = 0 and zero gradients.
+view (stride 0 along broadcast dims), never materialised.  A mask that only masks keys — a
+(B, 1, 1, Lk) padding mask, CLIP / EVA / BLIP-2 / SigLIP with padded batches — is read once
+per key, not per score (MASK_KIND 3 bool / 4 additive): ``_tiles.key_spans`` finds per batch
+row, on the device, the keys to visit (up to the last kept one: the padding tiles are never
+loaded) and the leading run of keys kept without bias, whose tiles run as interior tiles (no
+mask work at all); the tiles between read one mask value per key.  General masks are read per
+score (MASK_KIND 1 / 2).  Causal masking is top-left aligned (query i sees key j <= i) as in
+SDPA.  Rows with no visible key get LSE = +inf, O = 0 and zero gradients.
 
 NaN (the rule of ``mk.attention``'s docstring, "NaN and Inf" in docs/design.md): what reaches a
 row through the tiles it computes propagates as in SDPA's math (a NaN or +inf additive mask entry
@@ -43,8 +48,10 @@ layer adds from reductions over Q, K, V and the mask (``ops.attention._math_nans
 kernel: seeding a bool-masked row's sum with its query's NaN (for a row whose keys are all
 hidden) cost the sm_90 bf16 forward up to 9 registers (d=72 mask + dropout: 243 → 252).
 
-Dropout: Philox (``tl.rand``) keyed by a seed drawn from torch's generator plus the
-(batch·head) index, counter = row·Lk + col; the backward regenerates the same mask.
+Dropout: Philox keyed by a seed drawn from torch's generator plus the (batch·head) index; one
+call (``tl.randint4x``, 4 words) per 4 consecutive keys of a row, counter = row·ceil(Lk/4) +
+key/4 (``_tiles._dropout_keep``); the backward regenerates the same mask.  (The stream changed
+with this: the same seed drops other positions than before; per seed it is reproducible.)
 
 Rotary (``cos``/``sin`` given): Q and K are rotated once, before the loops, into contiguous copies
 (Qwen2-VL's vision RoPE, :func:`mmkernels.kernels._rotary.rotated_copies`, recomputed in the backward), so
@@ -85,6 +92,7 @@ from ._tiles import (
     _dot_precision,
     _load_rows,
     _mask_args,
+    key_spans,
     split_head_dim,
 )
 from ._tma import ensure_allocator, tma_ok, tma_target
@@ -95,7 +103,7 @@ from ._tma import ensure_allocator, tma_ok, tma_target
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, SEED,
+    Q, K, V, O, LSE, MASK, KSPAN, SEED,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -117,7 +125,8 @@ def _attn_fwd(
     hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    _fwd_body(Q, K, V, O, LSE, MASK, SEED, b, b, h, hk, pid_bh, rows, rows, row_ok, pid_m * BLOCK_M, LQ, LK, LQ, pid_bh,
+    _fwd_body(Q, K, V, O, LSE, MASK, KSPAN, SEED, b, b, h, hk, pid_bh, rows, rows, row_ok, pid_m * BLOCK_M, LQ, LK, LQ,
+              pid_bh,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smh, smm, smn,
               qk_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
               PRESCALE, BLOCK_M, BLOCK_N, USE_TMA, False)
@@ -148,7 +157,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KSPAN, SEED,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -169,7 +178,7 @@ def _attn_bwd_dkdv(
     hk = (pid_bhk % HKV).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < LK
-    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEED, b, b, b, hk, pid_bhk, cols, col_ok, pid_n * BLOCK_N,
+    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KSPAN, SEED, b, b, b, hk, pid_bhk, cols, col_ok, pid_n * BLOCK_N,
                LQ, LK, H, HKV, GROUP, LQ,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
                qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST,
@@ -178,7 +187,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KSPAN, SEED, DS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -201,7 +210,7 @@ def _attn_bwd_dq(
     bh = pid_bh.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEED, DS, b, b, h, hk, bh, rows, rows, row_ok, pid_m * BLOCK_M,
+    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, MASK, KSPAN, SEED, DS, b, b, h, hk, bh, rows, rows, row_ok, pid_m * BLOCK_M,
              LQ, LK, H, LQ,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
              qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST,
@@ -211,12 +220,15 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
-def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True):
+def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True, key_only=True):
     b, h, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     # split=False pads the head dim to the next power of two: the benchmark's measure of the split's gain
     d0, d1 = split_head_dim(d) if split else (max(16, triton.next_power_of_2(d)), 0)
-    mask, mask_kind, mstr = _mask_args(attn_mask, b, h, lq, lk, query)
+    # a key-only (padding) mask: read per key on edge tiles, its spans bound the key loops
+    # (MASK_KIND 3/4); not with the mask gradient, whose dS covers every (query, key)
+    mask, mask_kind, mstr = _mask_args(attn_mask, b, h, lq, lk, query, key_only=key_only)
+    kspan = key_spans(mask) if mask_kind >= 3 else query
     has_dropout = dropout_p > 0.0
     if has_dropout and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed tensor")
@@ -225,11 +237,12 @@ def _common(query, key, attn_mask, dropout_p, is_causal, scale, seed, split=True
         HAS_DROPOUT=has_dropout, PREC=_dot_precision(query.dtype),
         UPCAST=interpreting() and query.dtype == torch.bfloat16,
         # the scale is folded into the exp2's FMA (``_online_softmax``) unless an additive mask
-        # must be added to the scaled logits first, or a scale <= 0 would flip the row max
+        # must be added to the scaled logits first, or a scale <= 0 would flip the row max (a
+        # key-only additive mask is divided by the scale instead, once per key: ``_key_mask``)
         PRESCALE=mask_kind == 2 or not float(scale) > 0.0,
     )
     seed_arg = seed if has_dropout else query
-    return b, h, hkv, lq, lk, mask, mstr, seed_arg, meta
+    return b, h, hkv, lq, lk, mask, kspan, mstr, seed_arg, meta
 
 
 def _lk_bucket(lk: int) -> int:
@@ -244,16 +257,17 @@ def attention_forward(query, key, value, attn_mask, seed, dropout_p, is_causal, 
     base-2 logits, so log-sum-exp = (max + log2 sum)·ln 2 (+inf for rows with no visible key)."""
     if cos is not None:
         query, key, _ = rotated_copies(query, key, cos, sin)
-    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
-                                                            split)
+    b, h, hkv, lq, lk, mask, kspan, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal,
+                                                                   scale, seed, split)
     meta["ALIGNED"] = _aligned(query, key, value)
     out = new_output((b, h, lq, value.shape[-1]), query.dtype, query.device)
     lse = new_output((b, h, 2, lq), torch.float32, query.device)
     kernel, cfg = _launcher("fwd", query.device.type, meta["HEAD_DIM"], query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                            tma=tma_target(query.device) and tma_ok(key, value), has_mask=meta["MASK_KIND"] != 0)
+                            tma=tma_target(query.device) and tma_ok(key, value), has_mask=meta["MASK_KIND"] in (1, 2),
+                            lq=lq)
     grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](
-        query, key, value, out, lse, mask, seed_arg,
+        query, key, value, out, lse, mask, kspan, seed_arg,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mstr,
         h, lq, lk, h // hkv, _lk_bucket(lk),
         float(scale) * 1.4426950408889634, float(dropout_p),
@@ -272,8 +286,8 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     rotation = None
     if cos is not None:
         query, key, rotation = rotated_copies(query, key, cos, sin)
-    b, h, hkv, lq, lk, mask, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal, scale, seed,
-                                                            split)
+    b, h, hkv, lq, lk, mask, kspan, mstr, seed_arg, meta = _common(query, key, attn_mask, dropout_p, is_causal,
+                                                                   scale, seed, split, key_only=not mask_grad)
     d = meta["HEAD_DIM"]
     meta["ALIGNED"] = _aligned(query, key, value, grad_out)
     delta = new_output((b, h, lq), torch.float32, query.device)
@@ -290,20 +304,21 @@ def attention_backward(grad_out, query, key, value, out, lse, attn_mask, seed, d
     qk_scale = float(scale) * 1.4426950408889634
     kv_kernel, kv_cfg = _launcher("dkdv", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
                                   tma=tma_target(query.device) and tma_ok(query, grad_out),
-                                  has_mask=meta["MASK_KIND"] != 0)
+                                  has_mask=meta["MASK_KIND"] in (1, 2))
     kv_grid = lambda META: (triton.cdiv(lk, META["BLOCK_N"]), b * hkv)  # noqa: E731
     kv_kernel[kv_grid](
-        query, key, value, grad_out, lse, delta, dk, dv, mask, seed_arg, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, mask, kspan, seed_arg, *common,
         h, hkv, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, **kv_cfg,
     )
     # uninitialised: the dQ kernel writes every element of dS, the causally skipped tiles as zeros
     ds = new_output((b, h, lq, lk), torch.float32, query.device) if mask_grad else delta
     q_kernel, q_cfg = _launcher("dq", query.device.type, d, query.dtype, meta["HAS_DROPOUT"], meta["PREC"],
-                                tma=tma_target(query.device) and tma_ok(key, value), has_mask=meta["MASK_KIND"] != 0)
+                                tma=tma_target(query.device) and tma_ok(key, value),
+                                has_mask=meta["MASK_KIND"] in (1, 2), lq=lq)
     q_grid = lambda META: (triton.cdiv(lq, META["BLOCK_M"]), b * h)  # noqa: E731
     q_kernel[q_grid](
-        query, key, value, grad_out, lse, delta, dq, mask, seed_arg, ds, *common,
+        query, key, value, grad_out, lse, delta, dq, mask, kspan, seed_arg, ds, *common,
         h, lq, lk, h // hkv, _lk_bucket(lk), qk_scale, float(scale), float(dropout_p),
         **meta, **q_cfg, MASK_GRAD=bool(mask_grad),
     )
@@ -354,6 +369,15 @@ _CANDIDATES = {
     "dkdv": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
+# Query lengths <= 32 (the Q-Former's 32 learned queries: its backward, and self-attention over
+# them, run these kernels): the 128-row forward / dQ tiles above would leave 3/4 of their rows
+# idle, so the row-block kernels try 32-row tiles (mma.sync: wgmma needs 64 rows per warpgroup)
+# and one 64-row warpgroup.  Compiled for sm_90 (blip2-qformer-cross, d=64, triton 3.6/3.9).
+_CANDIDATES_SHORT_Q = {
+    "fwd": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2)],
+    "dq": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
+}
+_SHORT_Q = 32
 # Tensor-descriptor (TMA, sm_90) versions of the main loops, tried by the autotuner after the
 # pointer-load candidates when the operands allow (``_tma.tma_ok``): the tiles of the
 # first kept pointer candidates of _TMA_TRIES distinct (BLOCK_M, BLOCK_N) shapes, with the forward's K and V,
@@ -454,14 +478,14 @@ def _extra_state(kind: str, bm: int, bn: int, warps: int, has_mask: bool) -> tup
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
-                 tma: bool = False, has_mask: bool = False) -> list:
+                 tma: bool = False, has_mask: bool = False, short_q: bool = False) -> list:
     """The launch candidates of one kernel that pass ``_fits`` (never none: the one with the
     least live state is kept if all fail); the first is the default used without autotuning.
     ``prec`` "ieee" (fp32, "highest" matmul precision): the measured FMA-dot lists.  With ``tma``
     (the operands meet TMA's preconditions, ``_tma.tma_ok``) and ``_tma_offered``, TMA versions
     of the first kept tiles follow (``_TMA_TRIES``), with ``USE_TMA=True``: never first, so an
     untuned launch (``MMKERNELS_AUTOTUNE=0``) keeps the pointer loads and the autotuner chooses
-    between the two."""
+    between the two.  ``short_q`` (Lq <= 32): the 32/64-row lists of the row-block kernels."""
     d0, d1 = split_head_dim(d)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if prec == "ieee" and dtype == torch.float32:
@@ -469,6 +493,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     else:
         big = d > 128 or dtype == torch.float32
         cands = (_CANDIDATES_BIG if big else _CANDIDATES)[kind]
+        if short_q and not big and kind in _CANDIDATES_SHORT_Q:
+            cands = _CANDIDATES_SHORT_Q[kind]
         kept = [c for c in cands
                 if _fits(kind, *c, d0 + d1, itemsize, has_dropout, *_extra_state(kind, c[0], c[1], c[2], has_mask))]
         kept = kept or [cands[-1]]
@@ -487,7 +513,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
 
 
 def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropout: bool = False,
-              prec: str = "tf32", tma: bool = False, has_mask: bool = False):
+              prec: str = "tf32", tma: bool = False, has_mask: bool = False, lq: int | None = None):
     """(kernel, launch kwargs): fixed tiles in the interpreter; on CUDA see ``gpu_launcher``.
     ``tma``: the operands allow the TMA candidates.  With ``_FORCE_TMA`` (tests) and ``tma`` the
     launch runs USE_TMA: the interpreter's tiles with it, on CUDA the first TMA candidate untuned."""
@@ -498,14 +524,16 @@ def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, has_dropo
     if tma and device_type == "cuda":
         ensure_allocator()  # TMA candidates build their descriptors in a scratch buffer
 
+    short_q = lq is not None and lq <= _SHORT_Q and kind in _CANDIDATES_SHORT_Q
+
     def configs():
-        return _gpu_configs(kind, d, dtype, has_dropout, prec, tma, has_mask)
+        return _gpu_configs(kind, d, dtype, has_dropout, prec, tma, has_mask, short_q)
 
     if force:
         cfg = next(c for c in configs() if c.kwargs.get("USE_TMA"))
         return _KERNELS[kind], dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return gpu_launcher(_KERNELS[kind], configs, _TUNE_KEY,
-                        ("attention", kind, d, dtype, has_dropout, prec, tma, has_mask))
+                        ("attention", kind, d, dtype, has_dropout, prec, tma, has_mask, short_q))
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}

@@ -143,7 +143,7 @@ def _varlen_fwd(
     row_ok = rows < LQ
     rows_c = rows + (LK - LQ)  # bottom-right causal alignment (also the dropout row index)
     # strides: the token stride is both the sequence's (its first token q_lo / k_lo) and the row's
-    _fwd_body(Q, K, V, O, LSE, Q, SEED, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h, rows, rows_c, row_ok, m_start,
+    _fwd_body(Q, K, V, O, LSE, Q, Q, SEED, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h, rows, rows_c, row_ok, m_start,
               LQ, LK, TOTAL_Q, h,
               sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sot, soh, sot, sod, 0, 0, 0, 0,
               qk_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED, PRESCALE,
@@ -181,7 +181,7 @@ def _varlen_bwd_dkdv(
     LQ = tl.load(CU_Q + seq + 1) - q_lo
     cols = n_start + tl.arange(0, BLOCK_N)
     col_ok = cols < LK
-    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, Q, SEED, q_lo, k_lo, seq, hk, 0, cols, col_ok, n_start,
+    _dkdv_body(Q, K, V, DO, LSE, DELTA, DK, DV, Q, Q, SEED, q_lo, k_lo, seq, hk, 0, cols, col_ok, n_start,
                LQ, LK, H, HKV, GROUP, TOTAL_Q,
                sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sdt, sdh, sdt, sdd, 0, 0, 0, 0,
                qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
@@ -217,7 +217,7 @@ def _varlen_bwd_dq(
     hk = h // GROUP
     rows = m_start + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, Q, SEED, Q, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h,
+    _dq_body(Q, K, V, DO, LSE, DELTA, DQ, Q, Q, SEED, Q, q_lo, k_lo, h, hk, seq.to(tl.int64) * H + h,
              rows, rows + (LK - LQ), row_ok, m_start, LQ, LK, H, TOTAL_Q,
              sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sdt, sdh, sdt, sdd, 0, 0, 0, 0,
              qk_scale, sm_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,

@@ -135,7 +135,7 @@ def _qformer_fwd(
                          mask_base, smm, smn, MASK_KIND, False)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, rows[:, None], cols[None, :], LK, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rows, start_n, LK, dropout_p, BLOCK_N), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(dtype), v, PREC, UPCAST)
 
     inv_l = _finish_rows(STATS, pid_bh.to(tl.int64), LQ, rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)

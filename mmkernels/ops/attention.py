@@ -23,6 +23,7 @@ from .._utils import (
     contiguous_outputs,
     describe,
     empty_contiguous,
+    masks_keys_only,
     triton_device_reason,
 )
 from ..reference import attention as ref
@@ -288,14 +289,16 @@ def _math_nans(out, query, key, value, attn_mask=None, *, queries=False, keys=Fa
 
 def _triton_nans(out, query, key, value, attn_mask, is_causal, rotary=None):
     """The Triton forward + :func:`_math_nans` where the kernel can miss a NaN: causal (skipped
-    and selected-away keys, mask entries above the diagonal) and bool masks (selected-away keys,
+    and selected-away keys, mask entries above the diagonal), bool masks (selected-away keys,
     a NaN query row with every key hidden; V needs nothing there: every key tile is visited and
-    0·NaN = NaN)."""
+    0·NaN = NaN) and key-only masks of either dtype (the kernels skip the keys past a batch
+    row's last kept key: their K and V, and the query of a row that sees no key)."""
     bool_mask = attn_mask is not None and attn_mask.dtype == torch.bool
-    if not (is_causal or bool_mask):
+    key_only = attn_mask is not None and masks_keys_only(attn_mask, (*out.shape[:3], key.shape[-2]))
+    if not (is_causal or bool_mask or key_only):
         return out
-    return _math_nans(out, query, key, value, attn_mask, queries=bool_mask, keys=True, values=is_causal,
-                      mask_rows=is_causal, rotary=rotary)
+    return _math_nans(out, query, key, value, attn_mask, queries=bool_mask or key_only, keys=True,
+                      values=is_causal or key_only, mask_rows=is_causal, rotary=rotary)
 
 
 def _triton_check(inp) -> list:

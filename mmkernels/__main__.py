@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["inspect"]:  # its own parser: kernels/compile_report.py
-        from .kernels.compile_report import main as inspect_main
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["inspect"]:  # its own parser: tools/compile_report.py
+        from .tools.compile_report import main as inspect_main
 
         return inspect_main((sys.argv[1:] if argv is None else argv)[1:])
     parser = build_parser()

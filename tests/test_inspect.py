@@ -68,7 +68,7 @@ RUNS = [
 
 _CHILD = """
 import json, sys
-from mmkernels.kernels.compile_report import compile_report
+from mmkernels.tools.compile_report import compile_report
 rows = []
 for arch, dtype, kw in json.loads(sys.argv[1]):
     kw.setdefault("configs", "default")
@@ -251,7 +251,7 @@ def test_cli_unknown_names_are_errors():
 def test_quick_plan():
     """``--quick``: the default configuration of every kernel at one preset per head dim; the plan
     (what is counted and estimated up front) is the compile list without compiling."""
-    code = ("import json\nfrom mmkernels.kernels.compile_report import plan, estimate_s, QUICK_PRESETS\n"
+    code = ("import json\nfrom mmkernels.tools.compile_report import plan, estimate_s, QUICK_PRESETS\n"
             "q = plan(90, presets=list(QUICK_PRESETS), configs='default')\nfull = plan(90)\n"
             "print(json.dumps([len(q), len(full), estimate_s(q), estimate_s(full), sorted({r['kernel'] for r in q}),"
             " sorted({r['kernel'] for r in full}), sorted({r['head_dim'] for r in q if r['family'] == 'attention'}),"
@@ -266,16 +266,16 @@ def test_quick_plan():
 
 def test_refuses_interpreted_kernels():
     """In this process the kernels are interpreted (conftest sets TRITON_INTERPRET): nothing to compile."""
-    import mmkernels.kernels
+    import mmkernels.tools
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("kernels are compiled in this process")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        mmkernels.kernels.compile_report(90)  # the public spelling: the package attribute is callable
+        mmkernels.tools.compile_report(90)  # the public spelling: the package attribute is callable
 
 
 def test_ptx_counting():
-    from mmkernels.kernels.compile_report import _ptx_stats
+    from mmkernels.tools.compile_report import _ptx_stats
 
     ptx = """
 	@%p1 ld.global.b16 { %rs1 }, [ %rd1 + 0 ];

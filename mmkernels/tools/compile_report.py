@@ -9,10 +9,10 @@ that the code compiles.  So this module makes each launch the way the library do
 
 1. it calls the kernels' own launchers (``attention_forward``/``attention_backward``,
    ``varlen_forward``/``varlen_backward`` of the packed kernels, ``qformer_forward``, the
-   token-pool ``forward``/``backward``) at the model shapes of
-   DESIGN.md, on CPU tensors with the strides and alignment the CUDA tensors would have,
-   inside :func:`._launch.capture_launches`, which records each ``kernel[grid](...)`` call
-   (arguments, and every configuration the autotuner would try) instead of running it;
+   token-pool ``forward``/``backward``) at the model shapes of DESIGN.md, on CPU tensors with
+   the strides and alignment the CUDA tensors would have, inside
+   :func:`mmkernels.kernels._launch.capture_launches`, which records each ``kernel[grid](...)``
+   call (arguments, and every configuration the autotuner would try) instead of running it;
 2. it binds each recorded call with the JIT's own binder (``create_function_from_signature``
    + ``JITFunction._pack_args``: the signature, constexprs and divisibility attributes a real
    launch computes) and compiles that for ``GPUTarget("cuda", arch, 32)``;
@@ -29,7 +29,7 @@ It must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels);
 it in a child process.  Counts are static PTX instructions (an unrolled loop body counts once
 per unrolled copy), not executed ones.
 
-    from mmkernels.kernels.compile_report import compile_report
+    from mmkernels.tools.compile_report import compile_report
     rows = compile_report(arch=90, head_dims=[72], configs="default")
     rows[0]["kernel"], rows[0]["registers"], rows[0]["cp_async"], rows[0]["compiled"].asm["ptx"]
 """
@@ -179,8 +179,8 @@ class _Case:
 
 
 def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import attention as A
-    from . import attention_scores as S
+    from ..kernels import attention as A
+    from ..kernels import attention_scores as S
 
     use_mask, drop, causal = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -221,7 +221,7 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
 
 
 def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import attention_varlen as V
+    from ..kernels import attention_varlen as V
 
     _, drop, causal = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -253,7 +253,7 @@ def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
 
 
 def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import qformer as Q
+    from ..kernels import qformer as Q
 
     use_mask, drop, _ = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -276,7 +276,7 @@ def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
 
 
 def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
-    from . import token_pool as T
+    from ..kernels import token_pool as T
 
     esz = torch.empty((), dtype=dtype).element_size()
     k = 1 if p.mode == "bilinear" else p.k  # bilinear: no window, the output size sets the taps
@@ -302,12 +302,12 @@ def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
 
 
 def _kernel_names() -> dict:
-    from . import _rotary as R
-    from . import attention as A
-    from . import attention_scores as S
-    from . import attention_varlen as V
-    from . import qformer as Q
-    from . import token_pool as T
+    from ..kernels import _rotary as R
+    from ..kernels import attention as A
+    from ..kernels import attention_scores as S
+    from ..kernels import attention_varlen as V
+    from ..kernels import qformer as Q
+    from ..kernels import token_pool as T
 
     return {
         S._scores_stats: "attention_scores.stats", S._scores_colsum: "attention_scores.colsum",
@@ -587,7 +587,7 @@ def selection_errors(*, dtype: str = "bf16", kernels: Iterable[str] | None = Non
 def _launches(arch: int, *, dtype, kernels, presets, head_dims, variants, configs):
     """(case, launch, kernel name, candidate index, candidate config) of every compile, in order;
     each case's launches are captured when the iteration reaches it (its tensors are freed after)."""
-    from ._launch import capture_launches
+    from ..kernels._launch import capture_launches
 
     variants, kernels = list(variants), list(kernels or [])
     errors = selection_errors(dtype=dtype, kernels=kernels, presets=presets, head_dims=head_dims, variants=variants,
@@ -904,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _CallableModule(types.ModuleType):
-    """``mmkernels.kernels.compile_report(arch=90)`` calls :func:`compile_report` whatever the
+    """``mmkernels.tools.compile_report(arch=90)`` calls :func:`compile_report` whatever the
     import order: importing this submodule rebinds the package attribute of that name to the
     module, so the module itself forwards calls to the function."""
 

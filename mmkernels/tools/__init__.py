@@ -1,0 +1,18 @@
+"""The command-line tools that are not a benchmark (``mmkernels bench`` is :mod:`mmkernels.bench`).
+
+=====================  ==================================================================
+``compile_report.py``  ``mmkernels inspect``: every kernel launch compiled for a CUDA target
+                       without a GPU — registers, spills, shared memory, tensor-core ops, loads
+=====================  ==================================================================
+
+``compile_report(arch=90)`` (this package's attribute) calls :func:`.compile_report.compile_report`.
+Nothing here is imported by ``import mmkernels``; each tool imports the layers below it when run.
+"""
+
+
+def __getattr__(name: str):
+    if name == "compile_report":
+        import importlib
+
+        return importlib.import_module(".compile_report", __name__)  # a callable module: see there
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

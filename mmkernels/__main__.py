@@ -19,7 +19,7 @@ import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import info
+    from .tools import info
 
     return info.main(as_json=args.json, ceilings=not args.no_ceilings, remeasure=args.remeasure, threads=args.threads)
 

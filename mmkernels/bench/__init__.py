@@ -16,7 +16,7 @@
 
 Data flows one way: ``cli``/``suite`` → ``runner`` → ``cases_<op>`` → ``cases``; ``report`` and
 ``compare`` read rows; nothing here queries a device at import, and the CLI imports an op's module
-only when asked for it. ``mmkernels info`` lives in ``mmkernels/info.py`` (it reads ``env``'s ceilings).
+only when asked for it. ``mmkernels info`` lives in ``mmkernels/tools/info.py`` (it reads ``env``'s ceilings).
 
 How to add an op (say ``attention_varlen``, or a ``prune`` benchmark)
 ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The command-line tools that are not a benchmark (``mmkernels bench`` is :mod:`mmkernels.bench`).
 
 =====================  ==================================================================
+``info.py``            ``mmkernels info``: versions, devices, build state, each op's usable
+                       backends, the device's measured ceilings (cached per device)
 ``compile_report.py``  ``mmkernels inspect``: every kernel launch compiled for a CUDA target
                        without a GPU — registers, spills, shared memory, tensor-core ops, loads
 =====================  ==================================================================

@@ -1,7 +1,7 @@
 """``mmkernels.qformer_cross_attention``: the Q-Former's cross-attention with K/V projected
 inside the attention kernel (BLIP-2 / InstructBLIP).
 
-Forward: one fused Triton kernel (:mod:`mmkernels.kernels.qformer`) — K and V never reach
+Forward: one fused Triton kernel (:mod:`mmkernels.kernels.qformer_cross_attention`) — K and V never reach
 memory.  Backward (``mmkernels::qformer_cross_attention_bwd``): Q, K, V are recomputed with
 cuBLAS (three GEMMs are cheaper than storing K/V for every layer), the attention backward
 kernels give dQ, dK, dV, and the weight/input gradients are plain well-shaped GEMMs:
@@ -25,7 +25,7 @@ from .._utils import (
     empty_contiguous,
     triton_device_reason,
 )
-from ..reference import qformer as ref
+from ..reference import qformer_cross_attention as ref
 
 __all__ = ["qformer_cross_attention"]
 
@@ -52,7 +52,7 @@ def _qformer_fwd(
     dropout_p: float,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels.qformer import qformer_forward
+    from ..kernels.qformer_cross_attention import qformer_forward
 
     return qformer_forward(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                            v_weight, v_bias, attn_mask, seed, num_heads, dropout_p, scale)
@@ -86,7 +86,7 @@ def _qformer_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    from ..kernels.qformer import qformer_backward
+    from ..kernels.qformer_cross_attention import qformer_backward
 
     return contiguous_outputs(*qformer_backward(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias,
                                                 k_weight, k_bias, v_weight, v_bias, attn_mask, seed,
@@ -103,7 +103,7 @@ def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight
 def _setup_context(ctx, inputs, output):
     x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale = inputs
     ctx.mark_non_differentiable(output[1])
-    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer.qformer_backward):
+    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer_cross_attention.qformer_backward):
     # nothing of the fused forward's output is kept
     ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed)
     ctx.num_heads, ctx.dropout_p, ctx.scale = num_heads, dropout_p, scale
@@ -311,7 +311,7 @@ def shares_kv(backend: str, batch: int, device: torch.device | str | None = None
 def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
              num_heads, mask, seed, dropout_p, scale):
     """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""
-    from ..kernels.qformer import project_heads
+    from ..kernels.qformer_cross_attention import project_heads
     from .attention import _attention_fwd
 
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
@@ -354,7 +354,7 @@ def _sdpa_check(inp) -> list:
 
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
-    from ..kernels.qformer import project_heads
+    from ..kernels.qformer_cross_attention import project_heads
 
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                             v_weight, v_bias, num_heads)
@@ -372,7 +372,7 @@ dispatch.register(dispatch.Backend("triton", "qformer_cross_attention", _triton_
 dispatch.register(dispatch.Backend("sdpa", "qformer_cross_attention", _sdpa_check, _sdpa_run,
                                    description="cuBLAS projections + torch SDPA"))
 dispatch.register(dispatch.Backend("reference", "qformer_cross_attention", lambda inp: [], _reference_run,
-                                   description="plain PyTorch (mmkernels.reference.qformer)"))
+                                   description="plain PyTorch (mmkernels.reference.qformer_cross_attention)"))
 
 
 # --------------------------------------------------------------------------------------

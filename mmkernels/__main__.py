@@ -19,7 +19,7 @@ import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import info
+    from .tools import info
 
     return info.main(as_json=args.json, ceilings=not args.no_ceilings, remeasure=args.remeasure, threads=args.threads)
 
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["inspect"]:  # its own parser: kernels/compile_report.py
-        from .kernels.compile_report import main as inspect_main
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["inspect"]:  # its own parser: tools/compile_report.py
+        from .tools.compile_report import main as inspect_main
 
         return inspect_main((sys.argv[1:] if argv is None else argv)[1:])
     parser = build_parser()

@@ -84,6 +84,49 @@ def triton_device_reason(t: torch.Tensor):
     return Reason(f"device {t.device.type!r} is not supported by the Triton kernels", expected=True)
 
 
+#: what every fused kernel of this package computes in (float64 goes to SDPA / the reference)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_reasons(lead: torch.Tensor, *, head_dim: int | None = None, max_head_dim: int = 256,
+                   min_head_dim: int | None = None, nonempty: tuple = ()) -> list[str]:
+    """Why no fused kernel takes a call, in the same words for every op: ``lead``'s dtype is not one
+    of :data:`KERNEL_DTYPES` (``lead``: the tensor whose dtype and device the op's others share),
+    ``head_dim`` is above ``max_head_dim`` (or below ``min_head_dim``), a tensor of ``nonempty`` is
+    empty."""
+    reasons = []
+    if lead.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {lead.dtype} (supported: float16, bfloat16, float32)")
+    low = head_dim if min_head_dim is None else min_head_dim
+    if head_dim is not None and not low <= head_dim <= max_head_dim:
+        span = f"up to {max_head_dim}" if min_head_dim is None else f"{min_head_dim} to {max_head_dim}"
+        reasons.append(f"head dim {head_dim} (supported: {span})")
+    if any(0 in t.shape for t in nonempty):
+        reasons.append("an empty tensor")
+    return reasons
+
+
+def triton_reasons(lead: torch.Tensor, **limits) -> list:
+    """A Triton backend's reasons shared by every op: :func:`triton_device_reason` of ``lead`` and
+    :func:`kernel_reasons` (``limits``: its keywords).  The op's check adds what only its kernels
+    cannot do; a device reason alone is what the dispatcher reports (see :class:`mmkernels.dispatch.Backend`)."""
+    device = triton_device_reason(lead)
+    return ([] if device is None else [device]) + kernel_reasons(lead, **limits)
+
+
+def rotary_reasons(rotary, query: torch.Tensor, value: torch.Tensor) -> list[str]:
+    """What the Triton kernels' fused RoPE (``rotary=(cos, sin)`` of attention and attention_varlen)
+    cannot do."""
+    if rotary is None:
+        return []
+    reasons = []
+    if any(t.requires_grad for t in rotary):
+        reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
+    if value.shape[-1] > query.shape[-1]:
+        reasons.append("rotary with Dv > D (the kernels would zero-pad the rotated head dim)")
+    return reasons
+
+
 def poisoning() -> bool:
     """``MMKERNELS_POISON=1``: fill kernel outputs with NaN before launch (tests use it to
     prove every element is written)."""

@@ -69,8 +69,12 @@ class Backend:
     """One implementation of one op.
 
     ``check(inputs) -> list[Reason | str]`` returns why the call is unsupported (empty: it
-    is supported); ``run(**inputs)`` executes it.  ``available()`` returns reasons that hold
-    for every call (missing package, missing extension) and is what ``mmkernels info`` shows.
+    is supported); ``run(**inputs)`` executes it.  ``inputs`` is the op's typed record (a
+    ``TypedDict``, ``Inputs`` in the op's module), built once per call.  ``available()`` returns
+    reasons that hold for every call (missing package, missing extension) and is what
+    ``mmkernels info`` shows.  When any reason is a routing one (``Reason.expected``: the call is
+    on a device the backend does not serve), those are the whole answer: the rest of what the
+    backend could not do is beside the point, and warning about it would be noise.
     """
 
     name: str
@@ -81,10 +85,8 @@ class Backend:
     description: str = ""
 
     def not_supported_reasons(self, inputs: dict[str, Any]) -> list[Reason]:
-        reasons = [_as_reason(r) for r in self.available()]
-        if not reasons:
-            reasons = [_as_reason(r) for r in self.check(inputs)]
-        return reasons
+        reasons = [_as_reason(r) for r in self.available()] or [_as_reason(r) for r in self.check(inputs)]
+        return [r for r in reasons if r.expected] or reasons
 
 
 def _as_reason(r: Reason | str) -> Reason:

@@ -13,9 +13,9 @@
 #   tests    the CUDA test subset that proves each kernel correct: python -m pytest tests -q
 #            -m "not slow and not fuzz" (MMK_PYTEST_MARK), time box MMK_TEST_TIMEOUT_S (180 s) -> pytest.log
 #   bench    `mmkernels bench <op> --json bench_<op>.json --resume` for each op of MMK_BENCH_OPS (default
-#            "attention qformer token_pool": the README table) with MMK_BENCH_ARGS, or per op by
+#            "attention qformer_cross_attention token_pool": the README table) with MMK_BENCH_ARGS, or per op by
 #            default: attention "--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd" (d 64/128/88
-#            x L 512..16384 and the EVA / SigLIP model shapes vs every SDPA backend and Flex), qformer
+#            x L 512..16384 and the EVA / SigLIP model shapes vs every SDPA backend and Flex), qformer_cross_attention
 #            "--preset blip2 --mode fwd,fwd+bwd" (B=64 both paths vs HF eager / sdpa), token_pool
 #            "--preset gemma3,llava-ov" (GB/s); rerun with --resume after a fatal CUDA error
 #            (exit 3), a hung case (the --case-timeout-s watchdog, exit 1) or the hard box, so each
@@ -30,13 +30,13 @@
 #            MMK_E2E_ARGS (e.g. "--models blip2")                                    -> e2e.json, bench.log
 # Examples (`run` tool, from the repo root; the copy there has no .git, so pass the commit in):
 #   MMKERNELS_COMMIT=<sha> bash scripts/gpu_check.sh                         # tests + the attention sweep
-#   MMKERNELS_COMMIT=<sha> MMK_STAGES="env bench summary" MMK_BENCH_OPS="attention qformer token_pool" \
+#   MMKERNELS_COMMIT=<sha> MMK_STAGES="env bench summary" MMK_BENCH_OPS="attention qformer_cross_attention token_pool" \
 #       MMK_BENCH_ARGS="--mode fwd,fwd+bwd --exclude flex" MMK_BENCH_PLOT=1 bash scripts/gpu_check.sh  # every op
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env build tests bench summary" MMK_BENCH_OPS=token_pool \
 #       MMK_BENCH_ARGS= MMK_PYTEST_ARGS="-k token_pool" bash scripts/gpu_check.sh   # the token-pool benchmark
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env suite summary" bash scripts/gpu_check.sh  # the gate / a baseline
 #   carry: [], timeout_s: 560. At most 8 files come back from $OUT, all flat: env.txt, inspect.json,
-#   pytest.log, bench_attention.json, bench_qformer.json, bench_token_pool.json, bench.log, summary.txt
+#   pytest.log, bench_attention.json, bench_qformer_cross_attention.json, bench_token_pool.json, bench.log, summary.txt
 #   (install.log with MMK_INSTALL=1 and the .png with MMK_BENCH_PLOT=1 are extra: use them in a call of their own).
 # Continuing a benchmark in a second call (a fresh machine if the first went back): here
 #   mkdir -p .gpu_prev && cp <files_at>/bench_attention.json .gpu_prev/ &&
@@ -205,13 +205,13 @@ BENCH_RC=skipped
 if has_stage bench; then
     BENCH_RC=0
     : >>"$OUT/bench.log"
-    read -r -a ops <<<"${MMK_BENCH_OPS:-attention qformer token_pool}"
+    read -r -a ops <<<"${MMK_BENCH_OPS:-attention qformer_cross_attention token_pool}"
     for i in "${!ops[@]}"; do
         op=${ops[$i]}
         json="$OUT/bench_$op.json"
         case "$op" in   # MMK_BENCH_ARGS (set, even empty) overrides: empty = the op's own defaults
             attention) bench_args=${MMK_BENCH_ARGS-"--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd"} ;;
-            qformer) bench_args=${MMK_BENCH_ARGS-"--preset blip2 --mode fwd,fwd+bwd"} ;;
+            qformer_cross_attention | qformer) bench_args=${MMK_BENCH_ARGS-"--preset blip2 --mode fwd,fwd+bwd"} ;;
             token_pool) bench_args=${MMK_BENCH_ARGS-"--preset gemma3,llava-ov"} ;;
             *) bench_args=${MMK_BENCH_ARGS-} ;;
         esac

@@ -12,7 +12,7 @@
 #   MMK_TEST_WORKERS=4 bash scripts/test.sh   # the unit tests in 4 pytest-xdist processes
 #
 # Off by default: on this project's shared 2-core machine `-n 2` was slower, not faster (tests/
-# test_token_pool.py + tests/test_qformer.py: 78 s serial vs 100 s with -n 2, and 127 vs 151 s: the
+# test_token_pool.py + tests/test_qformer_cross_attention.py: 78 s serial vs 100 s with -n 2, and 127 vs 151 s: the
 # second process re-imports torch and re-warms the interpreter, and the cores were already busy).
 # Whole files go to one process (--dist loadfile), so a module's fixtures (test_inspect.py's
 # compiles, the CUDA-emulation build) run once. pytest-xdist comes with the dev extra.

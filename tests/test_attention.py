@@ -354,9 +354,7 @@ def test_compile_fullgraph_inductor():
 # --------------------------------------------------------------------------- dispatch
 def test_auto_uses_triton_under_interpreter():
     q, k, v = _inputs(1, 1, 1, 5, 7, 16, torch.float32)
-    chosen = dispatch.select("attention", dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0,
-                                               is_causal=False, scale=0.25, enable_gqa=False))
-    assert chosen.name == "triton"
+    assert mk.dispatch.explain("attention", q, k, v, scale=0.25).chosen == "triton"
 
 
 def test_forced_triton_raises_with_reasons():
@@ -398,9 +396,7 @@ def test_cpu_without_interpreter_goes_to_sdpa():
         "import os, warnings, torch, mmkernels as mk\n"
         "warnings.simplefilter('error')\n"
         "q = torch.randn(1, 2, 9, 16)\n"
-        "from mmkernels import dispatch\n"
-        "inp = dict(query=q, key=q, value=q, attn_mask=None, dropout_p=0.0, is_causal=False, scale=1.0, enable_gqa=False)\n"
-        "print(dispatch.select('attention', inp).name)\n"
+        "print(mk.dispatch.explain('attention', q, q, q, scale=1.0).chosen)\n"
         "mk.attention(q, q, q)\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("TRITON_INTERPRET", "MMKERNELS_BACKEND")}

@@ -342,18 +342,6 @@ def test_bad_input_names_the_argument():
 transformers = pytest.importorskip("transformers")
 
 
-def _spy():
-    calls: list = []
-    original = dispatch.select
-
-    def select(op, inputs, backend=None):
-        chosen = original(op, inputs, backend)
-        calls.append((op, chosen.name))
-        return chosen
-
-    return calls, original, select
-
-
 def _vision_patch_cycle(model, visual, pix, grid, depth):
     """Unpatched vs patched (Triton forced, poisoned): vision output and every parameter
     gradient; exactly one attention_varlen call per vision layer and no other attention op."""
@@ -368,13 +356,10 @@ def _vision_patch_cycle(model, visual, pix, grid, depth):
     ref_out, ref_grads = run()
     report = mk.patch(model)
     assert any(m == "forward" and "attention_varlen" in what for _, m, what in report.methods), str(report)
-    calls, original, select = _spy()
-    dispatch.select = select
     try:
-        with poisoned(), mk.use_backend("triton"):
+        with poisoned(), mk.use_backend("triton"), mk.dispatch.record() as calls:
             out, grads = run()
     finally:
-        dispatch.select = original
         mk.unpatch(model)
     assert [c for c in calls if c[0].startswith("attention")] == [("attention_varlen", "triton")] * depth, calls
     assert_close_abs("vision out", out, ref_out, 5e-5)
@@ -450,13 +435,10 @@ def test_lm_padding_free_packed_batch():
     with torch.no_grad():
         expected = torch.cat([model(input_ids=torch.tensor([s], device=DEVICE)).logits[0] for s in seqs])
     mk.patch(model)
-    calls, original, select = _spy()
-    dispatch.select = select
     try:
-        with torch.no_grad(), poisoned(), mk.use_backend("triton"):
+        with torch.no_grad(), poisoned(), mk.use_backend("triton"), mk.dispatch.record() as calls:
             got = model(**batch).logits[0]
     finally:
-        dispatch.select = original
         mk.unpatch(model)
     assert calls == [("attention_varlen", "triton")] * 2, calls
     assert_close_abs("packed logits", got, expected, 2e-5)

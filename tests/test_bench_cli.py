@@ -96,7 +96,7 @@ def test_help_version_list_and_bad_arguments(capsys):
         _main(["bench", "--help"])
     assert ex.value.code == 0
     out = capsys.readouterr().out
-    assert all(w in out for w in ("attention", "qformer", "token_pool", "compare", "show"))
+    assert all(w in out for w in ("attention", "qformer_cross_attention (qformer)", "token_pool", "compare", "show"))
     with pytest.raises(SystemExit):
         _main(["--version"])
     assert capsys.readouterr().out.startswith("mmkernels 0.")
@@ -108,6 +108,16 @@ def test_help_version_list_and_bad_arguments(capsys):
                       (["--resume"], "--resume needs --json")):
         assert _main(["bench", "attention", "--quick", *argv]) == 2
         assert err in capsys.readouterr().err
+
+
+def test_op_alias(capsys):
+    """``mmkernels bench qformer`` (the op's earlier name) is ``bench qformer_cross_attention``: same op,
+    same case keys."""
+    assert cases.load("qformer").name == "qformer_cross_attention"
+    assert _main(["bench", "qformer", "--list", "--device", "cpu"]) == 0
+    listed = capsys.readouterr().out
+    assert _main(["bench", "qformer_cross_attention", "--list", "--device", "cpu"]) == 0
+    assert listed == capsys.readouterr().out and listed.startswith("qformer_cross_attention: ")
 
 
 def test_bench_missing_op_is_skipped_not_a_crash(tmp_path, capsys, monkeypatch):
@@ -258,7 +268,7 @@ def test_cpu_plan_scales_dedupes_and_sweeps():
 
 
 def test_every_op_module_is_found_and_runs():
-    assert cases.op_names()[0] == "attention" and {"qformer", "token_pool"} <= set(cases.op_names())
+    assert cases.op_names()[0] == "attention" and {"qformer_cross_attention", "token_pool"} <= set(cases.op_names())
     for name in cases.op_names():
         try:
             op = cases.load(name)
@@ -410,7 +420,7 @@ def test_show_says_what_it_reads(tmp_path, capsys):
 
 
 def test_footer_counts_skipped_presets_apart_from_cases():
-    doc = {**report.new_doc("qformer", "t", "cpu"), "skipped_presets": {"llava15": "no Q-Former"},
+    doc = {**report.new_doc("qformer_cross_attention", "t", "cpu"), "skipped_presets": {"llava15": "no Q-Former"},
            "cases": [{"key": "k", "preset": "blip2", "case": "c", "dtype": "float32", "mode": "fwd",
                       "backend": "eager", "status": "ok", "ms_p50": 1.0, "ms_p20": 1.0, "ms_p80": 1.0,
                       "shape": "s"}]}

@@ -27,7 +27,7 @@ from token_pool_helpers import reference as pool_reference
 
 import mmkernels as mk
 from mmkernels.reference.attention import attention as ref_attention
-from mmkernels.reference.qformer import qformer_cross_attention as ref_qformer
+from mmkernels.reference.qformer_cross_attention import qformer_cross_attention as ref_qformer
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
 

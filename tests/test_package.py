@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _ext, dispatch, info
+from mmkernels import _ext, dispatch
+from mmkernels.tools import info
 
 ROOT = Path(__file__).resolve().parents[1]
 

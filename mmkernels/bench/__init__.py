@@ -4,7 +4,7 @@
 ``cases.py``           the case registry: ``OpBench`` (what an op's module defines),
                        ``Backend``, ``ShapeSpec``, ``Bound``; discovery of ``cases_*.py``
 ``cases_<op>.py``      one per op: presets (docs/design.md's model shapes), backends, inputs,
-                       float64 reference, FLOP/byte model — attention, qformer, token_pool
+                       float64 reference, FLOP/byte model — attention, qformer_cross_attention, ...
 ``runner.py``          plan, check, time, memory, speedups, % of ceiling, resume: a row per case
 ``timing.py``          do_bench / CUDA events on CUDA, a perf_counter loop on the CPU
 ``env.py``             device, versions, commit, date, the measured ceilings (cached)
@@ -16,7 +16,7 @@
 
 Data flows one way: ``cli``/``suite`` → ``runner`` → ``cases_<op>`` → ``cases``; ``report`` and
 ``compare`` read rows; nothing here queries a device at import, and the CLI imports an op's module
-only when asked for it. ``mmkernels info`` lives in ``mmkernels/info.py`` (it reads ``env``'s ceilings).
+only when asked for it. ``mmkernels info`` lives in ``mmkernels/tools/info.py`` (it reads ``env``'s ceilings).
 
 How to add an op (say ``attention_varlen``, or a ``prune`` benchmark)
 ---------------------------------------------------------------------

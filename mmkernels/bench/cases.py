@@ -11,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["DTYPE_ALIASES", "Backend", "Bound", "MODEL_PRESETS", "OpBench", "OpUnavailable", "ShapeSpec", "Skip",
-           "dtype_arg", "dtype_name", "load", "mk_unavailable", "op_names", "parse_kv"]
+__all__ = ["DTYPE_ALIASES", "Backend", "Bound", "MODEL_PRESETS", "OP_ALIASES", "OpBench", "OpUnavailable", "ShapeSpec",
+           "Skip", "dtype_arg", "dtype_name", "load", "mk_unavailable", "op_names", "parse_kv"]
 
 #: relative (Frobenius) error bounds against float64: ~3x what plain PyTorch gets in the dtype
 #: (eager bf16 attention measured near 5e-3 at L = 64); gradients get 2.5x more room
 OUT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 2e-3, "float64": 1e-10}
 GRAD_RTOL_FACTOR = 2.5
 MODEL_PRESETS = ("blip2", "instructblip", "llava15", "llava-ov", "gemma3", "qwen2vl", "qwen25vl", "internvl")
+#: other names ``mmkernels bench`` accepts for an op (the op's own name is its ``cases_<op>.py``):
+#: ``qformer``, the Q-Former cross-attention op's name before it took the public function's
+OP_ALIASES = {"qformer": "qformer_cross_attention"}
 
 
 #: every spelling ``mmkernels bench --dtype`` and ``mmkernels inspect --dtype`` accept -> torch's name
@@ -256,7 +259,9 @@ def op_names() -> list[str]:
 
 
 def load(op: str) -> OpBench:
-    """The ``BENCH`` of ``cases_<op>.py``; :class:`OpUnavailable` when it cannot run in this build."""
+    """The ``BENCH`` of ``cases_<op>.py`` (``op`` may be one of :data:`OP_ALIASES`); :class:`OpUnavailable`
+    when it cannot run in this build."""
+    op = OP_ALIASES.get(op, op)
     try:
         bench: OpBench = importlib.import_module(f"{__package__}.cases_{op}").BENCH
     except Exception as exc:

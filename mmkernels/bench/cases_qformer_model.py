@@ -3,7 +3,7 @@ attention every 2nd, fp32 as HF keeps it) on the image features: HF ``eager`` / 
 model patched by ``mmkernels.patch`` — per layer (each cross-attention projects its own K/V, or the
 fused kernel never writes them) or with the K/V of all 6 cross-attention layers from ONE GEMM per
 forward (:class:`mmkernels.nn.QFormerSharedKV`).  These rows are what sets
-``mmkernels.ops.qformer.SHARED_KV_MIN_BATCH`` / ``HOIST_MIN_BATCH`` on a GPU.
+``mmkernels.ops.qformer_cross_attention.SHARED_KV_MIN_BATCH`` / ``HOIST_MIN_BATCH`` on a GPU.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class _Variant:
 
 @contextlib.contextmanager
 def _triton_rule(hoist_min_batch: int):
-    from .cases_qformer import _path
+    from .cases_qformer_cross_attention import _path
 
     with _path(hoist_min_batch):
         yield

@@ -151,8 +151,9 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
     "qwen2vl": "Qwen2-VL's PatchMerger gets its tokens pre-grouped, so its 2x2 merge is a view (nothing to fuse; "
                "its LayerNorm runs per token before the merge)",
     "llava15": "LLaVA-1.5 feeds all 576 CLIP tokens to its MLP projector: no pooling",
-    "blip2": "BLIP-2 reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
-    "instructblip": "InstructBLIP reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer`",
+    "blip2": "BLIP-2 reduces tokens with the Q-Former's 32 queries: see `mmkernels bench qformer_cross_attention`",
+    "instructblip": "InstructBLIP reduces tokens with the Q-Former's 32 queries: see "
+                    "`mmkernels bench qformer_cross_attention`",
 }
 
 

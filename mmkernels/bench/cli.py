@@ -1,9 +1,10 @@
 """``mmkernels bench <op> ...``, ``bench show`` and ``bench compare``: the one benchmark front-end.
 
 ``<op>`` is every ``mmkernels/bench/cases_<op>.py`` (found without importing them, so ``--help``
-is instant). An op whose public function is not in this build is reported as skipped with the
-reason (exit code 0, and a JSON saying so with ``--json``), never a crash. Exit codes: 0 done,
-2 bad arguments, 3 a CUDA error left the context unusable (rerun with ``--resume``).
+is instant), or one of ``cases.OP_ALIASES``. An op whose public function is not in this build is
+reported as skipped with the reason (exit code 0, and a JSON saying so with ``--json``), never a
+crash. Exit codes: 0 done, 2 bad arguments, 3 a CUDA error left the context unusable (rerun with
+``--resume``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", metavar="OP")
     for op in cases.op_names():
-        po = bsub.add_parser(op, help=f"time {op} (--list: its presets and backends)", epilog=_EPILOG,
+        aliases = [a for a, name in cases.OP_ALIASES.items() if name == op]
+        po = bsub.add_parser(op, aliases=aliases, help=f"time {op} (--list: its presets and backends)", epilog=_EPILOG,
                              description=f"Time {op} across backends on the model shapes of docs/design.md.",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_run_args(po)

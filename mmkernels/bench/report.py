@@ -37,7 +37,7 @@ COLUMNS = {
     "ms_p50 / ms_p20 / ms_p80": "median and 20/80 % quantiles of one call, milliseconds",
     "tflops": "flops / ms_p50 in 1e12 FLOP/s (flop_convention)",
     "gbps": "bytes / ms_p50 in GB/s (bytes: the minimum traffic, see flop_convention)",
-    "pct_of_ceiling": "tflops (attention, qformer) or gbps (pooling) as % of the device's measured ceiling "
+    "pct_of_ceiling": "tflops (attention, Q-Former) or gbps (pooling) as % of the device's measured ceiling "
                       "(a large matmul / a large copy, at the run's CPU thread count; null when the dtypes differ)",
     "speedup_vs_eager": "eager ms_p50 / this ms_p50 for the same case",
     "peak_mem_mib": "torch.cuda.max_memory_allocated during one call (inputs included); extra_mem_mib: minus "

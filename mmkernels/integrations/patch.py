@@ -28,7 +28,7 @@ What is patched (each switch of :func:`patch` turns one group off):
   and the Q-Former encoder's ``forward`` overridden on the instance to open a
   :class:`mmkernels.nn.QFormerSharedKV` scope: K and V of all its cross-attention layers (they read
   the same image features) come from one GEMM per forward where
-  :func:`mmkernels.ops.qformer.shares_kv` says so (``qformer_shared_kv``: None = that rule,
+  :func:`mmkernels.ops.qformer_cross_attention.shares_kv` says so (``qformer_shared_kv``: None = that rule,
   True = always, False = never).
 ``pooling``
   Gemma 3 projector, LLaVA-NeXT-Video pooler, Qwen2-VL / Qwen2.5-VL patch mergers →
@@ -497,7 +497,7 @@ def _share_qformer_kv(path: str, m: nn.Module, mode: bool | None, state: _State,
     m.__dict__[SHARED_KV_ATTR] = shared
     state.methods.append((m, SHARED_KV_ATTR))  # _restore pops it with the forward override
     a, dkv = layers[0].all_head_size, layers[0].key.in_features
-    rule = {None: "auto: mmkernels.ops.qformer.shares_kv", True: "always"}[mode]
+    rule = {None: "auto: mmkernels.ops.qformer_cross_attention.shares_kv", True: "always"}[mode]
     _override(m, "forward", _qformer_encoder_forward, path, state, report,
               f"mmkernels.nn.QFormerSharedKV: K/V of cross-attention layers {indices} in one "
               f"[{len(layers)}*2*{a}, {dkv}] GEMM per forward ({rule})")
@@ -516,7 +516,7 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
 
     ``qformer_shared_kv`` (with ``qformer=True``): K/V of all the Q-Former's cross-attention layers
     from one GEMM per forward (:class:`mmkernels.nn.QFormerSharedKV`) — None: where
-    :func:`mmkernels.ops.qformer.shares_kv` says so (Triton: unless the fused kernel would run;
+    :func:`mmkernels.ops.qformer_cross_attention.shares_kv` says so (Triton: unless the fused kernel would run;
     SDPA: on a GPU); True: always; False: never.  Change it later through the encoder's ``mmkernels_shared_kv.mode``.
 
     ``override_eager``: also switch the attention configs the user set to ``"eager"`` (left

@@ -1,5 +1,5 @@
 """Choosing a kernel's launch configuration on a GPU (shared by the kernel families), and
-recording launches instead of running them (what :mod:`.compile_report` compiles).
+recording launches instead of running them (what :mod:`mmkernels.tools.compile_report` compiles).
 
 Built lazily, at the first launch: importing a kernel module never queries a device.
 """

@@ -1,5 +1,5 @@
 """Tiles and launch helpers shared by the attention-family kernels (``attention``,
-``attention_varlen``, ``attention_scores``, ``qformer``): the masked row/column loaders with
+``attention_varlen``, ``attention_scores``, ``qformer_cross_attention``): the masked row/column loaders with
 their alignment hint, the logits with bounds/causal/user masks, the online-softmax step, the
 row statistics, Philox dropout, the backward scores (``_bwd_scores``, either tile
 orientation); and the host-side helpers every launcher uses (head-dim split, dot precision,

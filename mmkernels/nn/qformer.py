@@ -16,7 +16,7 @@ from torch import nn
 
 from ..dispatch import BackendNotSupportedError
 from ..ops.attention import attention
-from ..ops.qformer import (
+from ..ops.qformer_cross_attention import (
     check_keep_mask_values,
     normalize_encoder_mask,
     qformer_cross_attention,
@@ -241,7 +241,7 @@ class QFormerSharedKV:
     same seed from torch's generator in the same order, so a seeded run drops the same
     probabilities as the per-layer mmkernels path.
 
-    Which calls share (``mode``): None (auto) — :func:`mmkernels.ops.qformer.shares_kv`: on the
+    Which calls share (``mode``): None (auto) — :func:`mmkernels.ops.qformer_cross_attention.shares_kv`: on the
     Triton route wherever the per-layer call would be the hoisted path rather than the fused kernel
     (batch >= ``SHARED_KV_MIN_BATCH``, default ``HOIST_MIN_BATCH``), on SDPA / the reference on a
     GPU, not on a CPU (no gain measured there; ``SHARED_KV_ON_CPU``) — estimates a GPU benchmark

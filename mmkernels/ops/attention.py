@@ -9,7 +9,7 @@ reference, see :mod:`mmkernels.dispatch`) → for Triton, the ``torch.library`` 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ from .._utils import (
     describe,
     empty_contiguous,
     masks_keys_only,
-    triton_device_reason,
+    rotary_reasons,
+    triton_reasons,
 )
 from ..reference import attention as ref
 from ..reference.rotary import apply_rotary
@@ -33,8 +34,23 @@ from . import attention_scores as scores_ops
 __all__ = ["attention"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
+
+
+class Inputs(TypedDict):
+    """What every backend receives (``check(inputs)``, ``run(**inputs)``), built once per call: the
+    tensors as (B, H, L, E) (:func:`_as_4d`), the scale resolved, ``rotary`` as (1 or B, L, D or
+    D/2) cos/sin (:func:`_rotary_3d`) or None."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    dropout_p: float
+    is_causal: bool
+    scale: float
+    enable_gqa: bool
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 # --------------------------------------------------------------------------------------
@@ -301,28 +317,13 @@ def _triton_nans(out, query, key, value, attn_mask, is_causal, rotary=None):
                       values=is_causal or key_only, mask_rows=is_causal, rotary=rotary)
 
 
-def _triton_check(inp) -> list:
+def _triton_check(inp: Inputs) -> list:
     q, k, v = inp["query"], inp["key"], inp["value"]
-    r = triton_device_reason(q)
-    if r is not None:
-        return [r]
-    reasons: list = []
-    if q.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    d = max(q.shape[-1], v.shape[-1])
-    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
+    reasons = triton_reasons(q, head_dim=max(q.shape[-1], v.shape[-1]), min_head_dim=1,
+                             max_head_dim=_TRITON_MAX_HEAD_DIM, nonempty=(q, k))
     if inp["dropout_p"] >= 1.0:
         reasons.append("dropout_p = 1 (every probability is dropped)")
-    rotary = inp.get("rotary")
-    if rotary is not None:
-        if any(t.requires_grad for t in rotary):
-            reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
-        if v.shape[-1] > q.shape[-1]:
-            reasons.append("rotary with Dv > D (the kernels would zero-pad the rotated head dim)")
-    if 0 in q.shape or 0 in k.shape:
-        reasons.append("an empty tensor")
-    return reasons
+    return reasons + rotary_reasons(inp["rotary"], q, v)
 
 
 def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=None):
@@ -345,7 +346,7 @@ def _triton_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     return _triton_nans(out[..., :dv] if dv < d else out, query0, key0, value0, attn_mask, is_causal, rotary)
 
 
-def _sdpa_check(inp) -> list:
+def _sdpa_check(inp: Inputs) -> list:
     if inp["key"].shape[-2] == 0:
         return ["no keys (Lk = 0): SDPA gives NaN where mmkernels gives 0"]
     return []
@@ -420,8 +421,8 @@ def attention_with_scores(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     scores_ops._validate(query, key, None, attn_mask, is_causal, scale, enable_gqa, reduce_heads)
     b, h, lq, d = query.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    inputs = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=float(dropout_p),
-                  is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa))
+    inputs = Inputs(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=float(dropout_p),
+                    is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa), rotary=None)
     chosen = dispatch.select("attention", inputs, backend)
     rows = scores_ops.query_rows(query_index, b, lq, query.device)
     if chosen.name == "triton" and value.shape[-1] == d:
@@ -539,10 +540,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     q, k, v, mask, out_shape = _as_4d(query, key, value, attn_mask, batch)
-    inputs = dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=float(dropout_p),
-                  is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa))
-    if rotary is not None:
-        inputs["rotary"] = _rotary_3d(rotary, query, key, batch)
+    inputs = Inputs(query=q, key=k, value=v, attn_mask=mask, dropout_p=float(dropout_p), is_causal=bool(is_causal),
+                    scale=float(scale), enable_gqa=bool(enable_gqa),
+                    rotary=None if rotary is None else _rotary_3d(rotary, query, key, batch))
     chosen = dispatch.select("attention", inputs, backend)
     out = chosen.run(**inputs)
     return out if out.shape == out_shape else out.reshape(out_shape)

@@ -12,21 +12,34 @@ detached and the result never requires grad.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 
 from .. import dispatch
-from .._utils import broadcasts_to, check_gqa_heads, describe, triton_device_reason
+from .._utils import broadcasts_to, check_gqa_heads, describe, triton_reasons
 from ..reference import attention_scores as ref
 
 __all__ = ["attention_scores", "query_rows"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 REDUCE_HEADS = ("mean", "sum", None)
+
+
+class Inputs(TypedDict):
+    """What every backend receives (``check(inputs)``, ``run(**inputs)``), built once per call:
+    query/key detached, ``rows`` the selected query rows (B, n), ``stats`` the kernel's row
+    statistics from ``lse`` or None, the scale resolved."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    rows: torch.Tensor
+    stats: Optional[torch.Tensor]
+    attn_mask: Optional[torch.Tensor]
+    is_causal: bool
+    scale: float
 
 
 # --------------------------------------------------------------------------------------
@@ -152,20 +165,10 @@ def _validate(query, key, lse, attn_mask, is_causal, scale, enable_gqa, reduce_h
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
-def _triton_check(inp) -> list:
-    q, k = inp["query"], inp["key"]
-    r = triton_device_reason(q)
-    if r is not None:
-        return [r]
-    reasons: list = []
-    if q.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    d = q.shape[-1]
-    if not 1 <= d <= _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: 1 to {_TRITON_MAX_HEAD_DIM})")
-    if 0 in q.shape or 0 in k.shape:
-        reasons.append("an empty tensor")
-    return reasons
+def _triton_check(inp: Inputs) -> list:
+    q = inp["query"]
+    return triton_reasons(q, head_dim=q.shape[-1], min_head_dim=1, max_head_dim=_TRITON_MAX_HEAD_DIM,
+                          nonempty=(q, inp["key"]))
 
 
 def _triton_run(query, key, rows, stats, attn_mask, is_causal, scale):
@@ -198,8 +201,8 @@ def _run_scores(query, key, rows, stats, attn_mask, is_causal, scale, backend):
         dispatch.forced_backend(backend)
         b, h = query.shape[:2]
         return query.new_zeros(b, h, 0, dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
-    inputs = dict(query=query, key=key, rows=rows, stats=stats, attn_mask=attn_mask,
-                  is_causal=bool(is_causal), scale=float(scale))
+    inputs = Inputs(query=query, key=key, rows=rows, stats=stats, attn_mask=attn_mask, is_causal=bool(is_causal),
+                    scale=float(scale))
     return dispatch.select("attention_scores", inputs, backend).run(**inputs)
 
 

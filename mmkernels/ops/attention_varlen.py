@@ -11,7 +11,7 @@ over the sequences on the host and is only used when forced.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +25,34 @@ from .._utils import (
     cu_seqlens_problems,
     describe,
     empty_contiguous,
+    rotary_reasons,
     safe_cu_seqlens,
-    triton_device_reason,
+    triton_reasons,
 )
 from ..reference import attention_varlen as ref
 
 __all__ = ["attention_varlen"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
+
+
+class Inputs(TypedDict):
+    """What every backend receives (``check(inputs)``, ``run(**inputs)``), built once per call: the
+    packed tensors as given, the scale resolved, ``rotary`` the (cos, sin) pair or None."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: Optional[int]
+    max_seqlen_k: Optional[int]
+    dropout_p: float
+    is_causal: bool
+    scale: float
+    enable_gqa: bool
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 # --------------------------------------------------------------------------------------
@@ -223,25 +241,12 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
-def _triton_check(inp) -> list:
-    q, v, rotary = inp["query"], inp["value"], inp["rotary"]
-    r = triton_device_reason(q)
-    if r is not None:
-        return [r]
-    reasons: list = []
-    if q.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    d = max(q.shape[-1], v.shape[-1])
+def _triton_check(inp: Inputs) -> list:
+    q, v = inp["query"], inp["value"]
     # any head dim: the kernels split it into power-of-two chunks and zero-pad in registers
     # (the ALIGNED hint only when the strides are multiples of 8 elements), as mk.attention
-    if d > _TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} (supported: up to {_TRITON_MAX_HEAD_DIM})")
-    if rotary is not None:
-        if any(t.requires_grad for t in rotary):
-            reasons.append("rotary cos/sin that require grad (their gradients are not computed)")
-        if v.shape[-1] > q.shape[-1]:
-            reasons.append("rotary with Dv > D (the kernels would zero-pad the rotated head dim)")
-    return reasons
+    reasons = triton_reasons(q, head_dim=max(q.shape[-1], v.shape[-1]), max_head_dim=_TRITON_MAX_HEAD_DIM)
+    return reasons + rotary_reasons(inp["rotary"], q, v)
 
 
 def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
@@ -452,10 +457,10 @@ def attention_varlen(
               enable_gqa, rotary)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    inputs = dict(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=float(dropout_p),
-                  is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
-                  rotary=tuple(rotary) if rotary is not None else None)
+    inputs = Inputs(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=float(dropout_p),
+                    is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
+                    rotary=tuple(rotary) if rotary is not None else None)
     chosen = dispatch.select("attention_varlen", inputs, backend)
     if not _host_checks_values(cu_seqlens_q):  # (CPU eager: checked by _validate)
         if chosen.name == "reference":  # this route reads cu_seqlens on the host anyway

@@ -15,20 +15,36 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 
 from .. import dispatch
 from .._token_pool_spec import MODES, NORMS, TokenPoolSpec
-from .._utils import contiguous_outputs, describe, empty_contiguous, triton_device_reason
+from .._utils import (
+    contiguous_outputs,
+    describe,
+    empty_contiguous,
+    kernel_reasons,
+    triton_device_reason,
+    triton_reasons,
+)
 from ..dispatch import Reason
 from ..reference import token_pool as ref
 
 __all__ = ["token_pool", "make_spec", "check_options"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Inputs(TypedDict):
+    """What every backend receives (``check(inputs)``, ``run(**inputs)``), built once per call:
+    the validated :class:`TokenPoolSpec` and the norm's weight/bias (None without one)."""
+
+    x: torch.Tensor
+    spec: TokenPoolSpec
+    norm_weight: Optional[torch.Tensor]
+    norm_bias: Optional[torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -251,26 +267,15 @@ def _validate_norm_params(x: torch.Tensor, spec: TokenPoolSpec, weight, bias) ->
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
-def _fused_check(inp) -> list:
-    x = inp["x"]
-    reasons: list = []
-    if x.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
-    if x.numel() == 0:
-        reasons.append("an empty tensor")
-    return reasons
+def _triton_check(inp: Inputs) -> list:
+    x, spec = inp["x"], inp["spec"]
+    reasons = triton_reasons(x, nonempty=(x,))
+    if spec.norm is not None and triton_device_reason(x) is None:  # (the kernel module imports triton)
+        from ..kernels.token_pool import MAX_NORM_WIDTH
 
-
-def _triton_check(inp) -> list:
-    r = triton_device_reason(inp["x"])
-    if r is not None:
-        return [r]
-    from ..kernels.token_pool import MAX_NORM_WIDTH  # triton is importable here
-
-    reasons = _fused_check(inp)
-    width = inp["spec"].c_out(inp["x"].shape[-1])
-    if inp["spec"].norm is not None and width > MAX_NORM_WIDTH:
-        reasons.append(f"a fused norm over {width} channels (at most {MAX_NORM_WIDTH})")
+        width = spec.c_out(x.shape[-1])
+        if width > MAX_NORM_WIDTH:
+            reasons.append(f"a fused norm over {width} channels (at most {MAX_NORM_WIDTH})")
     return reasons
 
 
@@ -320,12 +325,11 @@ def _cuda_available() -> list:
     return [Reason(why, expected=True)] if why else []
 
 
-def _cuda_check(inp) -> list:
+def _cuda_check(inp: Inputs) -> list:
     x, spec = inp["x"], inp["spec"]
     if x.device.type != "cuda":
         return [Reason("CPU tensors: the CUDA extension runs on CUDA tensors only", expected=True)]
-    reasons = _fused_check(inp)
-    return reasons or list(_impl("cuda").check(x, spec))
+    return kernel_reasons(x, nonempty=(x,)) or list(_impl("cuda").check(x, spec))
 
 
 def _reference_run(x, spec, norm_weight, norm_bias):
@@ -408,6 +412,6 @@ def token_pool(
     spec = make_spec(x, grid=grid, mode=mode, kernel_size=kernel_size, stride=stride, output_size=output_size,
                      has_cls=has_cls, keep_cls=keep_cls, norm=norm, eps=eps)
     _validate_norm_params(x, spec, norm_weight, norm_bias)
-    inputs = dict(x=x, spec=spec, norm_weight=norm_weight, norm_bias=norm_bias)
+    inputs = Inputs(x=x, spec=spec, norm_weight=norm_weight, norm_bias=norm_bias)
     chosen = dispatch.select("token_pool", inputs, backend)
     return chosen.run(**inputs)

@@ -9,10 +9,10 @@ that the code compiles.  So this module makes each launch the way the library do
 
 1. it calls the kernels' own launchers (``attention_forward``/``attention_backward``,
    ``varlen_forward``/``varlen_backward`` of the packed kernels, ``qformer_forward``, the
-   token-pool ``forward``/``backward``) at the model shapes of
-   DESIGN.md, on CPU tensors with the strides and alignment the CUDA tensors would have,
-   inside :func:`._launch.capture_launches`, which records each ``kernel[grid](...)`` call
-   (arguments, and every configuration the autotuner would try) instead of running it;
+   token-pool ``forward``/``backward``) at the model shapes of DESIGN.md, on CPU tensors with
+   the strides and alignment the CUDA tensors would have, inside
+   :func:`mmkernels.kernels._launch.capture_launches`, which records each ``kernel[grid](...)``
+   call (arguments, and every configuration the autotuner would try) instead of running it;
 2. it binds each recorded call with the JIT's own binder (``create_function_from_signature``
    + ``JITFunction._pack_args``: the signature, constexprs and divisibility attributes a real
    launch computes) and compiles that for ``GPUTarget("cuda", arch, 32)``;
@@ -29,7 +29,7 @@ It must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels);
 it in a child process.  Counts are static PTX instructions (an unrolled loop body counts once
 per unrolled copy), not executed ones.
 
-    from mmkernels.kernels.compile_report import compile_report
+    from mmkernels.tools.compile_report import compile_report
     rows = compile_report(arch=90, head_dims=[72], configs="default")
     rows[0]["kernel"], rows[0]["registers"], rows[0]["cp_async"], rows[0]["compiled"].asm["ptx"]
 """
@@ -179,8 +179,8 @@ class _Case:
 
 
 def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import attention as A
-    from . import attention_scores as S
+    from ..kernels import attention as A
+    from ..kernels import attention_scores as S
 
     use_mask, drop, causal = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -221,7 +221,7 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
 
 
 def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import attention_varlen as V
+    from ..kernels import attention_varlen as V
 
     _, drop, causal = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -253,7 +253,7 @@ def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
 
 
 def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
-    from . import qformer as Q
+    from ..kernels import qformer_cross_attention as Q
 
     use_mask, drop, _ = VARIANTS[variant]
     esz = torch.empty((), dtype=dtype).element_size()
@@ -272,11 +272,11 @@ def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
 
     flops = 2.0 * p.B * p.Lq * p.Dq * p.Dq + 4.0 * p.B * p.Lk * p.Dkv * p.Dq + 4.0 * p.B * p.Lq * p.Lk * p.Dq
     nbytes = esz * (2 * p.B * p.Lq * p.Dq + p.B * p.Lk * p.Dkv + p.Dq * p.Dq + 2 * p.Dq * p.Dkv) + 8 * p.B * p.H * p.Lq
-    return _Case("qformer", p.name, variant, d, run, {"qformer.fwd": (flops, nbytes)})
+    return _Case("qformer_cross_attention", p.name, variant, d, run, {"qformer_cross_attention.fwd": (flops, nbytes)})
 
 
 def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
-    from . import token_pool as T
+    from ..kernels import token_pool as T
 
     esz = torch.empty((), dtype=dtype).element_size()
     k = 1 if p.mode == "bilinear" else p.k  # bilinear: no window, the output size sets the taps
@@ -302,17 +302,17 @@ def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
 
 
 def _kernel_names() -> dict:
-    from . import _rotary as R
-    from . import attention as A
-    from . import attention_scores as S
-    from . import attention_varlen as V
-    from . import qformer as Q
-    from . import token_pool as T
+    from ..kernels import _rotary as R
+    from ..kernels import attention as A
+    from ..kernels import attention_scores as S
+    from ..kernels import attention_varlen as V
+    from ..kernels import qformer_cross_attention as Q
+    from ..kernels import token_pool as T
 
     return {
         S._scores_stats: "attention_scores.stats", S._scores_colsum: "attention_scores.colsum",
         A._attn_fwd: "attention.fwd", A._attn_bwd_dkdv: "attention.dkdv", A._attn_bwd_dq: "attention.dq",
-        A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer.fwd",
+        A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer_cross_attention.fwd",
         V._varlen_fwd: "attention_varlen.fwd", V._varlen_bwd_dkdv: "attention_varlen.dkdv",
         V._varlen_bwd_dq: "attention_varlen.dq", R._rotary_unrotate: "rotary.unrotate",
         R._rotary_rotate: "rotary.rotate",
@@ -468,7 +468,7 @@ def _cases(dtype: torch.dtype, presets, head_dims, variants, families) -> list[_
                 continue
             # no user masks in the packed op: the cu_seqlens blocks are its mask
             cases += [_varlen_case(p, v, dtype) for v in variants if not VARIANTS[v][0]]
-    if "qformer" in families:
+    if "qformer_cross_attention" in families:
         for p in QFORMER_PRESETS:
             if not presets or p.name in presets:
                 cases += [_qformer_case(p, v, dtype) for v in variants if not VARIANTS[v][2]]
@@ -486,7 +486,8 @@ def compile_report(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str
     """Compile every kernel launch the library makes at the preset shapes, for ``sm_{arch}``.
 
     ``kernels``: names or prefixes ("attention" — with "attention_scores" and
-    "attention_varlen" —, "attention.fwd", "attention_varlen", "qformer", "token_pool");
+    "attention_varlen" —, "attention.fwd", "attention_varlen", "qformer_cross_attention", "token_pool";
+    the aliases of ``KERNEL_ALIASES``: "qformer", "qformer.fwd");
     ``presets``: names from ``ATTENTION_PRESETS`` / ``VARLEN_PRESETS`` / ``QFORMER_PRESETS`` /
     ``TOKEN_POOL_PRESETS`` (default: one attention preset per head dim, every packing, the
     Q-Former, every pooling preset);
@@ -551,6 +552,16 @@ def plan(arch: int = 90, *, dtype: str = "bf16", kernels: Iterable[str] | None =
 #: dense and the packed attention: rotating Q and K, rotating dQ and dK back)
 _KERNEL_FAMILIES = {"rotary": ("attention", "attention_varlen")}
 
+#: other names ``kernels`` / ``--kernel`` accept for a family: ``qformer``, the Q-Former
+#: cross-attention's name before it took the op's (``qformer.fwd`` is ``qformer_cross_attention.fwd``)
+KERNEL_ALIASES = {"qformer": "qformer_cross_attention"}
+
+
+def _canonical(kernels: Iterable[str] | None) -> list[str]:
+    """``kernels`` with an alias of :data:`KERNEL_ALIASES` in front spelled by the family's name."""
+    return [KERNEL_ALIASES.get(family, family) + dot + rest
+            for family, dot, rest in (k.partition(".") for k in kernels or [])]
+
 
 def selection_errors(*, dtype: str = "bf16", kernels: Iterable[str] | None = None,
                      presets: Iterable[str] | None = None, head_dims: Iterable[int] | None = None,
@@ -566,12 +577,12 @@ def selection_errors(*, dtype: str = "bf16", kernels: Iterable[str] | None = Non
     if bad:
         errors.append(f"variant: unknown {', '.join(map(repr, bad))}; expected some of {', '.join(VARIANTS)}")
     known = sorted(set(_kernel_names().values()))
-    bad = [k for k in kernels or [] if not any(n == k or n.startswith(k) for n in known)]
+    bad = [k for k, c in zip(kernels or [], _canonical(kernels)) if not any(n.startswith(c) for n in known)]
     if bad:
         errors.append(f"kernel: unknown {', '.join(map(repr, bad))}; expected a name or a prefix of one: "
                       + ", ".join(known))
-    groups = {"attention": ATTENTION_PRESETS, "attention_varlen": VARLEN_PRESETS, "qformer": QFORMER_PRESETS,
-              "token_pool": TOKEN_POOL_PRESETS}
+    groups = {"attention": ATTENTION_PRESETS, "attention_varlen": VARLEN_PRESETS,
+              "qformer_cross_attention": QFORMER_PRESETS, "token_pool": TOKEN_POOL_PRESETS}
     bad = [p for p in presets or [] if not any(p == q.name for g in groups.values() for q in g)]
     if bad:
         errors.append(f"preset: unknown {', '.join(map(repr, bad))}; expected one of: "
@@ -587,14 +598,14 @@ def selection_errors(*, dtype: str = "bf16", kernels: Iterable[str] | None = Non
 def _launches(arch: int, *, dtype, kernels, presets, head_dims, variants, configs):
     """(case, launch, kernel name, candidate index, candidate config) of every compile, in order;
     each case's launches are captured when the iteration reaches it (its tensors are freed after)."""
-    from ._launch import capture_launches
+    from ..kernels._launch import capture_launches
 
-    variants, kernels = list(variants), list(kernels or [])
+    variants, kernels = list(variants), _canonical(kernels)
     errors = selection_errors(dtype=dtype, kernels=kernels, presets=presets, head_dims=head_dims, variants=variants,
                               configs=configs)
     if errors:
         raise ValueError("; ".join(errors))
-    families = {"attention", "attention_varlen", "qformer", "token_pool"}
+    families = {"attention", "attention_varlen", "qformer_cross_attention", "token_pool"}
     if kernels:
         families = {f for f in families if any(f.startswith(k.split(".")[0]) or k.startswith(f)
                                                or f in _KERNEL_FAMILIES.get(k.split(".")[0], ()) for k in kernels)}
@@ -708,7 +719,7 @@ def problems(rows: list[dict], *, arch: int) -> list[str]:
 
 #: kernels with a pipelined main loop over tiles (the others are single-pass, memory-bound)
 MAIN_LOOPS = ("attention.fwd", "attention.dkdv", "attention.dq", "attention_varlen.fwd", "attention_varlen.dkdv",
-              "attention_varlen.dq", "qformer.fwd")
+              "attention_varlen.dq", "qformer_cross_attention.fwd")
 
 
 def _jsonable(rows: list[dict]) -> list[dict]:
@@ -725,7 +736,7 @@ QUICK_PRESETS = ("clip-l336", "siglip-so400m", "qwen2-vl", "eva-vit-g", "d128-16
 #: 52 compiles in 85 s): the up-front estimate. The other autotuner candidates (larger tiles, more
 #: stages) take ``CANDIDATE_FACTOR`` times as long (the full default run: 216 compiles in 631 s)
 COMPILE_S = {"attention.fwd": 3.6, "attention.dkdv": 2.1, "attention.dq": 2.0, "attention_varlen.fwd": 2.3,
-             "attention_varlen.dkdv": 1.5, "attention_varlen.dq": 2.2, "qformer.fwd": 2.0,
+             "attention_varlen.dkdv": 1.5, "attention_varlen.dq": 2.2, "qformer_cross_attention.fwd": 2.0,
              "attention_scores.stats": 1.2, "attention_scores.colsum": 1.2}
 COMPILE_S_OTHER = 0.9  # the other single-pass kernels: preprocess, RoPE gradient, token pooling
 CANDIDATE_FACTOR = 1.4
@@ -814,8 +825,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", type=dtype_arg, metavar="DTYPE",
                     help=f"{DTYPE_SPELLINGS} (default bf16)")
     ap.add_argument("--kernel", action="append", default=[],
-                    help="kernel name or prefix (attention, attention.fwd, attention_varlen, qformer, token_pool); "
-                    "repeatable")
+                    help="kernel name or prefix (attention, attention.fwd, attention_varlen, qformer_cross_attention "
+                    "(alias: qformer), token_pool); repeatable")
     ap.add_argument("--preset", action="append", default=[], help="preset name; repeatable")
     ap.add_argument("--head-dim", type=int, action="append", default=[], help="attention head dim; repeatable")
     ap.add_argument("--variant", action="append", default=[],
@@ -904,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _CallableModule(types.ModuleType):
-    """``mmkernels.kernels.compile_report(arch=90)`` calls :func:`compile_report` whatever the
+    """``mmkernels.tools.compile_report(arch=90)`` calls :func:`compile_report` whatever the
     import order: importing this submodule rebinds the package attribute of that name to the
     module, so the module itself forwards calls to the function."""
 

@@ -165,7 +165,8 @@ def _kernel(device_type: str, dtype: torch.dtype, prec: str = "tf32"):
     if not for_gpu(device_type):
         # interpreter: big tiles are fewer Python-level steps
         return _qformer_fwd, dict(BLOCK_N=64, BLOCK_K=64)
-    return gpu_launcher(_qformer_fwd, lambda: _configs(dtype, prec), _TUNE_KEY, ("qformer", dtype, prec))
+    return gpu_launcher(_qformer_fwd, lambda: _configs(dtype, prec), _TUNE_KEY,
+                        ("qformer_cross_attention", dtype, prec))
 
 
 def qformer_forward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale):

@@ -1,7 +1,7 @@
 """``mmkernels.qformer_cross_attention``: the Q-Former's cross-attention with K/V projected
 inside the attention kernel (BLIP-2 / InstructBLIP).
 
-Forward: one fused Triton kernel (:mod:`mmkernels.kernels.qformer`) — K and V never reach
+Forward: one fused Triton kernel (:mod:`mmkernels.kernels.qformer_cross_attention`) — K and V never reach
 memory.  Backward (``mmkernels::qformer_cross_attention_bwd``): Q, K, V are recomputed with
 cuBLAS (three GEMMs are cheaper than storing K/V for every layer), the attention backward
 kernels give dQ, dK, dV, and the weight/input gradients are plain well-shaped GEMMs:
@@ -11,7 +11,7 @@ dW = dYᵀ·X over all B·L rows, db = Σ dY, dX = dY·W.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,31 @@ from .._utils import (
     contiguous_outputs,
     describe,
     empty_contiguous,
-    triton_device_reason,
+    triton_reasons,
 )
-from ..reference import qformer as ref
+from ..reference import qformer_cross_attention as ref
 
 __all__ = ["qformer_cross_attention"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Inputs(TypedDict):
+    """What every backend receives (``check(inputs)``, ``run(**inputs)``), built once per call by
+    :func:`_inputs`: the arguments validated, the scale resolved, a (Lk,) mask as (1, 1, 1, Lk)."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: Optional[torch.Tensor]
+    k_weight: torch.Tensor
+    k_bias: Optional[torch.Tensor]
+    v_weight: torch.Tensor
+    v_bias: Optional[torch.Tensor]
+    num_heads: int
+    encoder_attention_mask: Optional[torch.Tensor]
+    dropout_p: float
+    scale: float
 
 
 # --------------------------------------------------------------------------------------
@@ -52,7 +69,7 @@ def _qformer_fwd(
     dropout_p: float,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels.qformer import qformer_forward
+    from ..kernels.qformer_cross_attention import qformer_forward
 
     return qformer_forward(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                            v_weight, v_bias, attn_mask, seed, num_heads, dropout_p, scale)
@@ -86,7 +103,7 @@ def _qformer_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    from ..kernels.qformer import qformer_backward
+    from ..kernels.qformer_cross_attention import qformer_backward
 
     return contiguous_outputs(*qformer_backward(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias,
                                                 k_weight, k_bias, v_weight, v_bias, attn_mask, seed,
@@ -103,7 +120,7 @@ def _(grad_out, hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight
 def _setup_context(ctx, inputs, output):
     x, enc, wq, bq, wk, bk, wv, bv, mask, seed, num_heads, dropout_p, scale = inputs
     ctx.mark_non_differentiable(output[1])
-    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer.qformer_backward):
+    # the backward recomputes Q/K/V and the attention forward (see kernels.qformer_cross_attention.qformer_backward):
     # nothing of the fused forward's output is kept
     ctx.save_for_backward(x, enc, wq, bq, wk, bk, wv, bv, mask, seed)
     ctx.num_heads, ctx.dropout_p, ctx.scale = num_heads, dropout_p, scale
@@ -200,25 +217,31 @@ def _validate(x, enc, wq, bq, wk, bk, wv, bv, num_heads, mask, dropout_p, scale)
     check_dropout_and_scale(dropout_p, scale)
 
 
+def _inputs(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, num_heads,
+            encoder_attention_mask, dropout_p, scale) -> Inputs:
+    """The call validated (:func:`_validate`) and made the record every backend receives."""
+    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+              num_heads, encoder_attention_mask, dropout_p, scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_weight.shape[0] // num_heads)
+    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
+        # an SDPA mask over the keys (Lk,): the 4-D view every backend takes (SDPA fails on 1-D)
+        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
+    return Inputs(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, q_weight=q_weight,
+                  q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
+                  num_heads=num_heads, encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p),
+                  scale=float(scale))
+
+
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
-def _triton_check(inp) -> list:
-    x, enc = inp["hidden_states"], inp["encoder_hidden_states"]
-    r = triton_device_reason(x)
-    if r is not None:
-        return [r]
-    reasons: list = []
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
-    d = inp["q_weight"].shape[0] // inp["num_heads"]
-    if d > 128:
-        reasons.append(f"head dim {d} (supported: up to 128)")
-    mask = inp["encoder_attention_mask"]
+def _triton_check(inp: Inputs) -> list:
+    x, mask = inp["hidden_states"], inp["encoder_attention_mask"]
+    reasons = triton_reasons(x, head_dim=inp["q_weight"].shape[0] // inp["num_heads"], max_head_dim=128,
+                             nonempty=(x, inp["encoder_hidden_states"]))
     if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
         reasons.append("a float encoder_attention_mask that requires grad (mask gradients are not computed)")
-    if 0 in x.shape or 0 in enc.shape:
-        reasons.append("an empty tensor")
     return reasons
 
 
@@ -272,14 +295,8 @@ def route(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bi
     "reference"), without running, recording or warning.  Raises as the op would (ValueError for bad
     input, :class:`mmkernels.dispatch.BackendNotSupportedError` when no backend / the forced one
     cannot run it)."""
-    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-              num_heads, encoder_attention_mask, dropout_p, scale)
-    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
-        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
-    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, q_weight=q_weight,
-                  q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
-                  num_heads=num_heads, encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p),
-                  scale=1.0 if scale is None else float(scale))
+    inputs = _inputs(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                     num_heads, encoder_attention_mask, dropout_p, scale)
     forced = dispatch.forced_backend(backend)
     rejected = []
     for b in dispatch.backends("qformer_cross_attention"):
@@ -311,7 +328,7 @@ def shares_kv(backend: str, batch: int, device: torch.device | str | None = None
 def _hoisted(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
              num_heads, mask, seed, dropout_p, scale):
     """cuBLAS projections for all heads, then the Triton attention op (autograd through both)."""
-    from ..kernels.qformer import project_heads
+    from ..kernels.qformer_cross_attention import project_heads
     from .attention import _attention_fwd
 
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
@@ -346,7 +363,7 @@ def normalize_encoder_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> tor
     return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
-def _sdpa_check(inp) -> list:
+def _sdpa_check(inp: Inputs) -> list:
     if inp["encoder_hidden_states"].shape[1] == 0:
         return ["no image tokens (Lk = 0): SDPA gives NaN where mmkernels gives 0"]
     return []
@@ -354,7 +371,7 @@ def _sdpa_check(inp) -> list:
 
 def _sdpa_run(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
               num_heads, encoder_attention_mask, dropout_p, scale):
-    from ..kernels.qformer import project_heads
+    from ..kernels.qformer_cross_attention import project_heads
 
     q, k, v = project_heads(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
                             v_weight, v_bias, num_heads)
@@ -372,7 +389,7 @@ dispatch.register(dispatch.Backend("triton", "qformer_cross_attention", _triton_
 dispatch.register(dispatch.Backend("sdpa", "qformer_cross_attention", _sdpa_check, _sdpa_run,
                                    description="cuBLAS projections + torch SDPA"))
 dispatch.register(dispatch.Backend("reference", "qformer_cross_attention", lambda inp: [], _reference_run,
-                                   description="plain PyTorch (mmkernels.reference.qformer)"))
+                                   description="plain PyTorch (mmkernels.reference.qformer_cross_attention)"))
 
 
 # --------------------------------------------------------------------------------------
@@ -419,15 +436,6 @@ def qformer_cross_attention(
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale)
         out.transpose(1, 2).reshape(B, Lq, H * d)
     """
-    _validate(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-              num_heads, encoder_attention_mask, dropout_p, scale)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q_weight.shape[0] // num_heads)
-    if encoder_attention_mask is not None and encoder_attention_mask.dim() == 1:
-        # an SDPA mask over the keys (Lk,): the 4-D view every backend takes (SDPA fails on 1-D)
-        encoder_attention_mask = encoder_attention_mask.view(1, 1, 1, -1)
-    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                  q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
-                  v_weight=v_weight, v_bias=v_bias, num_heads=num_heads,
-                  encoder_attention_mask=encoder_attention_mask, dropout_p=float(dropout_p), scale=float(scale))
+    inputs = _inputs(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                     num_heads, encoder_attention_mask, dropout_p, scale)
     return dispatch.select("qformer_cross_attention", inputs, backend).run(**inputs)

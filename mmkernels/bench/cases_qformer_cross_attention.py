@@ -93,8 +93,11 @@ def _why_not_triton(device):
 def _path(rule: int):
     """Triton forced, with the fused/hoisted rule pinned (``HOIST_MIN_BATCH``: 0 always hoisted,
     a huge value always fused), so both paths are timed side by side and can overrule the rule."""
+    import importlib
+
     import mmkernels
-    from mmkernels.ops import qformer as ops_qformer
+
+    ops_qformer = importlib.import_module("mmkernels.ops.qformer_cross_attention")  # (the package attribute: the op)
 
     saved = ops_qformer.HOIST_MIN_BATCH
     ops_qformer.HOIST_MIN_BATCH = rule
@@ -106,7 +109,7 @@ def _path(rule: int):
 
 
 class QFormerBench(OpBench):
-    name = "qformer"
+    name = "qformer_cross_attention"
     title = "mmkernels.qformer_cross_attention (Q-Former cross-attention, K/V projected in-kernel)"
     api = "qformer_cross_attention"
     convention = CONVENTION
@@ -169,8 +172,9 @@ class QFormerBench(OpBench):
         return Bound(lambda: fn(*leaves.values(), s.H), leaves if grad else {}, inputs["dout"] if grad else None)
 
     def reference(self, s, inputs, grad=False):
-        """``mmkernels.reference.qformer`` in float64 on batch element 0 (hidden's and enc's gradients)."""
-        from mmkernels.reference.qformer import qformer_cross_attention as ref
+        """``mmkernels.reference.qformer_cross_attention`` in float64 on batch element 0 (hidden's and
+        enc's gradients)."""
+        from mmkernels.reference.qformer_cross_attention import qformer_cross_attention as ref
 
         args = {n: inputs[n][0:1].double() if n in ("hidden", "enc") else inputs[n].double() for n in _ARGS}
         for n in self.grad_checked:

@@ -3,13 +3,17 @@ against the float64 reference (F.linear + softmax attention)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE
 from helpers import assert_close_abs, assert_close_rule, poisoned
 
 import mmkernels as mk
-from mmkernels.reference.qformer import qformer_cross_attention as ref_qformer
+from mmkernels.reference.qformer_cross_attention import qformer_cross_attention as ref_qformer
+
+ops_qformer = importlib.import_module("mmkernels.ops.qformer_cross_attention")  # mk.ops.qformer_cross_attention: the op
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -277,8 +281,6 @@ def test_head_dims_not_multiple_of_8(heads, width):
 @pytest.fixture
 def hoisted(monkeypatch):
     """The Triton backend's hoisted path (cuBLAS projections + attention kernels) at every batch."""
-    from mmkernels.ops import qformer as ops_qformer
-
     monkeypatch.setattr(ops_qformer, "HOIST_MIN_BATCH", 0)
     assert ops_qformer.triton_path(1) == "hoisted"
 
@@ -294,8 +296,6 @@ def test_hoisted_path(hoisted, case):
 def test_hoisted_and_fused_draw_the_same_dropout(monkeypatch):
     """Both Triton paths key Philox by (seed, batch·head, row·Lk + col): the same seed gives the same
     output whichever path the dispatcher takes."""
-    from mmkernels.ops import qformer as ops_qformer
-
     t = _dropout_probe(0.3)
     outs = []
     for rule in (10**9, 0):  # fused, then hoisted
@@ -306,6 +306,6 @@ def test_hoisted_and_fused_draw_the_same_dropout(monkeypatch):
 
 
 def test_path_rule_default():
-    from mmkernels.ops.qformer import HOIST_MIN_BATCH, triton_path
+    from mmkernels.ops.qformer_cross_attention import HOIST_MIN_BATCH, triton_path
 
     assert triton_path(HOIST_MIN_BATCH - 1) == "fused" and triton_path(HOIST_MIN_BATCH) == "hoisted"

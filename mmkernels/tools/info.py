@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .bench.env import driver_version, module_version
+from ..bench.env import driver_version, module_version
 
 __all__ = ["collect", "format_text", "main", "PROBES"]
 
@@ -86,7 +86,7 @@ def _probe(op: str, device, dtype) -> tuple[dict[str, list[str]] | None, str | N
 
     import mmkernels
 
-    from . import dispatch
+    from .. import dispatch
 
     build = PROBES.get(op)
     if build is None or getattr(mmkernels, op, None) is None:
@@ -120,7 +120,7 @@ def _device_reasons(torch, device) -> dict[str, str]:
     """Why the device-bound backends cannot run on ``device`` at all — the rule every op's own
     check applies first (``_utils.triton_device_reason``; the CUDA extension needs CUDA tensors).
     Used for an op without a probe call, so no op reads "available" where the others read "no"."""
-    from ._utils import triton_device_reason
+    from .._utils import triton_device_reason
 
     out = {}
     why = triton_device_reason(torch.empty(0, device=device))
@@ -144,8 +144,8 @@ def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | N
 
     import mmkernels
 
-    from . import _ext, dispatch
-    from ._utils import interpreting, triton_import_error
+    from .. import _ext, dispatch
+    from .._utils import interpreting, triton_import_error
 
     info: dict[str, Any] = {
         "mmkernels": mmkernels.__version__,
@@ -216,7 +216,7 @@ def collect(*, ceilings: bool = False, remeasure: bool = False, threads: int | N
         ops[op] = {"probe": probe_desc, "probe_ran": probe is not None, "auto": auto, "backends": rows}
     info["ops"] = ops
     if ceilings:
-        from .bench import env
+        from ..bench import env
 
         if device.type == "cpu" and threads:
             torch.set_num_threads(threads)

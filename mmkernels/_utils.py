@@ -38,9 +38,13 @@ def check_dropout_and_scale(dropout_p, scale, allow_one: bool = False) -> None:
     ok = isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) <= 1.0
     if not ok or (not allow_one and float(dropout_p) == 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, {'1]' if allow_one else '1)'}, got {dropout_p!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+    numeric = (int, float, torch.SymInt, torch.SymFloat)
+    if scale is not None and (not isinstance(scale, numeric) or isinstance(scale, bool)):
         raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(float(scale)):
+    # a symbolic scale (a module's float attribute under torch.compile(dynamic=True)) is not read
+    # on the host: float() of it would graph-break
+    if (scale is not None and isinstance(scale, (int, float)) and not torch.compiler.is_compiling()
+            and not math.isfinite(float(scale))):
         raise ValueError(f"scale: expected a finite float (or None for 1/sqrt(D)), got {scale!r}")
 
 
@@ -50,14 +54,20 @@ def interpreting() -> bool:
 
 
 _TRITON_ERR: list = []  # [None | str] once computed (a plain global: torch.compile reads it without tracing the import)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # at import: finds the package, imports nothing
 
 
 def triton_import_error() -> str | None:
-    """None when ``import triton`` works, else why not (cached)."""
+    """None when ``import triton`` works, else why not (cached).  While torch.compile traces (the
+    first mmkernels call of a process may be inside a compiled, checkpointed region, where dynamo
+    refuses the cache's side effect) it answers from ``find_spec`` alone, without caching: the
+    eager calls check the import."""
     if not _TRITON_ERR:
         err = None
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_FOUND:
             err = "the triton package is not installed"
+        elif torch.compiler.is_compiling():
+            return None
         else:
             try:
                 import triton  # noqa: F401

@@ -31,6 +31,11 @@ other composed masks (Gemma 3's bidirectional image blocks) because it only rece
 ``mask_function``.  So HF still builds (and we ignore) the (1, 1, L, L) mask and its
 ``find_packed_sequence_indices`` check reads one bool on the host per forward.
 
+M-RoPE models (Qwen2-VL / Qwen2.5-VL / Qwen3-VL) pack by ``position_ids`` of shape (3, 1, L) or
+(4, 1, L): :func:`mmkernels.integrations.qwen_vl.enable_mrope_packing` derives the boundaries from
+them on the device and hands them to this function as ``cu_seq_lens_q/k`` (no dense mask, no host
+read), which then takes the same ``attention_varlen`` route.
+
 Importing this module does not import transformers; :func:`register_hf` does.
 """
 

@@ -448,8 +448,11 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
 
     Live fp32 values per thread = (accumulators + score tiles) / threads, where the forward
     keeps O (bm·dp) and S/P (bm·bn), dK/dV keeps dK and dV (2·bn·dp) and S, dP (2·bm·bn), dQ
-    keeps dQ (bm·dp) and S, dP (2·bm·bn); dropout counts as two more score tiles (the Philox
-    counters and draws).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
+    keeps dQ (bm·dp) and S, dP (2·bm·bn); dropout counts as one more score tile (the Philox
+    words of a quarter of the tile and the keep bits: ``_tiles._dropout_keep``; it counted two
+    while every score drew its own Philox call — with one call per 4 keys, sm_90 bf16 compiles of
+    every dropout candidate this rule keeps at d=64/72/88/128, with and without a padding mask,
+    spill nothing under triton 3.9: forward 128×64 and dK/dV 32×128 defaults at d <= 88/72).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
     176 bytes at d=128 (192 values) but not at d=88 (160); with mask + dropout, 128×64 over 8
     warps spilled 24 bytes at d=72/88 (136), and since the forward's loop is split into interior
     and edge tiles 24 bytes at d=64 too (128); transposed dK/dV 32×128 over 8 warps: no spill at
@@ -459,7 +462,7 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     ``extra_staged`` (bytes): what a caller's kernel keeps on top of these (the packed kernels'
     sequence bookkeeping, ``attention_varlen._gpu_configs``).
     """
-    scores = (1 if kind == "fwd" else 2) + 2 * int(has_dropout)
+    scores = (1 if kind == "fwd" else 2) + int(has_dropout)
     acc = 2 * bn * dp if kind == "dkdv" else bm * dp
     live = (acc + scores * bm * bn) / (32 * warps)
     if kind == "dkdv":

@@ -277,14 +277,133 @@ def test_visionzip_tower_matches_eager_rule(family):
 def test_visionzip_bad_input_raises():
     with pytest.raises(ValueError, match="VisionZip"):
         mk.VisionZip(dominant=0)
-    with pytest.raises(ValueError, match="standalone"):
+    with pytest.raises(ValueError, match="out of range for 1 encoder layers"):
         mk.patch(_tiny_llava(), prune=mk.VisionZip())
+    next_cfg = transformers.LlavaNextConfig(vision_config=TINY_CLIP, text_config=TINY_LLAMA, image_token_index=63)
+    with pytest.raises(ValueError, match="patch grid"):
+        mk.patch(transformers.LlavaNextForConditionalGeneration(next_cfg), prune=mk.VisionZip(layer=0))
+    with pytest.raises(ValueError, match="runs after the layer LLaVA reads"):  # features read before pruning
+        mk.patch(_tiny_llava_2layer_tower(), prune=mk.VisionZip(dominant=5, contextual=3, layer=-1))
+    llava = _tiny_llava_2layer_tower()
+    mk.patch(llava, prune=mk.VisionZip(dominant=5, contextual=3))
+    ids = torch.randint(1, 60, (2, 40), device=DEVICE)
+    ids[0, 2:34], ids[1, 2:18] = 63, 63                   # 2 images in sample 0, 1 in sample 1
+    with pytest.raises(ValueError, match="same number of images"), torch.no_grad():
+        llava(input_ids=ids, pixel_values=torch.randn(3, 3, 16, 16, device=DEVICE))
+    ids[0, 33] = 1                                        # 31 + 16 placeholders for 3 images
+    with pytest.raises(ValueError, match="the same number per image"), torch.no_grad():
+        llava(input_ids=ids, pixel_values=torch.randn(3, 3, 16, 16, device=DEVICE))
     tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
         patch_size=4)).to(DEVICE).eval()
     mk.patch(tower, prune=mk.VisionZip(dominant=4, contextual=2, layer=0))  # 5 tokens < 6
     with pytest.raises(ValueError, match="exceeds the 5 tokens"), torch.no_grad():
         tower(pixel_values=torch.randn(1, 3, 8, 8, device=DEVICE))
+
+
+def _tiny_llava_2layer_tower():
+    """LLaVA-1.5's layout: features from the tower's second-to-last layer (vision_feature_layer=-2,
+    the layer VisionZip prunes by default), CLS dropped ("default" strategy)."""
+    cfg = transformers.LlavaConfig(vision_config=dict(TINY_CLIP, num_hidden_layers=2), text_config=TINY_LLAMA,
+                                   image_token_index=63, vision_feature_layer=-2, image_seq_length=16)
+    return transformers.LlavaForConditionalGeneration(cfg).to(DEVICE).eval()
+
+
+def test_visionzip_inside_llava_reduces_placeholders():
+    """VisionZip in LLaVA's CLIP tower: the prompt's 16 placeholders per image become
+    dominant + contextual (the first of each image's run), with the attention mask and labels; the
+    language model then runs exactly as an unpatched LLaVA given that shorter prompt and the reduced
+    features, in forward (loss included) and generate(), which returns the caller's prompt."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    model = _tiny_llava_2layer_tower()
+    ref = copy.deepcopy(model)
+    inputs = _llava_inputs()                                  # 2 images, 16 placeholders each, row 1 left-padded
+    ids, ids_before = inputs["input_ids"], inputs["input_ids"].clone()
+    labels = ids.masked_fill(ids == 63, -100).masked_fill(inputs["attention_mask"] == 0, -100)
+    report = mk.patch(model, prune=mk.VisionZip(dominant=5, contextual=3))
+    assert "placeholders reduced" in str(report)
+    seen = []
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda mod, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        feats = model.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default").pooler_output
+    h.remove()
+    index = kept_index(model)
+    rows = torch.arange(2)[:, None]
+    red_ids, red_mask = ids[rows, index], inputs["attention_mask"][rows, index]
+    assert [f.shape[0] for f in feats] == [8, 8] and (red_ids == 63).sum(1).tolist() == [8, 8]
+    assert seen == [22 - 8] and out.logits.shape == (2, 14, 64) and torch.isfinite(out.loss)
+    assert torch.equal(red_ids[:, 4:12], torch.full((2, 8), 63, device=DEVICE))  # the first 8 of each run
+    assert torch.equal(ids, ids_before)                                            # the caller's tensors untouched
+    enc = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+    with torch.no_grad():
+        expected = ref(input_ids=red_ids, attention_mask=red_mask, mm_encoder_outputs=enc, labels=labels[rows, index])
+        gen = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             pixel_values=inputs["pixel_values"], max_new_tokens=3, do_sample=False)
+        ref_gen = ref.generate(input_ids=red_ids, attention_mask=red_mask, mm_encoder_outputs=enc, max_new_tokens=3,
+                               do_sample=False)
+    real = red_mask.bool()
+    assert_close_abs("VisionZip LLaVA logits", out.logits[real], expected.logits[real], ATOL)
+    assert abs(float(out.loss) - float(expected.loss)) < ATOL
+    assert torch.equal(gen[:, :22], ids) and torch.equal(gen[:, 22:], ref_gen[:, 14:]), (gen, ref_gen)
+    # a prompt already written with dominant + contextual placeholders per image is used as is
+    with torch.no_grad():
+        again = model(input_ids=red_ids, attention_mask=red_mask, pixel_values=inputs["pixel_values"]).logits
+    assert torch.equal(again, out.logits)
+    mk.unpatch(model)
+    assert "generate" not in model.__dict__
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] == 22
+
+
+def test_visionzip_inside_llava_keeping_every_token_is_the_unpatched_model():
+    model = _tiny_llava_2layer_tower()
+    ref = copy.deepcopy(model)
+    inputs = _llava_inputs()
+    mk.patch(model, prune=mk.VisionZip(dominant=16, contextual=0))  # CLS + all 16 patches, in order
+    with torch.no_grad():
+        got, expected = model(**inputs).logits, ref(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        ref_gen = ref.generate(**inputs, max_new_tokens=3, do_sample=False)
+    real = inputs["attention_mask"].bool()
+    assert_close_abs("VisionZip keep-all logits", got[real], expected[real], ATOL)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_fastv_static_cache_and_compiled_generate():
+    """FastV with ``cache_implementation="static"``: the scoring layer's keys cover the cache's
+    max_cache_len slots, and layers >= K write the kept tokens to slots 0..n-1, so their masks are
+    rearranged and the free slots masked; decode steps compile with fullgraph=True and without a
+    recompile per step.  Same greedy tokens as the dynamic cache."""
+    model = _tiny_llava()
+    inputs = _llava_inputs()
+    mk.patch(model, prune=mk.FastV(layer=1, keep=0.5))
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        static = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic), (static, dynamic)
+    torch._dynamo.reset()
+    cc = transformers.CompileConfig(backend="aot_eager", fullgraph=True)
+    cc._compile_all_devices = True  # transformers auto-compiles decode steps on GPUs only otherwise
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                                  compile_config=cc)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, dynamic), (compiled, dynamic)
+    # Qwen2-VL (M-RoPE positions continue from the unpruned length): static == dynamic
+    model = _tiny_qwen2_vl()
+    ids = torch.randint(0, 59, (2, 15), device=DEVICE)
+    ids[:, 3], ids[:, 4:10] = 62, 60
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(48, 24, device=DEVICE),
+                  image_grid_thw=torch.tensor([[1, 4, 6], [1, 4, 6]], device=DEVICE),
+                  mm_token_type_ids=(ids == 60).int())
+    mk.patch(model, prune=mk.FastV(layer=1, keep=0.5))
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        static = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic), (static, dynamic)
 
 
 @pytest.mark.parametrize("family,lm", [("LlavaNext", "llama"), ("LlavaOnevision", "qwen2")])

@@ -63,9 +63,13 @@ class FastV:
     layers; the model's attention on mmkernels (``patch(..., attention=True)``); prompts left-padded
     when batched (the last position must be a real token in every row — HF's ``padding_side="left"``
     for generation); the same number of image tokens in every sample (so the pruned batch stays
-    rectangular); ``input_ids`` given (image tokens are found by id).  A dynamic (default) cache;
-    the pruned ``forward`` returns logits for the kept positions only
-    (:func:`kept_index` says which).
+    rectangular); ``input_ids`` given (image tokens are found by id).  The pruned ``forward`` returns logits
+    for the kept positions only (:func:`kept_index` says which).  Dynamic (default) and static
+    caches (``generate(..., cache_implementation="static")``: layers >= K fill slots 0..n-1 of
+    their fixed-size cache, the rest stays masked) both work, and so does transformers' compiled
+    decoding (``compile_config=...``): decode steps trace without data-dependent branches or
+    per-step guards (``fullgraph=True``, no recompiles); the prefill runs eagerly, as transformers
+    runs it.
 
     The sequence gets shorter, so every per-token tensor loses the same positions: the attention
     mask, RoPE tables and position ids of layers >= ``layer`` are gathered internally (the caller's
@@ -107,9 +111,22 @@ class VisionZip:
     ``VisionZip(dominant=54, contextual=10)`` is the paper's 64-token LLaVA-1.5 setting.
 
     Supported on standalone towers (``CLIPVisionModel``, ``SiglipVisionModel``, or any model
-    holding one whose caller accepts a shorter sequence).  Inside LLaVA-family models the
-    processor has already written one placeholder per unpruned patch into ``input_ids``, so
-    :func:`patch` raises there.
+    holding one whose caller accepts a shorter sequence) and inside ``LlavaForConditionalGeneration``
+    (LLaVA-1.5).  There the language model sees ``dominant + contextual`` tokens per image (as in
+    VisionZip's reference code: with LLaVA's ``"default"`` feature strategy, which drops CLS after
+    the tower, the tower keeps CLS plus ``dominant`` tokens), and the processor's one placeholder
+    per unpruned patch is reduced to match: of each image's run of placeholders in ``input_ids``
+    the first ``dominant + contextual`` stay, and ``attention_mask``, ``labels`` /
+    ``shift_labels``, ``position_ids`` and ``token_type_ids`` lose the same positions before HF
+    sees them (the caller's tensors are not modified; :func:`kept_index` gives the kept positions).
+    The model then computes exactly what an unpatched LLaVA computes on that shorter prompt with
+    the reduced features: ``forward`` returns logits (and the loss) over the shorter sequence;
+    ``generate()`` reduces the prompt before generating and returns the caller's prompt followed by
+    the new tokens.  A prompt already written with ``dominant + contextual`` placeholders per image
+    is used as is.  Requirements (``ValueError``): the same number of placeholders per image, the
+    same number of images per sample in a batch, ``vision_feature_layer`` an int not before
+    ``layer``, a 2D attention mask.  LLaVA-NeXT / -OneVision (anyres tiles, newline tokens) and
+    Qwen2-VL are refused: their features are laid out on the patch grid.
     """
 
     dominant: int = 54
@@ -136,10 +153,12 @@ def _check_keep(name: str, keep) -> None:
 
 
 def kept_index(model: nn.Module) -> torch.Tensor | None:
-    """The (B, n) positions FastV kept in the last pruned prefill of ``model`` (None if none)."""
+    """The (B, n) positions of the caller's sequence that the last pruned forward of ``model`` kept:
+    FastV's kept tokens of the last pruned prefill, or, with VisionZip inside LLaVA, the positions
+    left after the image placeholders were reduced (None if none)."""
     for m in model.modules():
         st = m.__dict__.get(_STATE)
-        if isinstance(st, _FastVState):
+        if isinstance(st, (_FastVState, _VisionZipLlavaState)):
             return st.index
     return None
 
@@ -156,6 +175,7 @@ class _FastVState:
         self.index = None        # (B, n) kept positions of the last pruned prefill
         self.prefill_len = 0
         self.cache = None        # the cache that prefill filled: decode steps are recognised by it
+        self.static = False      # whether that cache is a static (fixed-size, compileable) one
         self.mode = None         # None | "prefill" | "decode" for the running LM forward
         self.memo: dict = {}     # id(original kwarg tensor) -> gathered, per LM forward
         self.pruned = False      # whether the running parent forward pruned (set by layer_pre)
@@ -240,8 +260,10 @@ class _FastVState:
             if isinstance(self.spec.keep, int) and self.spec.keep > n_vis:
                 raise ValueError(f"FastV.keep: {self.spec.keep} image tokens requested, the prompt has {n_vis}")
             self.mode, self.index, self.prefill_len, self.cache = "prefill", None, length, cache
+            self.static = bool(getattr(cache, "is_compileable", False))
             self.scorer.__dict__[_REQUEST] = dict(query_index=-1, reduce_heads="mean")
-        elif self.index is not None and cache is not None and cache is self.cache and past > 0:
+        elif (self.index is not None and cache is not None and cache is self.cache
+              and (torch.compiler.is_compiling() or past > 0)):  # compiled decode: no data-dependent branch
             self.mode = "decode"
         else:
             self.index, self.cache = None, None
@@ -258,6 +280,8 @@ class _FastVState:
 
     # -- decoder layers >= K ---------------------------------------------------------------
     def _once(self, t, fn):
+        if torch.compiler.is_compiling():
+            return fn(t)  # id() would guard on the tensor object: a recompile per decode step
         key = id(t)
         if key not in self.memo:
             self.memo[key] = (t, fn(t))  # keep t alive so its id is not reused within this forward
@@ -275,7 +299,7 @@ class _FastVState:
                 if result is None:
                     raise RuntimeError("FastV: the scoring layer produced no attention scores (is its attention "
                                        "still on attn_implementation='mmkernels'?)")
-                scores = result[0]
+                scores = result[0][..., : hidden.shape[1]]  # a static cache: keys = max_cache_len slots
                 keep = self.spec.keep
                 n_vis = int(self.visual_or_raise().sum(1)[0])
                 k = int(round(keep * n_vis)) if isinstance(keep, float) else keep
@@ -284,7 +308,7 @@ class _FastVState:
             idx = self.index
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor):
-                kwargs["attention_mask"] = self._once(mask, lambda m: gather_tokens(m, idx, (-2, -1)))
+                kwargs["attention_mask"] = self._once(mask, lambda m: self._columns(gather_tokens(m, idx, -2)))
             pe = kwargs.get("position_embeddings")
             if isinstance(pe, tuple):
                 kwargs["position_embeddings"] = tuple(self._once(t, lambda t: gather_tokens(t, idx, -2)) for t in pe)
@@ -295,16 +319,27 @@ class _FastVState:
         else:  # decode: the layer's cache holds the kept prefill tokens, then every generated one
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.shape[-1] > self.prefill_len:
-                def cols(m):
-                    b = max(m.shape[0], self.index.shape[0])
-                    new = torch.arange(self.prefill_len, m.shape[-1], device=m.device).expand(b, -1)
-                    return gather_tokens(m, torch.cat([self.index.to(m.device).expand(b, -1), new], 1), -1)
-                kwargs["attention_mask"] = self._once(mask, cols)
+                kwargs["attention_mask"] = self._once(mask, self._columns)
         if args:
             args[0] = hidden
         else:
             kwargs["hidden_states"] = hidden
         return tuple(args), kwargs
+
+    def _columns(self, m: torch.Tensor) -> torch.Tensor:
+        """The key columns of a mask built for the unpruned sequence (prefill length ``L``, then the
+        generated tokens), rearranged for the caches of layers >= K: the kept prefill tokens, then
+        every later one.  A static cache keeps its ``max_cache_len`` slots (it writes the kept tokens
+        to slots 0..n-1 and the generated ones right after them), so the columns the pruned
+        positions leave free at its end are masked."""
+        w = m.shape[-1]
+        b = max(m.shape[0], self.index.shape[0])
+        new = torch.arange(self.prefill_len, w, device=m.device).expand(b, -1)
+        out = gather_tokens(m, torch.cat([self.index.to(m.device).expand(b, -1), new], 1), -1)
+        if self.static and out.shape[-1] < w:
+            fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+            out = torch.nn.functional.pad(out, (0, w - out.shape[-1]), value=fill)
+        return out
 
     def visual_or_raise(self):
         if self.visual is None:
@@ -426,8 +461,9 @@ class _VisionZipHook:
     object rather than a closure, so ``copy.deepcopy`` of a patched model points the copy's hook
     at the copy's attention module."""
 
-    def __init__(self, spec: VisionZip, attn: nn.Module, has_cls: bool):
+    def __init__(self, spec: VisionZip, attn: nn.Module, has_cls: bool, dominant: int | None = None):
         self.spec, self.attn, self.has_cls = spec, attn, has_cls
+        self.dominant = spec.dominant if dominant is None else dominant
 
     def __call__(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -437,16 +473,141 @@ class _VisionZipHook:
         scores, keys = result
         if not self.has_cls:
             scores = scores / hidden.shape[1]  # summed over rows → mean over query rows
-        reduced = visionzip_reduce(hidden, scores, keys, self.spec.dominant, self.spec.contextual, self.has_cls)
+        reduced = visionzip_reduce(hidden, scores, keys, self.dominant, self.spec.contextual, self.has_cls)
         return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
 
 
+class _VisionZipLlavaState:
+    """VisionZip inside a ``LlavaModel``: the tower returns ``dominant + contextual`` features per
+    image, so the prompt keeps that many image placeholders per image — the first ones of each
+    image's run — and every per-token input (attention mask, labels, position ids, ...) loses the
+    same positions, before HF sees them: the language model then runs exactly as on a prompt the
+    processor had written with ``dominant + contextual`` placeholders per image."""
+
+    # per-token inputs of the owner's forward gathered with input_ids (dim -1)
+    _PER_TOKEN = ("input_ids", "attention_mask", "labels", "shift_labels", "position_ids", "token_type_ids",
+                  "mm_token_type_ids")
+
+    def __init__(self, spec: VisionZip, parent: nn.Module, owner: nn.Module, image_token_id: int):
+        self.spec, self.parent, self.owner, self.image_token_id = spec, parent, owner, image_token_id
+        self.per_image = spec.dominant + spec.contextual
+        self.index = None  # (B, L') positions of the caller's sequence that the last pruned forward kept
+        params = list(inspect.signature(owner.forward).parameters.values())
+        self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def kept(self, input_ids: torch.Tensor, n_images: int) -> torch.Tensor | None:
+        """(B, L') positions to keep, or None when the prompt already has ``dominant + contextual``
+        placeholders per image (e.g. :meth:`generate` reduced it)."""
+        visual = input_ids == self.image_token_id
+        total, m = int(visual.sum()), self.per_image
+        if n_images < 1 or total == n_images * m:
+            return None
+        n = total // n_images
+        counts = visual.sum(1)
+        if total % n_images or n < m or bool((counts % max(n, 1) != 0).any()):
+            raise ValueError(f"VisionZip: {total} image placeholders for {n_images} images; expected the same number "
+                             f"per image, each >= dominant + contextual = {m} (reduced to {m} per image)")
+        rank = visual.long().cumsum(1) - 1
+        keep = ~visual | (rank % n < m)
+        lengths = keep.sum(1)
+        if not bool((lengths == lengths[0]).all()):
+            raise ValueError(f"VisionZip: every sample needs the same number of images to stay a rectangular batch "
+                             f"after the placeholders are reduced, got {(counts // n).tolist()} images")
+        return keep.nonzero()[:, 1].view(input_ids.shape[0], -1)
+
+    def _reduce(self, kwargs: dict) -> dict:
+        ids, pix = kwargs.get("input_ids"), kwargs.get("pixel_values")
+        if not isinstance(ids, torch.Tensor) or not isinstance(pix, torch.Tensor) or ids.dim() != 2:
+            return kwargs
+        if kwargs.get("image_sizes") is not None and pix.dim() != 4:
+            raise ValueError("VisionZip: pixel_values with image_sizes (variable-size images) are not supported")
+        index = self.kept(ids, pix.shape[0])
+        if index is None:
+            return kwargs
+        length = ids.shape[1]
+        kwargs = dict(kwargs)
+        for name in self._PER_TOKEN:
+            t = kwargs.get(name)
+            if not isinstance(t, torch.Tensor) or t.shape[-1] != length:
+                continue
+            if name == "attention_mask" and t.dim() != 2:
+                raise ValueError("VisionZip: a 4D attention_mask cannot follow the reduced image placeholders; pass "
+                                 "the 2D padding mask")
+            batch_dim = 0 if t.dim() == 2 else 1  # (3, B, L) M-RoPE ids
+            kwargs[name] = gather_tokens(t, index.to(t.device), -1, batch_dim=batch_dim)
+        cp = kwargs.get("cache_position")
+        if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
+            kwargs["cache_position"] = cp[: index.shape[1]]
+        self.index = index
+        return kwargs
+
+    def owner_pre(self, module, args, kwargs):
+        kwargs = dict(kwargs)
+        for name, a in zip(self.positional, args):
+            kwargs[name] = a
+        return (), self._reduce(kwargs)
+
+
+class _VisionZipGenerate:
+    """``generate`` of a patched LLaVA: the prompt is reduced once, before HF's generation loop
+    (so its cache, cache positions and attention mask follow the reduced length), and the returned
+    sequences are the caller's prompt followed by the new tokens.  An object, not a closure, so a
+    deep copy generates with the copy."""
+
+    def __init__(self, st: _VisionZipLlavaState):
+        self.st = st
+
+    def __call__(self, *args, **kwargs):
+        st = self.st
+        owner = st.owner
+        if args:
+            params = list(inspect.signature(type(owner).generate).parameters.values())[1:]
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            kwargs.update(zip(names, args))
+            args = ()
+        name = "inputs" if isinstance(kwargs.get("inputs"), torch.Tensor) else "input_ids"
+        ids = kwargs.get(name)
+        reduced = st._reduce(dict(kwargs, input_ids=ids)) if isinstance(ids, torch.Tensor) else kwargs
+        if ids is None or reduced is kwargs:
+            return type(owner).generate(owner, *args, **kwargs)
+        reduced = dict(reduced)
+        new_ids = reduced.pop("input_ids")
+        reduced[name] = new_ids
+        out = type(owner).generate(owner, *args, **reduced)
+        seq = out if isinstance(out, torch.Tensor) else out.sequences
+        full = torch.cat([ids.to(seq.device), seq[:, new_ids.shape[1]:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+
+
+def _feature_hidden_index(parent: nn.Module, n_layers: int) -> int:
+    fl = getattr(parent.config, "vision_feature_layer", -2)
+    if not isinstance(fl, int):
+        raise ValueError(f"prune=VisionZip(...): {type(parent).__name__} reads several vision layers "
+                         f"(vision_feature_layer={fl!r}); VisionZip needs one")
+    if not -(n_layers + 1) <= fl <= n_layers:
+        raise ValueError(f"VisionZip: vision_feature_layer={fl} is out of range")
+    return fl % (n_layers + 1)  # index into hidden_states: 0 = embeddings, i = output of layer i - 1
+
+
 def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Callable]) -> None:
+    llava: dict[int, tuple] = {}  # id(vision tower) -> (parent, owner, strategy)
     for path, m in model.named_modules():
-        if type(m).__name__ in _FASTV_PARENTS:
-            raise ValueError(f"prune=VisionZip(...): {type(m).__name__} at {path or '<root>'} expects one image "
-                             "placeholder per unpruned patch in input_ids; VisionZip is supported on standalone "
-                             "CLIP / SigLIP vision towers")
+        name = type(m).__name__
+        if name == "LlavaModel":
+            owner = model.get_submodule(path.rpartition(".")[0]) if path else None
+            if owner is None or not hasattr(owner, "generate"):
+                raise ValueError("prune=VisionZip(...) inside LLaVA: patch the LlavaForConditionalGeneration that "
+                                 "holds the LlavaModel (its forward / generate reduce the image placeholders)")
+            tok = getattr(m.config, "image_token_id", getattr(m.config, "image_token_index", None))
+            llava[id(m.vision_tower)] = (m, owner, getattr(m.config, "vision_feature_select_strategy", "default"),
+                                         tok)
+        elif name in _FASTV_PARENTS:
+            raise ValueError(f"prune=VisionZip(...): {name} at {path or '<root>'} lays its image features out on the "
+                             "patch grid (anyres tiles, newline tokens, pooling), which VisionZip's reduction does "
+                             "not keep; supported: LlavaModel (LLaVA-1.5) and standalone CLIP / SigLIP towers")
     found, seen = False, set()
     for path, m in model.named_modules():
         has_cls = _VISIONZIP_CONFIGS.get(type(getattr(m, "config", None)).__name__)
@@ -465,22 +626,50 @@ def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Calla
         if impl != "mmkernels":
             raise ValueError(f"prune=VisionZip(...): the vision attention must run on mmkernels to give scores, got "
                              f"attn_implementation={impl!r} (keep patch(..., attention=True))")
+        dominant, extra = spec.dominant, []
+        inside = next((v for k, v in llava.items() if k in {id(x) for x in m.modules()} or k == id(m)), None)
+        if inside is not None:
+            parent, owner, strategy, tok = inside
+            h = _feature_hidden_index(parent, n)
+            if h <= spec.layer % n:
+                raise ValueError(f"VisionZip.layer: {spec.layer} runs after the layer LLaVA reads its features from "
+                                 f"(vision_feature_layer={parent.config.vision_feature_layer}); prune at or before it")
+            if not isinstance(tok, int):
+                raise ValueError("VisionZip: the LLaVA config names no image_token_id")
+            # LLaVA's "default" strategy drops the first token (CLS) after the tower: keep one more so the
+            # language model sees dominant + contextual tokens per image (VisionZip's reference code)
+            if strategy == "default":
+                dominant += 1
+            st = _VisionZipLlavaState(spec, parent, owner, tok)
+            handle = owner.register_forward_pre_hook(st.owner_pre, with_kwargs=True)
+            owner.__dict__["generate"] = _VisionZipGenerate(st)
+            parent.__dict__[_STATE] = st
+
+            def _undo_llava(handle=handle, owner=owner, parent=parent):
+                handle.remove()
+                owner.__dict__.pop("generate", None)
+                parent.__dict__.pop(_STATE, None)
+
+            extra.append(_undo_llava)
         layer = layers[spec.layer]
         attn = layer.self_attn
         # CLIP: the CLS row summed over heads; SigLIP: every row, summed over heads (÷ L below)
         attn.__dict__[_REQUEST] = dict(query_index=0 if has_cls else None, reduce_heads="sum")
 
-        h = layer.register_forward_hook(_VisionZipHook(spec, attn, has_cls))
+        h = layer.register_forward_hook(_VisionZipHook(spec, attn, has_cls, dominant))
 
-        def _undo(h=h, attn=attn):
+        def _undo(h=h, attn=attn, extra=extra):
             h.remove()
             attn.__dict__.pop(_REQUEST, None)
             attn.__dict__.pop(_RESULT, None)
+            for f in extra:
+                f()
 
         undo.append(_undo)
         report.methods.append((path, f"encoder.layers[{spec.layer}].forward",
                                f"VisionZip(dominant={spec.dominant}, contextual={spec.contextual}): "
-                               f"{'CLS' if has_cls else 'mean'}-attention tokens kept (mk.attention_scores)"))
+                               f"{'CLS' if has_cls else 'mean'}-attention tokens kept (mk.attention_scores)"
+                               + ("; LLaVA image placeholders reduced to match" if inside is not None else "")))
         found = True
     if not found:
         raise ValueError(f"prune=VisionZip(...): no CLIP / SigLIP vision transformer inside {type(model).__name__}")

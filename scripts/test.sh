@@ -5,6 +5,10 @@
 #   bash scripts/test.sh                    # everything
 #   bash scripts/test.sh -k attention -x    # a subset
 #
+# The full run (no arguments) runs tests/test_inspect.py (compiles for sm_80/sm_90, no interpreter)
+# and two long interpreter files in a second pytest process beside the others: one core each on a
+# 2-core machine (MMK_TEST_SPLIT=0: one process).
+#
 # The last line is always the unit tests' counts (read from pytest's junit XML, so -qq, -p
 # no:terminal or a long benchmark log cannot hide it). Without a GPU, tests/conftest.py sets
 # TRITON_INTERPRET=1 so the Triton kernels run on CPU.
@@ -32,21 +36,53 @@ if [[ "${MMK_TEST_WORKERS:-1}" =~ ^[0-9]+$ ]] && (( ${MMK_TEST_WORKERS:-1} > 1 )
         echo "== MMK_TEST_WORKERS=$MMK_TEST_WORKERS needs pytest-xdist (pip install pytest-xdist, or the dev extra): serial"
     fi
 fi
-echo "== unit tests: $PY -m pytest tests -q ${workers[*]+${workers[*]} }$*"
-"$PY" -m pytest tests -q ${workers[@]+"${workers[@]}"} "$@" --junitxml="$tmp/unit.xml"
-unit_rc=$?
+# The full run (no arguments, no workers) runs in two pytest processes side by side, one core each
+# on a 2-core machine: tests/test_inspect.py (sm_80/sm_90 compiles in a subprocess: ptxas/LLVM, no
+# interpreter) with two long interpreter files in the background, everything else in front; the
+# background log is printed after the front run.  Both print their 25 slowest tests.
+BACKGROUND=(tests/test_inspect.py tests/test_attention_varlen.py tests/test_strides.py)
+split=0
+if (( $# == 0 && ${#workers[@]} == 0 )) && [[ "${MMK_TEST_SPLIT:-1}" == 1 && -f tests/test_inspect.py ]]; then
+    split=1
+    bg=()
+    ignore=()
+    for f in "${BACKGROUND[@]}"; do
+        [[ -f "$f" ]] && bg+=("$f") && ignore+=("--ignore=$f")
+    done
+    echo "== in the background: $PY -m pytest ${bg[*]} -q --durations=25"
+    "$PY" -m pytest "${bg[@]}" -q -p no:cacheprovider --durations=25 --junitxml="$tmp/inspect.xml" \
+        >"$tmp/inspect.log" 2>&1 &
+    inspect_pid=$!
+    echo "== unit tests: $PY -m pytest tests -q --durations=25 ${ignore[*]}"
+    "$PY" -m pytest tests -q --durations=25 "${ignore[@]}" --junitxml="$tmp/unit.xml"
+    unit_rc=$?
+    wait "$inspect_pid"
+    inspect_rc=$?
+    echo "== the background run (${bg[*]}), exit code $inspect_rc:"
+    cat "$tmp/inspect.log"
+    (( unit_rc == 0 )) && unit_rc=$inspect_rc
+else
+    echo "== unit tests: $PY -m pytest tests -q ${workers[*]+${workers[*]} }$*"
+    "$PY" -m pytest tests -q ${workers[@]+"${workers[@]}"} "$@" --junitxml="$tmp/unit.xml"
+    unit_rc=$?
+fi
 summary() {
-    "$PY" - "$tmp/unit.xml" "$unit_rc" <<'PY'
+    "$PY" - "$unit_rc" "$tmp/unit.xml" $( (( split )) && echo "$tmp/inspect.xml") <<'PY'
 import sys, xml.etree.ElementTree as ET
 try:
-    s = ET.parse(sys.argv[1]).getroot()
-    s = s.find("testsuite") if s.tag == "testsuites" else s
-    n = {k: int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    n = dict(tests=0, failures=0, errors=0, skipped=0)
+    wall = 0.0
+    for path in sys.argv[2:]:
+        s = ET.parse(path).getroot()
+        s = s.find("testsuite") if s.tag == "testsuites" else s
+        for k in n:
+            n[k] += int(s.get(k, 0))
+        wall = max(wall, float(s.get("time", 0)))  # the two processes ran side by side
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
     print(f"== unit tests: {passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped "
-          f"in {float(s.get('time', 0)):.0f} s (pytest exit code {sys.argv[2]})")
+          f"in {wall:.0f} s (pytest exit code {sys.argv[1]})")
 except Exception as exc:
-    print(f"== unit tests: no summary ({exc}); pytest exit code {sys.argv[2]}")
+    print(f"== unit tests: no summary ({exc}); pytest exit code {sys.argv[1]}")
 PY
 }
 if (( unit_rc != 0 )); then

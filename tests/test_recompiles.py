@@ -29,7 +29,8 @@ def _qwen2_5_vl():
                            spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1],
                            out_hidden_size=32),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
+                         num_key_value_heads=1, vocab_size=64,
+                         rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])))
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg).model.visual
 
 

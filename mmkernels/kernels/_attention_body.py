@@ -57,8 +57,8 @@ SEED_STRIDE = tl.constexpr(1000003)
 # block ranges
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               VARLEN: tl.constexpr):
+def _key_range(m_start, LQ, LK, KSPAN, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr):
     """(hi, mid) of the key loop of query rows [m_start, m_start + BLOCK_M): keys [0, hi) can be
     visible; blocks [0, mid) are interior (entirely inside LK and, causal, entirely visible to
     the block's first row, hence to all of them: no bounds or causal select); [mid, hi) holds
@@ -67,7 +67,11 @@ def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
     Dense (top-left): row i sees key j iff j <= i.  Packed (bottom-right): iff j <= i + (LK - LQ),
     so the last row sees keys up to m_start + BLOCK_M - 1 + LK - LQ, and a key block
     [n, n + BLOCK_N) is fully visible to row m_start iff n + BLOCK_N <= m_start + LK - LQ + 1
-    (clamped at 0: with LQ > LK the first rows see nothing)."""
+    (clamped at 0: with LQ > LK the first rows see nothing).
+
+    A key-only mask (MASK_KIND 3/4) narrows both to its spans of batch row ``b``
+    (``_tiles.key_spans`` in KSPAN): keys past the last kept one are never visited, and the
+    interior (mask-free) blocks end where the leading run of unbiased kept keys does."""
     full = (LK // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
         if VARLEN:
@@ -79,6 +83,9 @@ def _key_range(m_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
     else:
         hi = LK
         mid = full
+    if MASK_KIND >= 3:
+        hi = tl.minimum(hi, tl.load(KSPAN + b * 2))
+        mid = tl.minimum(mid, tl.load(KSPAN + b * 2 + 1) // BLOCK_N * BLOCK_N)
     return hi, mid
 
 
@@ -101,16 +108,6 @@ def _query_range(n_start, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
             lo = (n_start // BLOCK_M) * BLOCK_M
             band = tl.minimum(tl.cdiv(n_start + BLOCK_N, BLOCK_M) * BLOCK_M, LQ)
     return lo, band
-
-
-@triton.jit
-def _key_span_range(KSPAN, b, hi, mid, BLOCK_N: tl.constexpr):
-    """(hi, mid) of :func:`_key_range` within a key-only mask's spans (``_tiles.key_spans``) of
-    batch row ``b``: keys past the last kept one are never visited, and the interior (mask-free)
-    blocks end where the leading run of unbiased kept keys does."""
-    visit = tl.load(KSPAN + b * 2)
-    lead = tl.load(KSPAN + b * 2 + 1)
-    return tl.minimum(hi, visit), tl.minimum(mid, lead // BLOCK_N * BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------
@@ -159,9 +156,7 @@ def _fwd_body(
     scale = qk_scale
     if PRESCALE:
         scale = 1.0
-    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN)
-    if MASK_KIND >= 3:
-        hi, mid = _key_span_range(KSPAN, qb, hi, mid, BLOCK_N)
+    hi, mid = _key_range(m_start, LQ, LK, KSPAN, qb, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN, MASK_KIND)
     if USE_TMA:
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)
@@ -379,9 +374,7 @@ def _dq_body(
     if HAS_DROPOUT:
         seed = tl.load(SEED) + stream * SEED_STRIDE
 
-    hi, mid = _key_range(m_start, LQ, LK, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN)
-    if MASK_KIND >= 3:
-        hi, mid = _key_span_range(KSPAN, qb, hi, mid, BLOCK_N)
+    hi, mid = _key_range(m_start, LQ, LK, KSPAN, qb, BLOCK_M, BLOCK_N, IS_CAUSAL, VARLEN, MASK_KIND)
     if USE_TMA:
         kd0, kd1 = _row_descs(k_base, LK, skn, HEAD_DIM, BLOCK_N, D0, D1)
         vd0, vd1 = _row_descs(v_base, LK, svn, HEAD_DIM, BLOCK_N, D0, D1)

@@ -154,18 +154,27 @@ def _online_softmax(s, scale, m_i, l_i):
 
 
 @triton.jit
+def _clamp_bias(mval):
+    """An additive mask value (fp32) as the logits take it: HF's finfo.min clamped to -1e30
+    (×log2 e must not overflow to -inf), true -inf kept, and NaN kept — a NaN entry gives a NaN
+    logit (SDPA's math), not a masked one; the default maximum (max.f32) would return -1e30 for
+    it, PropagateNan.ALL is max.NaN.f32, the same single instruction."""
+    return tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def _key_mask(mask_base, kj, k_ok, smn, qk_scale, MASK_KIND: tl.constexpr, PRESCALE: tl.constexpr):
     """The per-key mask of a key-only mask (one row per batch, ``kj`` the key indices as a
     [1, n] or [n, 1] vector): MASK_KIND 3 (bool) the keep flags, out-of-range keys dropped;
     MASK_KIND 4 (additive) the bias in the units of :func:`_tile_logits`' logits — base 2, and
     divided by ``qk_scale`` unless PRESCALE (the logits are then raw products, scaled in the
     exp2's FMA: no pre-scaling multiply per score) — with finfo.min clamped to -1e30 as there,
-    -inf and NaN kept; out-of-range keys -inf."""
+    -inf and NaN kept (:func:`_clamp_bias`); out-of-range keys -inf."""
     if MASK_KIND == 3:
         km = tl.load(mask_base + kj * smn, mask=k_ok, other=0) != 0
     else:
         mval = tl.load(mask_base + kj * smn, mask=k_ok, other=float("-inf")).to(tl.float32)
-        mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30, propagate_nan=tl.PropagateNan.ALL))
+        mval = _clamp_bias(mval)
         if PRESCALE:
             km = mval * LOG2E
         else:
@@ -214,11 +223,7 @@ def _tile_logits(
             s = tl.where(mval != 0, s, float("-inf"))
         else:
             mval = mval.to(tl.float32)
-            # clamp HF's finfo.min to -1e30 (×log2 e must not overflow to -inf), keep true -inf,
-            # and keep NaN: a NaN entry gives a NaN logit (SDPA's math), not a masked one — the
-            # default maximum (max.f32) would return -1e30 for it; PropagateNan.ALL is max.NaN.f32,
-            # the same single instruction
-            mval = tl.where(mval == float("-inf"), mval, tl.maximum(mval, -1.0e30, propagate_nan=tl.PropagateNan.ALL))
+            mval = _clamp_bias(mval)
             s += mval * LOG2E
     if EDGE:
         if BOUNDS:

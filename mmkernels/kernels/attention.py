@@ -452,11 +452,13 @@ def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, dp: int, itemsiz
     words of a quarter of the tile and the keep bits: ``_tiles._dropout_keep``; it counted two
     while every score drew its own Philox call — with one call per 4 keys, sm_90 bf16 compiles of
     every dropout candidate this rule keeps at d=64/72/88/128, with and without a padding mask,
-    spill nothing under triton 3.9: forward 128×64 and dK/dV 32×128 defaults at d <= 88/72).  Calibrated on sm_90 bf16 compiles: forward 128×64 over 4 warps spilled
-    176 bytes at d=128 (192 values) but not at d=88 (160); with mask + dropout, 128×64 over 8
-    warps spilled 24 bytes at d=72/88 (136), and since the forward's loop is split into interior
-    and edge tiles 24 bytes at d=64 too (128); transposed dK/dV 32×128 over 8 warps: no spill at
-    d=128 (160), with mask + dropout none at d=64 (128) but 8 bytes at d=72/80 (144).  Staged bytes =
+    spill nothing under triton 3.9 and 3.6: forward 128×64 and dK/dV 32×128 defaults at d <= 88
+    and d <= 72).  Calibrated on sm_90 bf16 compiles (two-tile dropout, before that): forward
+    128×64 over 4 warps spilled 176 bytes at d=128 (192 values) but not at d=88 (160); with mask
+    + dropout, 128×64 over 8 warps spilled 24 bytes at d=72/88 (136), and since the forward's
+    loop is split into interior and edge tiles 24 bytes at d=64 too (128); transposed dK/dV
+    32×128 over 8 warps: no spill at d=128 (160), with mask + dropout none at d=64 (128) but 8
+    bytes at d=72/80 (144).  Staged bytes =
     the resident tile (bm·dp, or bn·dp twice for dK/dV) + ``stages`` buffers of the streamed
     tiles (K and V: 2·bn·dp; Q and dO: 2·bm·dp).  ``extra_live`` (fp32 values per thread) and
     ``extra_staged`` (bytes): what a caller's kernel keeps on top of these (the packed kernels'

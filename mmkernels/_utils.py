@@ -189,10 +189,11 @@ def check_rotary_tensor(name: str, t, query: torch.Tensor) -> None:
 
 def cu_seqlens_problems(cu: torch.Tensor, total: int, max_seqlen: int | None) -> torch.Tensor:
     """A 0-dim bool tensor on ``cu``'s device: True when ``cu`` is *not* a valid prefix-sum
-    tensor of ``total`` rows (first entry 0, non-decreasing, last entry ``total``) or a length
-    exceeds the ``max_seqlen`` hint.  Device ops only: no host read."""
+    tensor of at most ``total`` rows (first entry 0, non-decreasing, last entry <= ``total``:
+    the rows past it are padding) or a length exceeds the ``max_seqlen`` hint.  Device ops only:
+    no host read."""
     steps = cu[1:] - cu[:-1]
-    bad = (cu[0] != 0) | (cu[-1] != total) | (steps < 0).any()
+    bad = (cu[0] != 0) | (cu[-1] > total) | (steps < 0).any()
     if max_seqlen is not None:
         bad = bad | (steps > max_seqlen).any()
     return bad
@@ -203,10 +204,12 @@ def safe_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
     (no host read, CUDA-graph capturable): contiguous int32 (n+2,), every boundary clamped to
     ``[0, total]`` and non-decreasing (a running max), the first one 0, and ``total`` appended.
 
-    Valid prefix sums keep their n sequences and gain one empty trailing sequence; for any other
-    integer tensor of the right shape the kernels still read and write only inside their tensors
-    and every row belongs to exactly one sequence (the rows before ``cu[0]`` join sequence 0, the
-    rows after the last boundary form the trailing one), so every output element is written.
-    The op reports the invalid values separately (:func:`cu_seqlens_problems`)."""
+    Valid prefix sums keep their n sequences and gain one trailing sequence: the rows past the
+    last boundary (the padding tail of a CUDA-graph buffer; empty when ``cu[-1] == total``),
+    which ``attention_varlen`` treats as padding (its rows see no key).  For any other integer
+    tensor of the right shape the kernels still read and write only inside their tensors and
+    every row belongs to exactly one sequence (the rows before ``cu[0]`` join sequence 0), so
+    every output element is written.  The op reports the invalid values separately
+    (:func:`cu_seqlens_problems`)."""
     c = torch.cummax(cu.clamp(0, total), 0).values
     return torch.cat([c.new_zeros(1), c[1:], c.new_full((1,), total)]).to(torch.int32)

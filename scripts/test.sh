@@ -38,9 +38,10 @@ if [[ "${MMK_TEST_WORKERS:-1}" =~ ^[0-9]+$ ]] && (( ${MMK_TEST_WORKERS:-1} > 1 )
 fi
 # The full run (no arguments, no workers) runs in two pytest processes side by side, one core each
 # on a 2-core machine: tests/test_inspect.py (sm_80/sm_90 compiles in a subprocess: ptxas/LLVM, no
-# interpreter) with three long interpreter files in the background, everything else in front; the
+# interpreter) with the long interpreter files in the background, everything else in front; the
 # background log is printed after the front run.  Both print their 25 slowest tests.
-BACKGROUND=(tests/test_inspect.py tests/test_attention_varlen.py tests/test_strides.py tests/test_attention.py)
+BACKGROUND=(tests/test_inspect.py tests/test_attention_varlen.py tests/test_strides.py tests/test_attention.py
+            tests/test_capture_contract.py tests/test_qformer_cross_attention.py)
 split=0
 if (( $# == 0 && ${#workers[@]} == 0 )) && [[ "${MMK_TEST_SPLIT:-1}" == 1 && -f tests/test_inspect.py ]]; then
     split=1

@@ -150,12 +150,16 @@ def test_max_seqlen_hint_and_strided_inputs():
     lq, lk = [17, 113, 0, 40], [20, 100, 3, 40]
     q, k, v, cu_q, cu_k = _packed(lq, lk, 2, 2, 64, torch.float32, transposed=True)
     check(q, k, v, cu_q, cu_k, is_causal=True, max_seqlen_q=113, max_seqlen_k=100)
-    # windows of equal size (Qwen2.5-VL): the hint grid n*cdiv(max, BLOCK) is the smaller one
+    # windows of equal size (Qwen2.5-VL), 8 sequences and the padding tail: the hint grid
+    # (n-1)*cdiv(max, BLOCK) + cdiv(total, BLOCK) (the tail is not bounded by the hint) is the smaller one
     from mmkernels.kernels.attention_varlen import grid_size
 
     assert grid_size(9, 144, 64, None) == (3 + 9, 0)
-    assert grid_size(9, 144, 64, 16) == (9, 1)
+    assert grid_size(9, 144, 64, 16) == (8 + 3, 1)
     assert grid_size(2, 200, 64, 200) == (6, 0)  # a hint that does not shrink the grid is not used
+    assert grid_size(301, 600, 64, 2) == (300 + 10, 1)
+    assert grid_size(301, 600, 64, 64) == (300 + 10, 1)  # > _SCAN sequences: up to 2x the grid, no tile map
+    assert grid_size(301, 600, 64, 200) == (10 + 301, 0)
 
 
 def test_tile_lookup_spans_several_scan_chunks(monkeypatch):
@@ -321,7 +325,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="cu_seqlens_k.*non-decreasing"):
         mk.attention_varlen(q, k, v, cu, torch.tensor([0, 5, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens_q.*last entry"):
-        mk.attention_varlen(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), cu)
+        mk.attention_varlen(q, k, v, torch.tensor([0, 3, 8], dtype=torch.int32), cu)
     with pytest.raises(ValueError, match="cu_seqlens_k.*device"):
         mk.attention_varlen(q, k, v, cu, cu.to("meta"))
     with pytest.raises(ValueError, match="cu_seqlens_q.*1-D"):

@@ -28,10 +28,10 @@ asks for that backend).  The backend, for packed ``(B·S, H, D)`` q/k/v:
   or ``forward_metadata.cu_seqlens``; one :func:`mmkernels.attention_varlen` call, GQA read
   in-kernel, no host read.  ``max_seqlen`` (and ``sequence_lengths``) are accepted and not
   needed: the kernel's grid comes from shapes alone.  Rows past ``cu_seqlens[-1]`` (none in
-  SGLang's packings) would form short extra sequences
-  (:func:`mmkernels.integrations.vllm.with_tail_sequences`), so a padded packing never fails the
-  op's prefix-sum check;
-* ``output_ws``: the result is written into that buffer and the buffer returned;
+  SGLang's packings today) and trailing empty sequences are the op's padding (capture
+  contract: real rows bit-identical, tail rows 0);
+* ``output_ws``: the kernel writes the result straight into that buffer (``out=``), which is
+  returned (copied into it only when its shape or dtype differs, or under autograd);
 * ``window_size``: (-1, -1) (SGLang's value for full attention, and the only one it passes
   without attention sinks) is honoured as full attention within each sequence; any other window,
   or ``s_aux`` (sinks), raises ``NotImplementedError`` — SGLang's ``triton_attn`` silently ignores
@@ -56,7 +56,6 @@ import torch
 
 from ..ops.attention import attention
 from ..ops.attention_varlen import attention_varlen
-from .vllm import with_tail_sequences
 
 __all__ = ["BACKEND_NAME", "TESTED_SGLANG_VERSIONS", "build_backend_class", "extend_cli_choices", "register"]
 
@@ -246,9 +245,12 @@ def build_backend_class() -> type:
                 out = out.transpose(1, 2).flatten(0, 1)
             else:
                 cu = _resolve_cu_seqlens(cu_seqlens, bsz, seq_len, q.device, kwargs)
-                cu = with_tail_sequences(cu, total)  # rows past cu[-1], if any: short extra sequences
                 ws = kwargs.get("output_ws")
-                extra = {"out": ws} if (out_kw and isinstance(ws, torch.Tensor)) else {}
+                direct = (out_kw and isinstance(ws, torch.Tensor) and ws.shape == q.shape[:2] + v.shape[-1:]
+                          and ws.dtype == q.dtype and ws.device == q.device
+                          and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                or v.requires_grad)))
+                extra = {"out": ws} if direct else {}
                 out = attention_varlen(q, k, v, cu, cu, dropout_p=dropout_p, scale=scale, enable_gqa=gqa, **extra)
             ws = kwargs.get("output_ws")
             if isinstance(ws, torch.Tensor) and out is not ws:

@@ -25,10 +25,9 @@ The subclass (``forward_cuda`` and the native/CPU forwards; ROCm/XPU/TPU keep vL
 * ``cu_seqlens`` given: prefix sums over the ``B·S`` packed rows (vLLM's flash-attn
   convention); one :func:`mmkernels.attention_varlen` call per layer.  Rows past
   ``cu_seqlens[-1]`` (a CUDA-graph token budget larger than the batch) and trailing empty
-  sequences (``cu_seqlens`` padded by repeating its last value) are allowed: the adapter appends
-  boundaries (:func:`with_tail_sequences`) so those rows form sequences of at most
-  :data:`TAIL_CHUNK` rows whose output vLLM discards, and the real rows are computed exactly as
-  without padding;
+  sequences (``cu_seqlens`` padded by repeating its last value) are passed straight through:
+  the op's capture contract computes the real rows bit for bit as without padding and writes 0
+  in the tail rows (which vLLM discards), at no attention cost;
 * ``cu_seqlens`` None: every batch row is one sequence (``S`` and the key length may differ);
 * ``max_seqlen`` (vLLM passes a CPU scalar tensor) and ``sequence_lengths`` are ignored: the
   kernel's grid comes from shapes alone, so nothing is read on the host (no ``.item()``,
@@ -57,8 +56,8 @@ import torch
 
 from ..ops.attention_varlen import attention_varlen
 
-__all__ = ["ENV_VAR", "EXPECTED", "TAIL_CHUNK", "TESTED_VLLM_VERSIONS", "build_encoder_attention_class", "enabled",
-           "register", "signature_problems", "with_tail_sequences"]
+__all__ = ["ENV_VAR", "EXPECTED", "TESTED_VLLM_VERSIONS", "build_encoder_attention_class", "enabled",
+           "register", "signature_problems"]
 
 ENV_VAR = "MMKERNELS_VLLM"
 TESTED_VLLM_VERSIONS = ("0.33.0",)
@@ -188,21 +187,6 @@ def _register() -> bool:
     return True
 
 
-# rows past cu_seqlens[-1] are split into sequences of at most this many rows: their (discarded)
-# attention then costs O(rows * TAIL_CHUNK), not O(rows^2) as one sequence would
-TAIL_CHUNK = 128
-
-
-def with_tail_sequences(cu: torch.Tensor, total: int) -> torch.Tensor:
-    """``cu`` (int32 prefix sums ending at most at ``total``) extended so that the rows past
-    ``cu[-1]`` (a CUDA-graph token budget larger than the batch) form sequences of at most
-    :data:`TAIL_CHUNK` rows: ``cu[-1] + TAIL_CHUNK·j`` clamped to ``total``, j = 1..ceil(total /
-    TAIL_CHUNK) — empty sequences when there is no tail.  Device ops only; the length depends
-    on ``total`` (a shape), never on values, so it is capturable and traces without a break."""
-    steps = torch.arange(1, (total + TAIL_CHUNK - 1) // TAIL_CHUNK + 1, dtype=cu.dtype, device=cu.device)
-    return torch.cat([cu, (cu[-1:] + steps * TAIL_CHUNK).clamp_max(total)])
-
-
 def _packed(t: torch.Tensor, heads: int, head_size: int) -> torch.Tensor:
     """(B, S, H·D) or (B, S, H, D) → (B·S, H, D); a view whenever the strides allow (vLLM's
     q/k/v are views of the fused qkv projection)."""
@@ -280,8 +264,7 @@ def build_encoder_attention_class(base: type) -> type:
                 cu_q = torch.arange(0, (bsz + 1) * q_len, q_len, dtype=torch.int32, device=q.device)
                 cu_k = torch.arange(0, (bsz + 1) * kv_len, kv_len, dtype=torch.int32, device=q.device)
             else:
-                cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-                cu_q = cu_k = with_tail_sequences(cu, q.shape[0])
+                cu_q = cu_k = cu_seqlens.to(device=q.device, dtype=torch.int32)
             out = attention_varlen(q, k, v, cu_q, cu_k, scale=self.scale,
                                    enable_gqa=self.num_kv_heads != self.num_heads)
             if query.dim() == 4:

@@ -76,7 +76,8 @@ def _tile(CU, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.cons
     """(sequence, first local row, sequence start, sequence length) of program ``pid``; length 0
     for a program past the packing's last tile (it returns).
 
-    PER_SEQ > 0 (a max_seqlen hint): program t owns block t % PER_SEQ of sequence t // PER_SEQ.
+    PER_SEQ > 0 (a max_seqlen hint): program t owns block t % PER_SEQ of sequence t // PER_SEQ,
+    except that the last sequence (the padding tail) owns all programs from its first on.
     Otherwise sequence s owns programs [P_{s-1}, P_s) with P_s = sum_{r<=s} ceil(L_r / BLOCK):
     the sequence of t is the number of s with P_s <= t, found by scanning cu_seqlens in SCAN-wide
     vector chunks (one chunk up to SCAN sequences: ~207 windows of a 1000x2500 px Qwen2.5-VL image).
@@ -90,7 +91,9 @@ def _tile(CU, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.cons
         seq = tl.load(TILE_MAP + pid)
         first = pid - tl.load(TILE_MAP + tl.num_programs(0) + pid)
     elif PER_SEQ > 0:
-        seq = pid // PER_SEQ
+        # the last sequence (rows past the caller's last boundary) is not bounded by the hint:
+        # it owns every program from its first on (the launcher adds cdiv(total, BLOCK) of them)
+        seq = tl.minimum(pid // PER_SEQ, N_SEQS - 1)
         first = seq * PER_SEQ
     else:
         before = pid * 0
@@ -231,14 +234,20 @@ _SCAN = 256  # sequences per vector chunk of the in-kernel tile lookup
 
 
 def grid_size(n: int, total: int, block: int, max_seqlen: int | None) -> tuple[int, int]:
-    """(programs per head, PER_SEQ) from shapes only: cdiv(total, block) + n programs (each
-    sequence needs ceil(L / block) <= L / block + 1 of them), or with a ``max_seqlen`` hint (an
-    upper bound of every length) n * cdiv(max_seqlen, block) when that is smaller (PER_SEQ > 0)."""
+    """(programs per head, PER_SEQ) from shapes only, for ``n`` sequences of which the last is
+    the padding tail (:func:`_safe_metadata`): cdiv(total, block) + n programs (each sequence
+    needs ceil(L / block) <= L / block + 1 of them), or with a ``max_seqlen`` hint (an upper
+    bound of every length but the tail's) (n - 1) * cdiv(max_seqlen, block) for the sequences
+    plus cdiv(total, block) for the tail, which the hint does not bound (PER_SEQ > 0).  The hint
+    is taken when that grid is no larger, or at most twice as large where it spares the
+    launcher the tile map (more than ``_SCAN`` sequences): its programs find their sequence with
+    one division; the tail's programs past a short (usually empty) tail return at once."""
     bound = triton.cdiv(total, block) + n
     if max_seqlen:
         per_seq = triton.cdiv(max_seqlen, block)
-        if n * per_seq <= bound:
-            return n * per_seq, per_seq
+        hinted = (n - 1) * per_seq + triton.cdiv(total, block)
+        if hinted <= bound or (n > _SCAN and hinted <= 2 * bound):
+            return hinted, per_seq
     return bound, 0
 
 
@@ -282,27 +291,41 @@ def tile_map(cu: torch.Tensor, block: int, programs: int, per_seq: int) -> tuple
 def _safe_metadata(cu_q, cu_k, total_q: int, total_k: int):
     """The kernels index with cu_seqlens unchecked, so they get copies that cannot point outside
     the packed tensors (clamped, non-decreasing, contiguous: two tiny device ops each, no host
-    read) whatever the caller passed; valid values keep their meaning (plus one empty trailing
-    sequence)."""
+    read) whatever the caller passed; valid values keep their meaning, plus one trailing
+    sequence, the padding tail: the rows past the caller's last boundary (none for a packing
+    that ends at the total).  The kernels treat that last sequence as padding: its query rows
+    see no key (O = 0, dQ = 0) and its keys no query (dK = dV = 0): :func:`_closed`."""
     if cu_q.shape != cu_k.shape or cu_q.dim() != 1 or cu_q.shape[0] < 1:
         raise ValueError(f"cu_seqlens_q / cu_seqlens_k: expected two (n+1,) tensors, got shapes "
                          f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
     return safe_cu_seqlens(cu_q, total_q), safe_cu_seqlens(cu_k, total_k)
 
 
+def _closed(cu: torch.Tensor) -> torch.Tensor:
+    """Safe metadata whose last sequence (the padding tail) is made empty: the side of the
+    packing that the tail's rows of the *other* side must not see (forward, dQ: the keys, so
+    the tail's query rows see none, O = dQ = 0; dK/dV: the queries, so the tail's keys get
+    dK = dV = 0).  Done in the metadata, not in the kernels (a select there cost the d=80
+    forward 24 bytes of spills on sm_90)."""
+    return torch.cat([cu[:-1], cu[-2:-1]])
+
+
 def _head_bucket(d: int) -> int:
     return 64 if d <= 64 else (128 if d <= 128 else 256)
 
 
-def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale):
-    """Launch the forward.  Returns O (total_q, Hq, D) contiguous and the softmax statistics
-    (Hq, 2, total_q) fp32 (row max and log2 row sum of the base-2 logits, as the dense kernel;
-    +inf max for rows with no visible key)."""
+def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale,
+                   out=None):
+    """Launch the forward.  Returns O (total_q, Hq, D) and the softmax statistics (Hq, 2,
+    total_q) fp32 (row max and log2 row sum of the base-2 logits, as the dense kernel; +inf max
+    for rows with no visible key).  O is ``out`` when given (any strides, written in place:
+    the caller's buffer of a CUDA graph), else a new contiguous tensor."""
     total_q, h, d = query.shape
     total_k, hkv = key.shape[0], key.shape[1]
     cu_q, cu_k = _safe_metadata(cu_q, cu_k, total_q, total_k)
     n = cu_q.shape[0] - 1
-    out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
+    if out is None:
+        out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
     lse = new_output((h, 2, total_q), torch.float32, query.device)
     if total_q == 0 or n == 0:
         return out, lse
@@ -315,6 +338,7 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         query, key, _ = rotated_copies(query, key, cos, sin, _heads_first)
     seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
     kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
+    cu_k = _closed(cu_k)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     kernel[(programs, h)](
@@ -322,7 +346,7 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         h, total_q, h // hkv, n, per_seq, _head_bucket(d),
         float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value), **cfg,
+        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, out), **cfg,
     )
     return out, lse
 
@@ -358,7 +382,7 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     programs, per_seq = grid_size(n, total_k, bn, max_k)
     tmap, use_map = tile_map(cu_k, bn, programs, per_seq)
     kv_kernel[(programs, hkv)](
-        query, key, value, grad_out, lse, delta, dk, dv, cu_q, cu_k, seed_arg, tmap, *common,
+        query, key, value, grad_out, lse, delta, dk, dv, _closed(cu_q), cu_k, seed_arg, tmap, *common,
         h, hkv, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **kv_cfg,
     )
@@ -366,7 +390,7 @@ def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin,
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     q_kernel[(programs, h)](
-        query, key, value, grad_out, lse, delta, dq, cu_q, cu_k, seed_arg, tmap, *common,
+        query, key, value, grad_out, lse, delta, dq, cu_q, _closed(cu_k), seed_arg, tmap, *common,
         h, total_q, h // hkv, n, per_seq, _head_bucket(d), qk_scale, float(scale), float(dropout_p),
         **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, grad_out), **q_cfg,
     )

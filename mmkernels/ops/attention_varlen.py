@@ -53,6 +53,7 @@ class Inputs(TypedDict):
     scale: float
     enable_gqa: bool
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
+    out: Optional[torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -85,6 +86,36 @@ def _(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_
       is_causal, scale):
     total_q, h, _ = query.shape
     return query.new_empty(total_q, h, value.shape[-1]), query.new_empty(h, 2, total_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkernels::attention_varlen_fwd_out", mutates_args=("out",))
+def _varlen_fwd_out(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """The forward writing into the caller's ``out`` (inference only: no autograd, no LSE kept)."""
+    from ..kernels import attention_varlen as kernels
+
+    kernels.varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
+                           max_seqlen_k, dropout_p, is_causal, scale, out=out)
+
+
+@_varlen_fwd_out.register_fake
+def _(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q, max_seqlen_k, dropout_p,
+      is_causal, scale, out):
+    return None
 
 
 @torch.library.custom_op("mmkernels::attention_varlen_bwd", mutates_args=())
@@ -163,9 +194,9 @@ def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int | 
     if bool((steps < 0).any()) or bool(cu[0] != 0):
         raise ValueError(f"{name}: expected non-decreasing prefix sums starting at 0, got {describe(cu)} "
                          f"= {cu.tolist() if cu.numel() <= 16 else '...'}")
-    if bool(cu[-1] != total):
-        raise ValueError(f"{name}: last entry must equal the packed length {total}, got {describe(cu)} "
-                         f"ending in {int(cu[-1])}")
+    if bool(cu[-1] > total):
+        raise ValueError(f"{name}: last entry must be at most the packed length {total} (rows past it are "
+                         f"padding), got {describe(cu)} ending in {int(cu[-1])}")
     if max_seqlen is not None and steps.numel() and bool((steps > max_seqlen).any()):
         raise ValueError(f"max_seqlen_{name[-1]}: the hint {max_seqlen} is smaller than the longest sequence "
                          f"of {name} ({int(steps.max())})")
@@ -185,9 +216,46 @@ def _report_bad_cu_seqlens(cu_q, cu_k, total_q: int, total_k: int, max_q, max_k)
     torch._assert_async(
         ~bad,
         "mmkernels.attention_varlen: invalid cu_seqlens_q / cu_seqlens_k (expected int32 prefix sums "
-        "non-decreasing from 0 to the packed length, each length at most the max_seqlen hint); the "
+        "non-decreasing from 0 to at most the packed length, each length at most the max_seqlen hint); the "
         "kernels ran on clamped boundaries, so the result of this call is not meaningful",
     )
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte of the memory ``t`` spans (a non-empty tensor)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size()
+    return t.data_ptr(), t.data_ptr() + last + t.element_size() - 1
+
+
+def _check_out(out, query, value, others) -> None:
+    """``out=``: the caller's (total_q, Hq, Dv) buffer in query's dtype and device, any strides,
+    written in place; no autograd (as torch's ``out=`` functions), no internal overlap, and (in
+    eager mode, where data pointers exist) no memory shared with an input."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out: expected None or a torch.Tensor, got {type(out).__name__}")
+    expected = (query.shape[0], query.shape[1], value.shape[-1])
+    if tuple(out.shape) != expected or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(f"out: expected shape {expected}, dtype {query.dtype} on {query.device} "
+                         f"(total_q, Hq, Dv like the result), got {describe(out)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, *others)):
+        raise ValueError("out: writing into a caller's buffer does not support autograd (as torch's out= "
+                         "functions); call under torch.no_grad() / torch.inference_mode(), or drop out= "
+                         f"(inputs requiring grad: query {describe(query)})")
+    if torch.compiler.is_compiling() or out.numel() == 0:
+        return
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"out: expected a buffer whose elements do not overlap (not an expanded view), "
+                         f"got {describe(out)} with strides {tuple(out.stride())}")
+    lo, hi = _extent(out)
+    for name, t in zip(("query", "key", "value", "rotary cos", "rotary sin", "cu_seqlens_q", "cu_seqlens_k"),
+                       others):
+        if t is not None and t.numel() and t.device == out.device:
+            tlo, thi = _extent(t)
+            if tlo <= hi and lo <= thi:
+                raise ValueError(f"out: shares memory with {name} ({describe(t)}); expected a separate buffer "
+                                 f"(the kernels read the inputs while writing out)")
 
 
 def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, enable_gqa, rotary) -> None:
@@ -250,7 +318,7 @@ def _triton_check(inp: Inputs) -> list:
 
 
 def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-                scale, enable_gqa, rotary):
+                scale, enable_gqa, rotary, out=None):
     d, dv = query.shape[-1], value.shape[-1]
     seed = None
     if dropout_p > 0.0:
@@ -268,12 +336,25 @@ def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         cos, sin = rotary
         if cos.stride() != sin.stride():  # the kernel indexes both with cos's strides
             cos, sin = cos.contiguous(), sin.contiguous()
-    out, _ = _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
-                         max_seqlen_k, float(dropout_p), bool(is_causal), float(scale))
-    out = out[..., :dv] if dv < d else out
+    args = (query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q, max_seqlen_k,
+            float(dropout_p), bool(is_causal), float(scale))
+    if out is not None and dv >= d:  # the kernel writes the caller's buffer itself
+        _varlen_fwd_out(*args, out)
+        result = out
+    else:
+        result, _ = _varlen_fwd(*args)
+        result = result[..., :dv] if dv < d else result
     if is_causal:
-        out = _triton_nans(out, query, key, value[..., :dv], cu_seqlens_q, cu_seqlens_k, rotary)
-    return out
+        result = _triton_nans(result, query, key, value[..., :dv], cu_seqlens_q, cu_seqlens_k, rotary,
+                              inplace=out is not None)
+    return _into(out, result)
+
+
+def _into(out, result):
+    """``result``, copied into the caller's ``out`` when given and not already there."""
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
 
 
 def _segments(cu: torch.Tensor, total: int):
@@ -283,23 +364,28 @@ def _segments(cu: torch.Tensor, total: int):
     return seg, idx - cu[seg]
 
 
-def _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n: int):
+def _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n: int, inplace: bool = False):
     """``out`` (total_q, Hq, Dv) with NaN where a per-sequence SDPA (math backend) has one from
     the sequence's own keys/values: every row of a sequence (kv head) holding a bad key row
     ``key_bad`` (total_k, Hkv), column d of every row of a sequence holding a bad value entry
-    ``value_bad`` (total_k, Hkv, Dv).  Device ops only (``index_add`` per sequence, a gather per
-    row, one ``where``)."""
-    seq_key_bad = torch.zeros(n, key_bad.shape[1], dtype=torch.int32, device=out.device).index_add_(
-        0, seg_k, key_bad.to(torch.int32)) > 0
-    seq_value_bad = torch.zeros(n, *value_bad.shape[1:], dtype=torch.int32, device=out.device).index_add_(
-        0, seg_k, value_bad.to(torch.int32)) > 0
+    ``value_bad`` (total_k, Hkv, Dv).  ``n`` counts the sequences of :func:`safe_cu_seqlens`,
+    whose last is the padding tail (its rows see no key: never NaN).  Device ops only
+    (``index_add`` per sequence, a gather per row, one ``where``, or ``masked_fill_`` into
+    ``out`` when ``inplace``)."""
+    real = (torch.arange(n, device=out.device) < n - 1)[:, None]  # the tail's flags stay False
+    seq_key_bad = (torch.zeros(n, key_bad.shape[1], dtype=torch.int32, device=out.device).index_add_(
+        0, seg_k, key_bad.to(torch.int32)) > 0) & real
+    seq_value_bad = (torch.zeros(n, *value_bad.shape[1:], dtype=torch.int32, device=out.device).index_add_(
+        0, seg_k, value_bad.to(torch.int32)) > 0) & real[..., None]
     poisoned = seq_key_bad[seg_q][..., None] | seq_value_bad[seg_q]  # (total_q, Hkv, Dv)
     if poisoned.shape[1] != out.shape[1]:  # GQA: a kv head's flags go to its query heads
         poisoned = poisoned.repeat_interleave(out.shape[1] // poisoned.shape[1], dim=1)
+    if inplace:
+        return out.masked_fill_(poisoned, float("nan"))
     return torch.where(poisoned, float("nan"), out)
 
 
-def _triton_nans(out, query, key, value, cu_q, cu_k, rotary):
+def _triton_nans(out, query, key, value, cu_q, cu_k, rotary, inplace=False):
     """Causal calls: the kernels skip the key tiles above each sequence's causal band, where
     SDPA math still adds a NaN key's logits (NaN + -inf = NaN) and multiplies a NaN value by a
     zero probability; the rule (every row of the sequence / column d of every row) is applied
@@ -313,7 +399,7 @@ def _triton_nans(out, query, key, value, cu_q, cu_k, rotary):
     value_bad = torch.isnan(value)
     seg_q, _ = _segments(cu_q, total_q)
     seg_k, _ = _segments(cu_k, total_k)
-    return _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, cu_q.shape[0] - 1)
+    return _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, cu_q.shape[0] - 1, inplace)
 
 
 def _zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:
@@ -323,7 +409,7 @@ def _zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-              scale, enable_gqa, rotary):
+              scale, enable_gqa, rotary, out=None):
     """One SDPA call over the whole packing with a dense block-diagonal (total_q, total_k) mask,
     built on the device (no host read): O(total_q·total_k) memory, the automatic route only where
     the Triton kernels cannot run (CPU without the interpreter, float64, head dims over 256).
@@ -341,7 +427,7 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     n = cu_q.shape[0] - 1
     seg_q, pos_q = _segments(cu_q, total_q)
     seg_k, pos_k = _segments(cu_k, total_k)
-    allowed = seg_q[:, None] == seg_k[None, :]
+    allowed = (seg_q[:, None] == seg_k[None, :]) & (seg_q < n - 1)[:, None]  # the tail (padding) sees no key
     if is_causal:
         lens_q = cu_q[1:] - cu_q[:-1]
         lens_k = cu_k[1:] - cu_k[:-1]
@@ -355,17 +441,18 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     rep = q.shape[1] // k.shape[1]
     if rep != 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
-    out = out.squeeze(0).transpose(0, 1)
-    out = _sequence_nans(out, key_bad, value_bad, seg_q, seg_k, n)
+    result = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    result = result.squeeze(0).transpose(0, 1)
+    result = _sequence_nans(result, key_bad, value_bad, seg_q, seg_k, n)
     # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
-    return torch.where(allowed.any(1)[:, None, None], out, out.new_zeros(()))
+    result = torch.where(allowed.any(1)[:, None, None], result, result.new_zeros(()))
+    return _into(out, result)
 
 
 def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-                   scale, enable_gqa, rotary):
-    return ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
-                                enable_gqa, rotary)
+                   scale, enable_gqa, rotary, out=None):
+    return _into(out, ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal,
+                                           scale, enable_gqa, rotary))
 
 
 dispatch.register(dispatch.Backend("triton", "attention_varlen", _triton_check, _triton_run,
@@ -394,22 +481,43 @@ def attention_varlen(
     enable_gqa: bool = False,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
+    out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Attention over packed sequences of different lengths (``flash_attn_varlen_func``'s layout).
 
     Shapes: ``query`` (total_q, Hq, D), ``key`` (total_k, Hkv, D), ``value`` (total_k, Hkv, Dv)
     → (total_q, Hq, Dv).  ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 (n+1,) prefix sums on the
-    tensors' device (``cu[0] = 0``, ``cu[n] = total``); rows ``cu_q[s]:cu_q[s+1]`` of the query
+    tensors' device (``cu[0] = 0``, ``cu[n] <= total``); rows ``cu_q[s]:cu_q[s+1]`` of the query
     attend only to rows ``cu_k[s]:cu_k[s+1]`` of the keys.  Sequences may be empty (length 0);
-    a query row of a sequence with no key returns 0.  Qwen2.5-VL's window attention is this op
-    with the window prefix sums.  Hkv < Hq needs ``enable_gqa=True`` and Hq % Hkv == 0.
+    a query row of a sequence with no key returns 0.  Rows past ``cu[n]`` are padding: query
+    rows there return 0 (gradient 0), keys there are never read into a real row (gradient 0).
+    Qwen2.5-VL's window attention is this op with the window prefix sums.  Hkv < Hq needs
+    ``enable_gqa=True`` and Hq % Hkv == 0.
+
+    ``out``: a (total_q, Hq, Dv) tensor of query's dtype and device (any strides, no internal
+    overlap, not sharing memory with an input) that receives the result in place and is
+    returned; inference only (an input that requires grad raises, as torch's ``out=``).
+
+    **CUDA-graph capture contract** (what vLLM's encoder CUDA graphs and SGLang's ViT graph mode
+    need; ``tests/test_capture_contract.py``): capture once with buffers sized for the largest
+    batch, replay with new values written into the same tensors.
+
+    * ``out=`` writes into the caller's buffer: the Triton kernel stores there directly (a copy
+      only when Dv < D); no allocation's size depends on a tensor's *values* (every buffer the
+      call allocates is sized from shapes and ``max_seqlen``), and nothing is read on the host.
+    * Padded metadata gives bit-identical results for the real rows: trailing zero-length
+      sequences (``cu_seqlens`` longer than the real count, its last value repeated), rows past
+      ``cu[n]`` (unused tail rows of the buffers), and ``max_seqlen`` hints above the real lengths
+      change nothing in the rows of the real sequences; the tail rows come out 0.
+    * Whatever the values, the kernels read and write only inside the given tensors.
 
     No host synchronisation: nothing reads a device value on the host, so the call is
     CUDA-graph capturable and compiles with no graph break.  ``max_seqlen_q`` / ``max_seqlen_k``
-    are optional upper bounds (as flash-attn's) that only shrink the launch grid.  Bad values
-    (``cu_seqlens_*`` not non-decreasing from 0 to the total, a length above its ``max_seqlen``
-    hint) raise ``ValueError`` in eager mode on CPU tensors; elsewhere (CUDA tensors,
+    are optional upper bounds (as flash-attn's) of the real sequences' lengths (not of the
+    padding tail) that only shrink the launch grid.  Bad values (``cu_seqlens_*`` not
+    non-decreasing from 0, a last entry above the total, a length above its ``max_seqlen`` hint)
+    raise ``ValueError`` in eager mode on CPU tensors; elsewhere (CUDA tensors,
     ``torch.compile``, CUDA-graph capture) a device-side assertion reports them at the next
     synchronising point, with no host sync.  Whatever the values, the kernels only read and
     write inside their tensors: they run on boundaries clamped to ``[0, total]`` and made
@@ -455,12 +563,13 @@ def attention_varlen(
     """
     _validate(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
               enable_gqa, rotary)
+    _check_out(out, query, value, (query, key, value, *(rotary or (None, None)), cu_seqlens_q, cu_seqlens_k))
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     inputs = Inputs(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=float(dropout_p),
                     is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
-                    rotary=tuple(rotary) if rotary is not None else None)
+                    rotary=tuple(rotary) if rotary is not None else None, out=out)
     chosen = dispatch.select("attention_varlen", inputs, backend)
     if not _host_checks_values(cu_seqlens_q):  # (CPU eager: checked by _validate)
         if chosen.name == "reference":  # this route reads cu_seqlens on the host anyway
@@ -472,5 +581,7 @@ def attention_varlen(
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # nothing to compute on any route (no rows, keys or heads, or Dv = 0; D = 0 is rejected):
         # rows that see no key are 0, and every input gets a zero gradient
+        if out is not None:
+            return out.zero_()
         return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
     return chosen.run(**inputs)

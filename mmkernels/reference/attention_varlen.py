@@ -41,8 +41,9 @@ def attention_varlen(
     """(total_q, Hq, Dv): per sequence s, softmax(Q_s K_sᵀ·scale)·V_s in the inputs' dtype.
 
     ``is_causal`` is bottom-right aligned: row i sees key j iff j <= i + (Lk_s − Lq_s); rows that
-    see no key are 0.  ``dropout_mask`` (Hq, total_q, total_k) bool (True = keep; only the
-    diagonal blocks are read) replaces the random draw so a kernel's mask can be replayed.
+    see no key are 0, and so are the rows past ``cu_seqlens_q[-1]`` (padding).  ``dropout_mask``
+    (Hq, total_q, total_k) bool (True = keep; only the diagonal blocks are read) replaces the
+    random draw so a kernel's mask can be replayed.
     """
     if rotary is not None:
         query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
@@ -74,4 +75,6 @@ def attention_varlen(
     if not outs:
         # an empty sum keeps the graph (zero gradients) without 0 * NaN
         return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + query.flatten()[:0].sum()
+    if query.shape[0] > cq[-1]:  # rows past the last boundary (a CUDA-graph buffer's padding) see no key
+        outs.append(query.new_zeros(query.shape[0] - cq[-1], query.shape[1], value.shape[-1]))
     return torch.cat(outs, 0)

@@ -17,7 +17,12 @@
 #            default: attention "--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd" (d 64/128/88
 #            x L 512..16384 and the EVA / SigLIP model shapes vs every SDPA backend and Flex), qformer_cross_attention
 #            "--preset blip2 --mode fwd,fwd+bwd" (B=64 both paths vs HF eager / sdpa), token_pool
-#            "--preset gemma3,llava-ov" (GB/s); rerun with --resume after a fatal CUDA error
+#            "--preset gemma3,llava-ov" (GB/s), vit_encoder "--preset qwen25vl,qwen3vl" (not a default
+#            op: at most 8 files come back; name it in MMK_BENCH_OPS. One Qwen2.5-VL / Qwen3-VL tower
+#            forward's attention calls at 448x448, 1080p and a 32-frame video: sdpa-loop, sdpa-dense,
+#            mk, triton, triton-graph = every layer in one CUDA graph, flash-attn and the engines'
+#            backends where importable; its share capped at MMK_VIT_ENCODER_S, default 240 s);
+#            rerun with --resume after a fatal CUDA error
 #            (exit 3), a hung case (the --case-timeout-s watchdog, exit 1) or the hard box, so each
 #            rerun skips the culprit; the ops share the time left; MMK_BENCH_PLOT=1 adds bench_<op>.png
 #                                                                -> bench_<op>.json, bench.log
@@ -34,6 +39,8 @@
 #       MMK_BENCH_ARGS="--mode fwd,fwd+bwd --exclude flex" MMK_BENCH_PLOT=1 bash scripts/gpu_check.sh  # every op
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env build tests bench summary" MMK_BENCH_OPS=token_pool \
 #       MMK_BENCH_ARGS= MMK_PYTEST_ARGS="-k token_pool" bash scripts/gpu_check.sh   # the token-pool benchmark
+#   MMKERNELS_COMMIT=<sha> MMK_STAGES="env bench summary" MMK_BENCH_OPS=vit_encoder \
+#       bash scripts/gpu_check.sh            # the vision-encoder forward per backend, graph-captured too (issue 17)
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env suite summary" bash scripts/gpu_check.sh  # the gate / a baseline
 #   carry: [], timeout_s: 560. At most 8 files come back from $OUT, all flat: env.txt, inspect.json,
 #   pytest.log, bench_attention.json, bench_qformer_cross_attention.json, bench_token_pool.json, bench.log, summary.txt
@@ -118,7 +125,7 @@ try:
 except Exception as exc:
     print("torch import failed:", repr(exc))
 for name in ("triton", "pytest", "pytest_timeout", "pytest_benchmark", "hypothesis", "transformers",
-             "timm", "flash_attn", "xformers", "mmkernels"):
+             "timm", "flash_attn", "xformers", "vllm", "sglang", "mmkernels"):
     try:
         mod = importlib.import_module(name)
         print(f"{name:<17}", getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
@@ -213,6 +220,7 @@ if has_stage bench; then
             attention) bench_args=${MMK_BENCH_ARGS-"--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd"} ;;
             qformer_cross_attention | qformer) bench_args=${MMK_BENCH_ARGS-"--preset blip2 --mode fwd,fwd+bwd"} ;;
             token_pool) bench_args=${MMK_BENCH_ARGS-"--preset gemma3,llava-ov"} ;;
+            vit_encoder) bench_args=${MMK_BENCH_ARGS-"--preset qwen25vl,qwen3vl"} ;;
             *) bench_args=${MMK_BENCH_ARGS-} ;;
         esac
         if [[ -n "${MMK_BENCH_PREV:-}" && -f "$MMK_BENCH_PREV/bench_$op.json" ]]; then
@@ -222,6 +230,9 @@ if has_stage bench; then
         [[ "${MMK_BENCH_PLOT:-0}" == 1 ]] && plot=(--plot "$OUT/bench_$op.png")
         # the ops still to run share what is left (the summary keeps ~30 s)
         until_s=$(( SECONDS + ($(remaining) - 30) / (${#ops[@]} - i) ))
+        if [[ "$op" == vit_encoder ]] && (( until_s > SECONDS + ${MMK_VIT_ENCODER_S:-240} )); then
+            until_s=$(( SECONDS + ${MMK_VIT_ENCODER_S:-240} ))   # bounded: what it leaves goes to the ops after it
+        fi
         attempt=0
         while :; do
             box=$(( until_s - SECONDS ))

@@ -137,8 +137,10 @@ def _defaults(op: cases.OpBench, device) -> tuple[list[str], dict[str, str]]:
     if device.type == "cpu":  # slow to build on a CPU (torch.compile): timed when --backends names them
         left.update({n: b.cpu_opt_in for n, b in op.backends().items() if b.cpu_opt_in})
     if device.type == "cpu" and interpreting():
+        # (a GPU kernel that cannot run here at all stays in the set: the run reports its own reason)
         left.update({n: "TRITON_INTERPRET=1 runs the Triton kernel in the interpreter: a correctness check, far "
-                        "too slow for timings to mean anything" for n, b in op.backends().items() if b.gpu_kernel})
+                        "too slow for timings to mean anything" for n, b in op.backends().items()
+                     if b.gpu_kernel and not b.why_not(device)})
     return [n for n in op.backends() if n not in left], left
 
 

@@ -6,6 +6,9 @@
 #   ENGINES=vllm bash scripts/engine_tests.sh    # one (vllm | sglang)
 #   REBUILD=1 bash scripts/engine_tests.sh       # rebuild the venvs from scratch
 #   bash scripts/engine_tests.sh -x -k tower     # extra arguments go to pytest
+#   SHARED=1 bash scripts/engine_tests.sh        # both engines from one venv ($MMK_ENGINE_VENVS/engines:
+#                                                # one torch install, what .ci/run builds)
+#   BUILD_ONLY=1 bash scripts/engine_tests.sh    # build (or check) the venvs, run nothing
 #
 # Venvs: $MMK_ENGINE_VENVS/{vllm,sglang} (default /work/venvs), reused while this script's recipe
 # for them is unchanged (a stamp file holds its hash); the mmkernels checkout is installed
@@ -86,10 +89,16 @@ PYEOF
     echo "import mmk_torchvision_cpu_shim" >"$1/mmk_torchvision_cpu_shim.pth"
 }
 
-build_venv() {  # $1 = engine
+build_venv() {  # $1 = engine: vllm | sglang | engines (both engines in one venv: CI's build)
     local engine="$1" venv="$VENVS/$1" version deps pin
-    if [[ "$engine" == vllm ]]; then version="$VLLM_VERSION"; deps=("${VLLM_DEPS[@]}")
-    else version="$SGLANG_VERSION"; deps=("${SGLANG_DEPS[@]}"); fi
+    local pkgs=()
+    if [[ "$engine" == vllm ]]; then version="$VLLM_VERSION"; deps=("${VLLM_DEPS[@]}"); pkgs=("vllm==$version")
+    elif [[ "$engine" == sglang ]]; then version="$SGLANG_VERSION"; deps=("${SGLANG_DEPS[@]}")
+        pkgs=("sglang==$version")
+    else version="$VLLM_VERSION+$SGLANG_VERSION"; pkgs=("vllm==$VLLM_VERSION" "sglang==$SGLANG_VERSION")
+        # one openai for both: vLLM 0.33 imports names that SGLang's pin (2.8.0) lacks; SGLang's
+        # vision code runs with vLLM's (tested)
+        mapfile -t deps < <(printf '%s\n' "${VLLM_DEPS[@]}" "${SGLANG_DEPS[@]}" | grep -v '^openai==' | sort -u); fi
     local recipe
     recipe="$(printf '%s\n' "$engine" "$version" "$TORCH_VERSION" "$TORCHVISION_VERSION" "${deps[@]}" \
         "${COMMON_DEPS[@]}" "$(declare -f write_torchvision_shim)" | sha256sum | cut -c1-16)"
@@ -110,11 +119,11 @@ build_venv() {  # $1 = engine
 '(CPU build)' if torch.version.cuda is None else '(CUDA build)')"
         "${pip[@]}" --no-deps "torchvision==$TORCHVISION_VERSION" 2>&1 | { grep -v "^WARNING: Location" || true; }
         write_torchvision_shim "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-        "${pip[@]}" --no-deps "$engine==$version" 2>&1 | { grep -v "^WARNING: Location" || true; }
+        "${pip[@]}" --no-deps "${pkgs[@]}" 2>&1 | { grep -v "^WARNING: Location" || true; }
         # the engines pin another torch: their dependencies are installed without it
         # (pip then lists the engine's own pins that stay unmet on purpose: torch 2.14, ...)
         "${pip[@]}" -c "$pin" "${deps[@]}" "${COMMON_DEPS[@]}" 2>&1 \
-            | { grep -Ev "^(WARNING: Location|ERROR: pip's dependency resolver|This behaviour is the source|$engine [0-9.]+ requires )" \
+            | { grep -Ev "^(WARNING: Location|ERROR: pip's dependency resolver|This behaviour is the source|(vllm|sglang) [0-9.]+ requires )" \
                 || true; }
         "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
         echo "$recipe" >"$stamp"
@@ -137,8 +146,10 @@ trap 'rm -f "$MMK_ENGINE_FIGURES"' EXIT
 for engine in $ENGINES; do
     case "$engine" in vllm|sglang) ;; *) log "unknown engine '$engine' (vllm | sglang)"; exit 2;; esac
     t0=$SECONDS
-    build_venv "$engine"
-    venv="$VENVS/$engine"
+    if [[ "${SHARED:-0}" == 1 ]]; then venv_name=engines; else venv_name="$engine"; fi
+    build_venv "$venv_name"
+    venv="$VENVS/$venv_name"
+    if [[ "${BUILD_ONLY:-0}" == 1 ]]; then summary+=("$engine: venv $venv ready"); continue; fi
     version="$("$venv/bin/python" -c "from importlib.metadata import version; print(version('$engine'))")"
     log "$engine $version: python -m pytest tests/test_engine_plugins.py -k $engine"
     set +e

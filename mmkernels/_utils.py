@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 import torch
 
@@ -53,15 +54,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (~1.7 s) at
+    ``import mmkernels``: that decorator only sets this attribute, which dynamo reads when it traces
+    a call (tests/test_package.py checks that it still does)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _TRITON_ERR: list = []  # [None | str] once computed (a plain global: torch.compile reads it without tracing the import)
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # at import: finds the package, imports nothing
 
 
+@assume_constant_result
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else why not (cached).  While torch.compile traces (the
     first mmkernels call of a process may be inside a compiled, checkpointed region, where dynamo
     refuses the cache's side effect) it answers from ``find_spec`` alone, without caching: the
-    eager calls check the import."""
+    eager calls check the import.  A constant for dynamo (no guard on the cache: a compiled
+    first call followed by an eager one would otherwise recompile the compiled function)."""
     if not _TRITON_ERR:
         err = None
         if not _TRITON_FOUND:

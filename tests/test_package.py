@@ -148,6 +148,26 @@ def test_assume_constant_result_without_dynamo_marks_the_same_attribute():
     attrs = {k for k in vars(marked) if "dynamo" in k}
     assert attrs == {"_dynamo_marked_constant"} and marked._dynamo_marked_constant is True
     assert tp._cuda_unavailable._dynamo_marked_constant is True
+    from mmkernels import _utils
+
+    assert _utils.triton_import_error._dynamo_marked_constant is True
+
+
+def test_first_call_compiled_then_eager_does_not_recompile():
+    """A process whose first mmkernels call is compiled, then eager: the triton-import cache the
+    eager call fills is not a guard of the compiled function (one frame, no recompile)."""
+    code = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch, mmkernels as mk\n"
+        "from torch._dynamo.utils import counters\n"
+        "q = torch.randn(10, 2, 16); cu = torch.tensor([0, 4, 10], dtype=torch.int32)\n"
+        "f = torch.compile(lambda q, cu: mk.attention_varlen(q, q, q, cu, cu), backend='eager')\n"
+        "f(q, cu); mk.attention_varlen(q, q, q, cu, cu); f(q, cu)\n"
+        "print('frames', counters['frames']['ok'])\n"
+    )
+    res = _run(["-c", code])
+    assert res.returncode == 0, res.stderr
+    assert "frames 1" in res.stdout, res.stdout + res.stderr
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,12 @@ What is patched (each switch of :func:`patch` turns one group off):
     vision attention: ``forward`` overridden on the instance to run qkv → one
     :func:`mmkernels.attention_varlen` over the packed images/windows with the vision RoPE fused →
     proj (:mod:`mmkernels.integrations.qwen_vl`): no per-image loop, no dense mask, no host read.
+  * Qwen2.5-VL / Qwen3-VL vision towers (``static_tower=True``, opt-in): ``forward`` overridden on
+    the instance to build the rotary position ids, window index, ``cu_seqlens`` /
+    ``cu_window_seqlens`` and Qwen3-VL's interpolated position embeddings from ``grid_thw`` on the
+    device, with shapes from shapes only, then run the model's own forward on them
+    (:mod:`mmkernels.integrations.qwen_vl_tower`): the same outputs, no ``grid_thw.tolist()``, so
+    ``torch.compile(dynamic=True)`` serves every image size from one graph.
   * ``torch.nn.MultiheadAttention`` → :class:`mmkernels.nn.MultiheadAttention` (shared
     parameters).  Inside SigLIP's attention-pooling head, whose caller discards the weights, the
     replacement never forms them (:class:`WeightlessMultiheadAttention`), so the fused path runs.
@@ -60,6 +66,7 @@ from ..nn import token_pool as tp
 from ..nn.attention import MultiheadAttention
 from ..nn.qformer import QFormerAttention, QFormerSharedKV
 from .qwen_vl import is_qwen_vision_attention, qwen_vision_attention_forward
+from .qwen_vl_tower import is_qwen_vision_tower, static_vision_forward
 from .timm import attention_forward as timm_attention_forward
 from .timm import is_timm_attention
 
@@ -504,7 +511,8 @@ def _share_qformer_kv(path: str, m: nn.Module, mode: bool | None, state: _State,
 
 
 def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, pooling: bool = True,
-          prune=None, qformer_shared_kv: bool | None = None, override_eager: bool = False) -> PatchReport:
+          prune=None, qformer_shared_kv: bool | None = None, override_eager: bool = False,
+          static_tower: bool = False) -> PatchReport:
     """Switch ``model`` (in place) to mmkernels: HF attention-interface models to
     ``attn_implementation="mmkernels"``, ``nn.MultiheadAttention`` → :class:`mmkernels.nn.
     MultiheadAttention`, Q-Former attention → :class:`mmkernels.nn.QFormerAttention`, token
@@ -523,6 +531,16 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
     alone by default, listed under "left alone").  ``output_attentions=True`` on a patched model
     returns the attention weights as eager does: those calls run eager attention, with one
     warning per process naming the cost.
+
+    ``static_tower`` (with ``attention=True``): Qwen2.5-VL / Qwen3-VL vision towers build their
+    index tensors from ``grid_thw`` on the device
+    (:func:`mmkernels.integrations.qwen_vl_tower.static_vision_forward`; identical outputs, no host
+    read, no recompile per image size under ``torch.compile(dynamic=True)``).  The prefix sums are
+    padded with empty sequences to a bound from the packed length (the frame and window counts are
+    values: total/4 + 1 entries), so each attention launch gets about total/4 more programs per
+    head that exit at once — on a GPU a cost comparable to a window layer's own work — which is
+    why it is opt-in: turn it on to compile the tower once for every image size (training,
+    ``torch.compile(dynamic=True)``); the default (False) keeps the model's own forward.
 
     Returns a :class:`PatchReport` (print it).  Parameters, buffers and ``state_dict`` keys are
     unchanged.  Patching a patched model raises; :func:`unpatch` first.
@@ -573,6 +591,13 @@ def patch(model: nn.Module, *, attention: bool = True, qformer: bool = True, poo
                 _override(m, "forward", qwen_vision_attention_forward, path, state, report,
                           "mmkernels.integrations.qwen_vl.qwen_vision_attention_forward (one mk.attention_varlen "
                           "call per layer, vision RoPE fused)")
+            elif is_qwen_vision_tower(m):
+                if not (attention and static_tower):
+                    report.skipped.append((path, cls, "attention=False" if not attention else "static_tower=False"))
+                    continue
+                _override(m, "forward", static_vision_forward, path, state, report,
+                          "mmkernels.integrations.qwen_vl_tower.static_vision_forward (grid_thw index tensors "
+                          "built on the device: no host read, no recompile per image size)")
             elif is_timm_attention(m):
                 if not attention:
                     report.skipped.append((path, cls, "attention=False"))

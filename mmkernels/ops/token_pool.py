@@ -14,7 +14,6 @@ dataclasses).
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional, TypedDict
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from .. import dispatch
 from .._token_pool_spec import MODES, NORMS, TokenPoolSpec
 from .._utils import (
+    assume_constant_result,
     contiguous_outputs,
     describe,
     empty_contiguous,
@@ -67,7 +67,9 @@ def _spec_args(spec: TokenPoolSpec) -> tuple[list[int], str, str, float]:
 
 
 def _spec_from_args(geometry: list[int], mode: str, norm: str, eps: float) -> TokenPoolSpec:
-    h, w, kh, kw, sh, sw, oh, ow, has_cls, keep_cls = (int(v) for v in geometry)
+    # a symbolic size (the fake kernels under torch.compile(dynamic=True): Qwen2VLPatchMerger's
+    # grid is (packed length, 1)) stays symbolic: int() would specialise it, one recompile per length
+    h, w, kh, kw, sh, sw, oh, ow, has_cls, keep_cls = (v if isinstance(v, torch.SymInt) else int(v) for v in geometry)
     return TokenPoolSpec(h, w, mode, kh, kw, sh, sw, oh, ow, bool(has_cls), bool(keep_cls), norm or None, float(eps))
 
 
@@ -295,17 +297,7 @@ def _fused_run(impl: str):
 _CUDA_STATE: list = []
 
 
-def _assume_constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (~1.7 s) at
-    ``import mmkernels``: that decorator only sets this attribute, which dynamo reads when it traces
-    a call (tests/test_package.py checks that it still does)."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_assume_constant_result
+@assume_constant_result
 def _cuda_unavailable() -> str:
     if not _CUDA_STATE:
         try:

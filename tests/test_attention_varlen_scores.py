@@ -220,3 +220,53 @@ def test_compile_fullgraph():
     (grad_e,) = torch.autograd.grad(out_e.sum(), (q,))
     assert (out - out_e).abs().max() < 1e-6 and (scores - scores_e).abs().max() < 1e-6
     assert (grad - grad_e).abs().max() < 1e-6
+
+
+_COMPILE_CHILD = """
+import itertools, json, sys
+import torch
+from mmkernels.kernels._launch import capture_launches
+from mmkernels.kernels import attention_varlen as V
+from mmkernels.tools import compile_report as C
+lengths = (1024, 3600, 1680)  # the Qwen2-VL packing of mmkernels inspect (qwen2-vl-packed)
+total, H = sum(lengths), 16
+cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+rows = []
+for d, mode in ((72, "all"), (80, "all"), (88, "rows")):
+    q, k, v = torch.empty(total, 3, H, d, dtype=torch.bfloat16).unbind(1)
+    with capture_launches(90) as launches:
+        V.varlen_forward(q, k, v, cu, cu, None, None, None, 3600, 3600, 0.0, False, d ** -0.5,
+                         scores=(None if mode == "all" else torch.zeros(total), "mean"))
+    launch = next(x for x in launches if x.fn is V._varlen_fwd)
+    cfg = launch.candidates[0]
+    kw = dict(launch.kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled, _, _ = C._compile(launch.fn, launch.args, kw, 90)
+    regs, spill = C._resources(compiled.asm["cubin"])
+    rows.append(dict(d=d, mode=mode, spill=spill, **C._ptx_stats(compiled.asm["ptx"])))
+json.dump(rows, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_sm90_scores_forward_compiles_pipelined_without_spills(tmp_path):
+    """The SCORES variant's default configuration at the Qwen packing, d = 72 / 80 / 88, for sm_90
+    (no GPU needed): no spills, products on wgmma, K/V pipelined with 16-byte cp.async."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import triton_has_cuda_backend
+
+    if not triton_has_cuda_backend():
+        pytest.skip("triton has no NVIDIA backend on this platform")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, str(out)], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in json.loads(out.read_text()):
+        assert r["spill"] == 0 and r["wgmma"] > 0 and r["mma_sync"] == 0 and r["cp_async_16"] > 0, r

@@ -453,8 +453,11 @@ _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0,
                 ("dq", False): 0.0, ("dq", True): 0.0}
 # what the forward's key-importance epilogue (SCORES > 0) keeps live on top: calibrated on sm_90
 # bf16 compiles of the Qwen packing (``mmkernels inspect``-style, 128×128 over 8 warps): 16-32
-# bytes of spills at d=80 (dense estimate 104 + 24 values), none at d=72 (100 + 24)
+# bytes of spills at d=80 (dense estimate 104 + 24 values), none at d=72 (100 + 24).  Above
+# d=80 (D0 + D1 > 80) the scores variant runs 2 pipeline stages: 128×64 over 8 warps spilled 16
+# bytes at d=88 with 3 stages, none with 2.
 _SCORES_LIVE = 4.0
+_SCORES_MAX_STAGES_ABOVE_D80 = 2
 
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
@@ -487,6 +490,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
 
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
+    if scores and dp > 80:
+        kept = list(dict.fromkeys((bm, bn, w, min(st, _SCORES_MAX_STAGES_ABOVE_D80)) for bm, bn, w, st in kept))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 

@@ -622,7 +622,7 @@ def attention_varlen(
     out: torch.Tensor | None = None,
     backend: str | None = None,
     return_scores: dict | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention over packed sequences of different lengths (``flash_attn_varlen_func``'s layout).
 
     Shapes: ``query`` (total_q, Hq, D), ``key`` (total_k, Hkv, D), ``value`` (total_k, Hkv, Dv)

@@ -43,6 +43,8 @@ _FASTV_PARENTS = ("LlavaModel", "LlavaNextModel", "LlavaNextVideoModel", "LlavaO
 # vision towers VisionZip prunes, by config class (transformers 5 folds CLIPVisionTransformer into
 # CLIPVisionModel; older releases nest it as .vision_model): config class -> has a CLS token
 _VISIONZIP_CONFIGS = {"CLIPVisionConfig": True, "SiglipVisionConfig": False}
+# Qwen-VL vision towers (packed, no CLS, 2x2 merger after the blocks) VisionZip prunes, by config class
+_VISIONZIP_QWEN_CONFIGS = ("Qwen2VLVisionConfig", "Qwen2_5_VLVisionConfig", "Qwen3VLVisionConfig")
 
 
 @dataclass(frozen=True)
@@ -126,19 +128,42 @@ class VisionZip:
     is used as is.  Requirements (``ValueError``): the same number of placeholders per image, the
     same number of images per sample in a batch, ``vision_feature_layer`` an int not before
     ``layer``, a 2D attention mask.  LLaVA-NeXT / -OneVision (anyres tiles, newline tokens) and
-    Qwen2-VL are refused: their features are laid out on the patch grid.
+    the Qwen-VL *language* models are refused: their features are laid out on the patch grid.
+
+    **Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers** (``Qwen2VisionTransformerPretrainedModel``,
+    ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, e.g. ``model.model.visual``
+    patched on its own): the towers have no CLS and merge 2×2 patches after the blocks, so the
+    rule runs per image of the packing (per frame of a video: each is its own attention sequence)
+    at **merged-token** granularity, on the tower's ``pooler_output`` (the merger's output, original
+    order) — Qwen3-VL's ``deepstack_features`` lose the same tokens.  Scores: the **last
+    full-attention block** (Qwen2-VL / Qwen3-VL: the last block; Qwen2.5-VL: the last of
+    ``fullatt_block_indexes``; ``layer`` is not used), every query row of the image, heads
+    averaged — fused into that block's packed forward (``mk.attention_varlen(...,
+    return_scores=dict(query_index=None))``: no second QKᵀ pass, no (L, L) matrix) — a merged
+    token's score is the sum of its 2×2 patches'.  ``dominant``: an int count per image (capped at
+    its merged tokens) or a float fraction of them (``max(1, round(f·n))``); ``contextual``
+    tokens merge the rest by the cosine similarity of the layer's un-rotated keys (heads and the
+    2×2 patches averaged), appended after each image's dominant tokens.  The tower then returns,
+    per image, ``[dominant, contextual]`` merged tokens instead of all of them;
+    :func:`kept_index` gives the dominant tokens' positions in the unpruned ``pooler_output``.
+    The language model's placeholders / M-RoPE positions are not reduced (patch the tower, not
+    the ``...ForConditionalGeneration``).
     """
 
-    dominant: int = 54
+    dominant: int | float = 54
     contextual: int = 10
     layer: int = -2
 
     def __post_init__(self):
-        for name in ("dominant", "contextual", "layer"):
+        d = self.dominant
+        if isinstance(d, float) and not isinstance(d, bool):
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"VisionZip.dominant: a fraction (Qwen-VL towers) must lie in (0, 1], got {d}")
+        for name in ("dominant", "contextual", "layer") if not isinstance(d, float) else ("contextual", "layer"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"VisionZip.{name}: expected an int, got {v!r}")
-        if self.dominant < 1 or self.contextual < 0:
+        if self.dominant <= 0 or self.contextual < 0:
             raise ValueError(f"VisionZip: expected dominant >= 1 and contextual >= 0, got {self.dominant}, "
                              f"{self.contextual}")
 
@@ -158,7 +183,7 @@ def kept_index(model: nn.Module) -> torch.Tensor | None:
     left after the image placeholders were reduced (None if none)."""
     for m in model.modules():
         st = m.__dict__.get(_STATE)
-        if isinstance(st, (_FastVState, _VisionZipLlavaState)):
+        if isinstance(st, (_FastVState, _VisionZipLlavaState, _VisionZipQwenHook)):
             return st.index
     return None
 
@@ -582,6 +607,139 @@ class _VisionZipGenerate:
         return out
 
 
+def visionzip_plan(scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
+    """VisionZip's selection for one image of n tokens (no CLS): ``scores`` (n,), ``keys`` (n, d).
+    Returns (dominant index (k,) ascending, contextual targets (c,), the others (r - c,), their
+    one-hot assignment (r - c, c) to the targets) — the rule of :func:`visionzip_reduce`."""
+    n = scores.shape[0]
+    dom = torch.topk(scores.float(), dominant).indices.sort().values
+    rest_mask = torch.ones(n, dtype=torch.bool, device=scores.device)
+    rest_mask[dom] = False
+    rest = rest_mask.nonzero()[:, 0]
+    if contextual == 0 or rest.numel() == 0:
+        return dom, rest[:0], rest[:0], None
+    r = rest.numel()
+    contextual = min(contextual, r)
+    metric = keys[rest].float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, r // contextual)
+    t_local = torch.arange(0, r, step, device=scores.device)[:contextual]
+    is_target = torch.zeros(r, dtype=torch.bool, device=scores.device)
+    is_target[t_local] = True
+    sim = metric[~is_target] @ metric[t_local].T
+    assign = torch.nn.functional.one_hot(sim.argmax(-1), contextual)
+    return dom, rest[t_local], rest[~is_target], assign
+
+
+def visionzip_apply(features: torch.Tensor, plan) -> torch.Tensor:
+    """One image's (n, C) features → (dominant + contextual, C) by a :func:`visionzip_plan`: the
+    dominant rows, then each target plus the mean of the rows assigned to it."""
+    dom, targets, others, assign = plan
+    if assign is None:
+        return features[dom]
+    a = assign.to(features.dtype)
+    merged = a.T @ features[others] / a.sum(0).clamp(min=1)[:, None]
+    return torch.cat([features[dom], features[targets] + merged])
+
+
+class _VisionZipQwenHook:
+    """Forward hook (with kwargs) of a Qwen-VL vision tower: the scoring block's fused scores and
+    keys → each image's VisionZip tokens in the tower's ``pooler_output`` (and Qwen3-VL's
+    ``deepstack_features``).  An object, so ``copy.deepcopy`` retargets it."""
+
+    def __init__(self, spec: VisionZip, tower: nn.Module, attn: nn.Module):
+        self.spec, self.tower, self.attn = spec, tower, attn
+        self.index = None  # dominant tokens' positions in the unpruned pooler_output (last forward)
+
+    def _count(self, n: int) -> int:
+        d = self.spec.dominant
+        k = max(1, round(d * n)) if isinstance(d, float) else d
+        return min(k, n)
+
+    def __call__(self, module, args, kwargs, output):
+        result = self.attn.__dict__.pop(_RESULT, None)
+        if result is None:
+            raise RuntimeError("VisionZip: the scoring block produced no attention scores")
+        scores, keys = result  # (total,) heads averaged, (total, H, d) un-rotated
+        grid = args[1] if len(args) > 1 else kwargs["grid_thw"]
+        tower = self.tower
+        unit = tower.spatial_merge_size ** 2
+        group_scores = scores.float().view(-1, unit).sum(1)
+        group_keys = keys.float().mean(1).view(-1, unit, keys.shape[-1]).mean(1)
+        if hasattr(tower, "fullatt_block_indexes"):  # Qwen2.5-VL: the blocks ran in window order
+            import sys
+
+            helper = getattr(sys.modules[type(tower).__module__], "get_vision_window_index", None)
+            if helper is None:
+                from transformers.vision_utils import get_vision_window_index as helper
+            window_index, _ = helper(grid, spatial_merge_size=tower.spatial_merge_size,
+                                     window_size=tower.window_size, patch_size=tower.patch_size)
+            reverse = torch.argsort(window_index.to(group_scores.device))
+            group_scores, group_keys = group_scores[reverse], group_keys[reverse]
+        tuple_out = isinstance(output, tuple)
+        pooled = output[1] if tuple_out else output.pooler_output
+        deep = (output[2] if tuple_out and len(output) > 2 else getattr(output, "deepstack_features", None)) or []
+        feats = [pooled, *deep]
+        outs, index, start = [[] for _ in feats], [], 0
+        for t, h, w in grid.tolist():
+            for _ in range(int(t)):
+                n = int(h) * int(w) // unit
+                plan = visionzip_plan(group_scores[start:start + n], group_keys[start:start + n], self._count(n),
+                                      min(self.spec.contextual, n - self._count(n)))
+                for lst, f in zip(outs, feats):
+                    lst.append(visionzip_apply(f[start:start + n], plan))
+                index.append(plan[0] + start)
+                start += n
+        self.index = torch.cat(index) if index else pooled.new_zeros(0, dtype=torch.long)
+        reduced = [torch.cat(o) if o else f[:0] for o, f in zip(outs, feats)]
+        if tuple_out:
+            rest = (reduced[1:],) if len(output) > 2 else ()
+            return (output[0], reduced[0], *rest, *output[3:])
+        output.pooler_output = reduced[0]
+        if deep:
+            output.deepstack_features = reduced[1:]
+        return output
+
+
+def _apply_visionzip_qwen(model: nn.Module, spec: VisionZip, report, undo: list[Callable]) -> bool:
+    from .qwen_vl import is_qwen_vision_attention, qwen_vision_attention_forward
+
+    found = False
+    for path, m in model.named_modules():
+        if type(m).__name__ in ("Qwen2VLModel", "Qwen2_5_VLModel", "Qwen3VLModel", "Qwen3VLMoeModel"):
+            raise ValueError(f"prune=VisionZip(...): {type(m).__name__} at {path or '<root>'} places one image "
+                             "placeholder and M-RoPE position per merged token, which VisionZip does not reduce; "
+                             "patch its vision tower alone (mk.patch(model.model.visual, prune=...))")
+    for path, m in model.named_modules():
+        if type(getattr(m, "config", None)).__name__ not in _VISIONZIP_QWEN_CONFIGS or not isinstance(
+                getattr(m, "blocks", None), nn.ModuleList) or not hasattr(m, "merger"):
+            continue
+        full = getattr(m, "fullatt_block_indexes", None)
+        block = max(full) if full else len(m.blocks) - 1
+        attn = m.blocks[block].attn
+        fwd = attn.__dict__.get("forward")
+        if not is_qwen_vision_attention(attn) or getattr(fwd, "__func__", None) is not qwen_vision_attention_forward:
+            raise ValueError("prune=VisionZip(...) on a Qwen-VL vision tower: its attention must run on mmkernels "
+                             "to give fused scores (keep patch(..., attention=True))")
+        attn.__dict__[_REQUEST] = dict(query_index=None, reduce_heads="mean")
+        hook = _VisionZipQwenHook(spec, m, attn)
+        handle = m.register_forward_hook(hook, with_kwargs=True)
+        m.__dict__[_STATE] = hook
+
+        def _undo(handle=handle, attn=attn, m=m):
+            handle.remove()
+            attn.__dict__.pop(_REQUEST, None)
+            attn.__dict__.pop(_RESULT, None)
+            m.__dict__.pop(_STATE, None)
+
+        undo.append(_undo)
+        report.methods.append((path, "forward", f"VisionZip(dominant={spec.dominant}, contextual={spec.contextual}): "
+                               f"mean-attention merged tokens per image kept, scores of blocks[{block}] fused in its "
+                               "mk.attention_varlen forward"))
+        found = True
+    return found
+
+
 def _feature_hidden_index(parent: nn.Module, n_layers: int) -> int:
     fl = getattr(parent.config, "vision_feature_layer", -2)
     if not isinstance(fl, int):
@@ -594,6 +752,11 @@ def _feature_hidden_index(parent: nn.Module, n_layers: int) -> int:
 
 def _apply_visionzip(model: nn.Module, spec: VisionZip, report, undo: list[Callable]) -> None:
     llava: dict[int, tuple] = {}  # id(vision tower) -> (parent, owner, strategy)
+    if _apply_visionzip_qwen(model, spec, report, undo):
+        return
+    if isinstance(spec.dominant, float):
+        raise ValueError(f"VisionZip.dominant: a fraction ({spec.dominant}) is for Qwen-VL vision towers; CLIP / "
+                         "SigLIP towers take an int count")
     for path, m in model.named_modules():
         name = type(m).__name__
         if name == "LlavaModel":

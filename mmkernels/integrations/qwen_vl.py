@@ -18,6 +18,11 @@ import torch
 
 from ..ops.attention_varlen import attention_varlen
 
+# set by mmkernels.integrations.prune on the scoring layer's attention: a return_scores request,
+# answered with (scores, keys) in SCORES_RESULT (same names as prune's _REQUEST / _RESULT)
+SCORES_REQUEST = "_mmkernels_scores_request"
+SCORES_RESULT = "_mmkernels_scores"
+
 __all__ = ["QWEN_TEXT_MODEL_CLASSES", "QWEN_VISION_ATTENTION_CLASSES", "enable_mrope_packing",
            "is_qwen_vision_attention", "mrope_packed_cu_seqlens", "qwen_vision_attention_forward"]
 
@@ -76,11 +81,17 @@ def qwen_vision_attention_forward(
     # op's argument check cannot test on the host (math.isfinite: a graph break)
     scaling = self.scaling
     scale = None if isinstance(scaling, float) and scaling == q.shape[-1] ** -0.5 else scaling
+    request = self.__dict__.get(SCORES_REQUEST)
     out = attention_varlen(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=hint, max_seqlen_k=hint,
         dropout_p=self.attention_dropout if self.training else 0.0,
-        scale=scale, rotary=position_embeddings,
+        scale=scale, rotary=position_embeddings, return_scores=request,
     )
+    if request is not None:
+        # VisionZip (mmkernels.integrations.prune): the key importance from this same forward
+        # (fused in the packed kernel) and the layer's un-rotated keys, for the tower's hook
+        out, scores = out
+        self.__dict__[SCORES_RESULT] = (scores, k.detach())
     return self.proj(out.reshape(total, -1))
 
 

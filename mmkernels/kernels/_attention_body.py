@@ -127,13 +127,17 @@ def _fwd_body(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+    SC=None, SW=None, ssh=0, score_w=1.0, SCORES: tl.constexpr = 0,
 ):
     """One forward program: query rows ``rows`` = m_start + [0, BLOCK_M) of the sequence whose
     query rows start at Q + qb·sqb (dense: batch qb, its stride; packed: first token, token
     stride) and keys at K + kb·skb, head h (kv head hk); ``rows_c`` the causal/dropout row
     index.  Keys [0, hi) in two phases (interior [0, mid) first, :func:`_key_range`); O stored
     at O + qb·sob + h·soh, the softmax statistics at row ``stat_bh`` of (·, 2, STAT_L) (packed:
-    at the sequence's offset qb).  Philox stream ``stream``."""
+    at the sequence's offset qb).  Philox stream ``stream``.
+
+    SCORES (packed only; 0 = off, the plain kernel): key importance from this program's rows,
+    added into SC after the output is stored — :func:`_scores_epilogue`."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
 
@@ -196,6 +200,72 @@ def _fwd_body(
     _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
     if D1 > 0:
         _store_rows(o_base, acc1 * inv_l[:, None], rows, row_ok, som, offs_d1, sod, HEAD_DIM)
+    if SCORES:
+        _scores_epilogue(SC, SW, q0, q1, k_base, mask_base, kb, qb, h, rows, rows_c, row_ok, m_i, l_i, mid, hi, LK,
+                         ssh, score_w, skn, skd, smm, smn, qk_scale, scale, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL,
+                         PREC, UPCAST, ALIGNED, PRESCALE, BLOCK_N, SCORES)
+
+
+@triton.jit
+def _scores_epilogue(
+    SC, SW, q0, q1, k_base, mask_base, kb, qb, h, rows, rows_c, row_ok, m_i, l_i, mid, hi, LK,
+    ssh, score_w, skn, skd, smm, smn, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
+):
+    """Key importance of the forward's row block, exact: once the key loop has the rows' final
+    max m and sum l, the same keys [0, hi) are visited again (interior tiles [0, mid) without
+    bounds / causal selects, then the edge, as the key loop) with the Q tile still in registers,
+    and Pᵀ = exp2(Sᵀ·scale − m) / l rebuilt tile by tile on transposed tiles Sᵀ = K Qᵀ; each
+    tile's sums over the rows, weighted per row, are added atomically (fp32) into
+    SC + h·ssh + (kb + key) (ssh = 0: heads reduced into one row, ``score_w`` = 1/H for their
+    mean).  SCORES 1: every row of the block, weight 1; SCORES 2: row weights SW (total_q,) fp32
+    (the count of times a row is selected), and a block with no selected row skips the loop.
+    The extra work is one Q Kᵀ per visited tile (no V, no P·V): ~1/2 of the forward's FLOPs for
+    the block.  Rows with no visible key (l = 0) add 0; a NaN row stays NaN, in its own
+    sequence's keys only.  Dropout is not applied (the probabilities before dropout, as
+    ``mk.attention_scores``)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if SCORES == 1:
+        w = tl.where(row_ok, 1.0, 0.0)
+        run = True
+    else:
+        w = tl.load(SW + qb + rows, mask=row_ok, other=0.0)
+        run = tl.sum((w != 0.0).to(tl.int32), 0) > 0
+    if run:
+        w = tl.where(l_i == 0.0, 0.0, w * score_w / tl.where(l_i == 0.0, 1.0, l_i))
+        m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+        sc_base = SC + h * ssh + kb
+        # transposed tiles Sᵀ = K Qᵀ [BLOCK_N, BLOCK_M]: the sum over the query rows runs along
+        # the accumulator's rows (in-thread adds and one quad's shuffles, as the forward's row
+        # sums) instead of across warps through shared memory (S's column sums: measured on
+        # sm_90, d=80, 128×64: 522 instructions per key tile, 96 of them shuffles, 14 barriers)
+        if SCORES == 2:
+            # an unselected row (w = 0) that is NaN must add 0, not 0·NaN: its Q row is zeroed
+            # once here rather than selected in every tile
+            q0 = tl.where(w[:, None] != 0.0, q0, 0.0).to(q0.dtype)
+            if D1 > 0:
+                q1 = tl.where(w[:, None] != 0.0, q1, 0.0).to(q1.dtype)
+        qT0 = tl.trans(q0)
+        qT1 = qT0
+        if D1 > 0:
+            qT1 = tl.trans(q1)
+        for phase in tl.static_range(2):  # interior key tiles with no bounds / causal select, then the edge
+            lo_n, hi_n = _phase_range(phase, 0, mid, hi)
+            for start_n in range(lo_n, hi_n, BLOCK_N):
+                cols = start_n + offs_n
+                if phase == 0:
+                    col_ok = offs_n < BLOCK_N  # constant true
+                else:
+                    col_ok = cols < LK
+                k0, k1 = _load_rows2(k_base, cols, col_ok, skn, skd, HEAD_DIM, D0, D1, ALIGNED)
+                sT = _dot_chunks(k0, k1, qT0, qT1, D1, PREC, UPCAST)
+                sT = _tile_logits(sT, rows_c[None, :], cols[:, None], col_ok[:, None],
+                                  col_ok[:, None] & row_ok[None, :], mask_base, smm, smn, qk_scale, MASK_KIND,
+                                  PRESCALE, phase == 1, True, IS_CAUSAL)
+                pT = tl.math.exp2(sT * scale - m_shift[None, :]) * w[None, :]
+                tl.atomic_add(sc_base + cols, tl.sum(pT, 1), mask=col_ok)
 
 
 # --------------------------------------------------------------------------------------

@@ -72,13 +72,16 @@ def _config_kwargs(cfg) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def gpu_launcher(fn, make_configs: Callable[[], list], key: list[str], cache_key: Hashable):
+def gpu_launcher(fn, make_configs: Callable[[], list], key: list[str], cache_key: Hashable,
+                 reset_to_zero: list[str] | None = None):
     """(kernel, launch kwargs) for a CUDA launch of the ``@triton.jit`` function ``fn``.
 
     ``fn`` autotuned over ``make_configs()`` (one autotuner per ``cache_key``, tuned once per
     value of the ``key`` arguments), or — with ``MMKERNELS_AUTOTUNE=0``, as the tests on a GPU
     run — the first candidate untuned: one compile per specialisation and no tuning runs.
     While capturing, ``fn`` with the first candidate, every candidate announced to the capture.
+    ``reset_to_zero``: arguments an autotuning run accumulates into (atomics), zeroed before
+    each timed run and before the real one.
     """
     if _CAPTURE:
         configs = make_configs()
@@ -87,7 +90,7 @@ def gpu_launcher(fn, make_configs: Callable[[], list], key: list[str], cache_key
     if os.environ.get("MMKERNELS_AUTOTUNE", "1") == "0":
         return fn, _config_kwargs(make_configs()[0])
     if cache_key not in _AUTOTUNED:
-        _AUTOTUNED[cache_key] = triton.autotune(configs=make_configs(), key=key)(fn)
+        _AUTOTUNED[cache_key] = triton.autotune(configs=make_configs(), key=key, reset_to_zero=reset_to_zero)(fn)
     return _AUTOTUNED[cache_key], {}
 
 

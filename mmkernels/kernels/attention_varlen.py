@@ -120,20 +120,22 @@ def _tile(CU, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK: tl.constexpr, SCAN: tl.cons
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _varlen_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K, SEED, TILE_MAP,
+    Q, K, V, O, LSE, CU_Q, CU_K, SEED, TILE_MAP, SC, SW,
     sqt, sqh, sqd,
     skt, skh, skd,
     svt, svh, svd,
     sot, soh, sod,
     H, TOTAL_Q, GROUP, N_SEQS, PER_SEQ, HEAD_BUCKET,
-    qk_scale, dropout_p,
+    qk_scale, dropout_p, ssh, score_w,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
-    PRESCALE: tl.constexpr,
+    PRESCALE: tl.constexpr, SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (query tile of the packing, head): the sequence and row block from :func:`_tile`."""
+    """Program (query tile of the packing, head): the sequence and row block from :func:`_tile`.
+    SCORES > 0: key importance added into SC (``_attention_body._scores_epilogue``); SC / SW are
+    None when off (the plain kernel)."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
@@ -150,7 +152,7 @@ def _varlen_fwd(
               LQ, LK, TOTAL_Q, h,
               sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sot, soh, sot, sod, 0, 0, 0, 0,
               qk_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED, PRESCALE,
-              BLOCK_M, BLOCK_N, False, True)
+              BLOCK_M, BLOCK_N, False, True, SC, SW, ssh, score_w, SCORES)
 
 
 # --------------------------------------------------------------------------------------
@@ -315,11 +317,17 @@ def _head_bucket(d: int) -> int:
 
 
 def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, dropout_p, is_causal, scale,
-                   out=None):
+                   out=None, scores=None):
     """Launch the forward.  Returns O (total_q, Hq, D) and the softmax statistics (Hq, 2,
     total_q) fp32 (row max and log2 row sum of the base-2 logits, as the dense kernel; +inf max
     for rows with no visible key).  O is ``out`` when given (any strides, written in place:
-    the caller's buffer of a CUDA graph), else a new contiguous tensor."""
+    the caller's buffer of a CUDA graph), else a new contiguous tensor.
+
+    ``scores``: None (the plain kernel), or ``(row_weights, reduce_heads)`` with row_weights None
+    (every row, weight 1) or (total_q,) fp32 per-row weights (0 = not selected; the padding
+    tail's rows must be 0) and reduce_heads "mean" / "sum" / None: then returns (O, statistics,
+    scores), scores fp32 (total_k,) or (Hq, total_k) accumulated by the same kernel
+    (``_attention_body._scores_epilogue``; zero for keys no selected row sees)."""
     total_q, h, d = query.shape
     total_k, hkv = key.shape[0], key.shape[1]
     cu_q, cu_k = _safe_metadata(cu_q, cu_k, total_q, total_k)
@@ -327,28 +335,45 @@ def varlen_forward(query, key, value, cu_q, cu_k, cos, sin, seed, max_q, max_k, 
     if out is None:
         out = new_output((total_q, h, value.shape[-1]), query.dtype, query.device)
     lse = new_output((h, 2, total_q), torch.float32, query.device)
+    sc = sw = None
+    score_args = dict(SC=None, SW=None, ssh=0, score_w=1.0, SCORES=0)
+    if scores is not None:
+        row_weights, reduce_heads = scores
+        sc = torch.zeros((h if reduce_heads is None else 1, total_k), dtype=torch.float32, device=query.device)
+        score_args = dict(SC=sc, SW=None, ssh=total_k if reduce_heads is None else 0,
+                          score_w=1.0 / h if reduce_heads == "mean" else 1.0, SCORES=1)
+        if row_weights is not None:
+            sw = row_weights.to(device=query.device, dtype=torch.float32).contiguous()
+            score_args.update(SW=sw, SCORES=2)
+
+    def result():
+        if scores is None:
+            return out, lse
+        return out, lse, (sc[0] if scores[1] is not None else sc)
+
     if total_q == 0 or n == 0:
-        return out, lse
+        return result()
     if total_k == 0:  # every sequence has no key: rows attend to nothing
         out.zero_()
         lse[:, 0].fill_(float("inf"))
         lse[:, 1].zero_()
-        return out, lse
+        return result()
     if cos is not None:
         query, key, _ = rotated_copies(query, key, cos, sin, _heads_first)
     seed_arg, meta = _common(query, seed, dropout_p, is_causal, scale)
-    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta)
+    kernel, cfg, bm = _launcher("fwd", query.device.type, d, query.dtype, meta, score_args["SCORES"])
     cu_k = _closed(cu_k)
     programs, per_seq = grid_size(n, total_q, bm, max_q)
     tmap, use_map = tile_map(cu_q, bm, programs, per_seq)
     kernel[(programs, h)](
-        query, key, value, out, lse, cu_q, cu_k, seed_arg, tmap,
+        query, key, value, out, lse, cu_q, cu_k, seed_arg, tmap, score_args["SC"], score_args["SW"],
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         h, total_q, h // hkv, n, per_seq, _head_bucket(d),
-        float(scale) * 1.4426950408889634, float(dropout_p),
-        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, out), **cfg,
+        float(scale) * 1.4426950408889634, float(dropout_p), score_args["ssh"], score_args["score_w"],
+        **meta, SCAN=_SCAN, USE_MAP=use_map, ALIGNED=_aligned(query, key, value, out), SCORES=score_args["SCORES"],
+        **cfg,
     )
-    return out, lse
+    return result()
 
 
 def varlen_backward(grad_out, query, key, value, out, lse, cu_q, cu_k, cos, sin, seed, max_q, max_k,
@@ -426,7 +451,17 @@ def _mapped(kind: str) -> str:
 # dropout it runs 32×64 tiles (no spill at d=64-128).  dQ spilled nothing the dense rule keeps.
 _VARLEN_LIVE = {("fwd", False): 24.0, ("fwd", True): 0.0, ("dkdv", False): 16.0, ("dkdv", True): 0.0,
                 ("dq", False): 0.0, ("dq", True): 0.0}
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32") -> list:
+# what the forward's key-importance epilogue (SCORES > 0) keeps live on top: calibrated on sm_90
+# bf16 compiles of the Qwen packing (``mmkernels inspect``-style, 128×128 over 8 warps): 16-32
+# bytes of spills at d=80 (dense estimate 104 + 24 values), none at d=72 (100 + 24).  Above
+# d=80 (D0 + D1 > 80) the scores variant runs 2 pipeline stages: 128×64 over 8 warps spilled 16
+# bytes at d=88 with 3 stages, none with 2.
+_SCORES_LIVE = 4.0
+_SCORES_MAX_STAGES_ABOVE_D80 = 2
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = False, prec: str = "tf32",
+                 scores: bool = False) -> list:
     """The dense kernels' candidates pruned by their rule (``attention._fits``: live fp32
     state per thread and staged bytes) with what the packed kernels keep on top:
     ``_VARLEN_LIVE`` (rotary runs as a pre-pass, so its calls take these same lists).  Then only
@@ -450,20 +485,28 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def fits(bm, bn, warps, stages):
-        return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, _VARLEN_LIVE[kind, has_dropout], 0)
+        extra = _VARLEN_LIVE[kind, has_dropout] + (_SCORES_LIVE if scores else 0.0)
+        return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, extra, 0)
 
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
+    if scores and dp > 80:
+        kept = list(dict.fromkeys((bm, bn, w, min(st, _SCORES_MAX_STAGES_ABOVE_D80)) for bm, bn, w, st in kept))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
 
 
-def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, meta: dict):
-    """(kernel, launch kwargs, mapped tile size)."""
+def _launcher(kind: str, device_type: str, d: int, dtype: torch.dtype, meta: dict, scores: int = 0):
+    """(kernel, launch kwargs, mapped tile size).  ``scores`` (forward): the SCORES variant gets
+    its own autotuner, which zeroes the scores buffer around its timed runs (they accumulate)."""
     if not for_gpu(device_type):
         cfg = _INTERP[kind]
         return _KERNELS[kind], cfg, cfg[_mapped(kind)]
     dropout, prec = meta["HAS_DROPOUT"], meta["PREC"]
-    configs = _gpu_configs(kind, d, dtype, dropout, prec)
+    configs = _gpu_configs(kind, d, dtype, dropout, prec, bool(scores))
+    if scores:
+        kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: configs, _TUNE_KEY + ["SCORES"],
+                                   ("attention_varlen", kind, d, dtype, dropout, prec, "scores"), reset_to_zero=["SC"])
+        return kernel, cfg, configs[0].kwargs[_mapped(kind)]
     kernel, cfg = gpu_launcher(_KERNELS[kind], lambda: configs, _TUNE_KEY,
                                ("attention_varlen", kind, d, dtype, dropout, prec))
     return kernel, cfg, configs[0].kwargs[_mapped(kind)]

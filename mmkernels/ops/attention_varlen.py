@@ -54,6 +54,7 @@ class Inputs(TypedDict):
     enable_gqa: bool
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
     out: Optional[torch.Tensor]
+    scores: Optional[tuple[Optional[torch.Tensor], Optional[str]]]
 
 
 # --------------------------------------------------------------------------------------
@@ -167,6 +168,55 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mmkernels::attention_varlen_fwd_scores", mutates_args=())
+def _varlen_fwd_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    row_weights: Optional[torch.Tensor],
+    reduce_heads: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward with the key importance accumulated by the same kernel: (O, statistics,
+    scores), scores fp32 (total_k,) (``reduce_heads`` "mean" / "sum") or (Hq, total_k) ("none");
+    ``row_weights`` (total_q,) fp32 (:func:`score_row_weights`) or None for every row."""
+    from ..kernels import attention_varlen as kernels
+
+    return kernels.varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, is_causal, scale,
+                                  scores=(row_weights, None if reduce_heads == "none" else reduce_heads))
+
+
+@_varlen_fwd_scores.register_fake
+def _(query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q, max_seqlen_k, dropout_p,
+      is_causal, scale, row_weights, reduce_heads):
+    total_q, h, _ = query.shape
+    shape = (h, key.shape[0]) if reduce_heads == "none" else (key.shape[0],)
+    return (query.new_empty(total_q, h, value.shape[-1]), query.new_empty(h, 2, total_q, dtype=torch.float32),
+            query.new_empty(shape, dtype=torch.float32))
+
+
+def _setup_context_scores(ctx, inputs, output):
+    _setup_context(ctx, inputs[:13], output[:2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_scores(ctx, grad_out, grad_lse, grad_scores):
+    return (*_backward(ctx, grad_out, grad_lse), None, None)
+
+
+_varlen_fwd_scores.register_autograd(_backward_scores, setup_context=_setup_context_scores)
 
 
 # --------------------------------------------------------------------------------------
@@ -306,6 +356,56 @@ def _validate(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, scale, ena
                              f"got {describe(rotary[1])}")
 
 
+def _scores_request(return_scores, query) -> tuple:
+    """``return_scores`` → (query_index as an (m,) int64 tensor or None, reduce_heads), or
+    ``ValueError`` naming what is wrong."""
+    if not isinstance(return_scores, dict) or set(return_scores) - {"query_index", "reduce_heads"}:
+        raise ValueError(f"return_scores: expected a dict with keys query_index and/or reduce_heads, "
+                         f"got {return_scores!r}")
+    qi = return_scores.get("query_index")
+    reduce_heads = return_scores.get("reduce_heads", "mean")
+    if reduce_heads not in ("mean", "sum", None):
+        raise ValueError(f"return_scores: reduce_heads expected 'mean', 'sum' or None, got {reduce_heads!r}")
+    if qi is None:
+        return None, reduce_heads
+    bad = ValueError(f"return_scores: query_index expected None (every row), an int or a non-empty list / 1-D "
+                     f"integer tensor of row numbers local to each sequence (0 = its first row, -1 = its last), "
+                     f"got {qi if not isinstance(qi, torch.Tensor) else describe(qi)!r}")
+    if isinstance(qi, bool):
+        raise bad
+    if isinstance(qi, int):
+        qi = [qi]
+    if isinstance(qi, (list, tuple)):
+        if not qi or not all(isinstance(i, int) and not isinstance(i, bool) for i in qi):
+            raise bad
+        return torch.tensor(qi, dtype=torch.int64, device=query.device), reduce_heads
+    if isinstance(qi, torch.Tensor):
+        if qi.dim() != 1 or qi.numel() == 0 or qi.dtype.is_floating_point or qi.dtype.is_complex \
+                or qi.dtype == torch.bool:
+            raise bad
+        return qi.to(device=query.device, dtype=torch.int64), reduce_heads
+    raise bad
+
+
+def score_row_weights(query_index: torch.Tensor | None, cu_seqlens_q: torch.Tensor, total_q: int):
+    """(total_q,) fp32 weight of each packed query row in the scores: how many times
+    ``query_index`` ((m,) int64 row numbers local to each sequence, negatives counted from the
+    sequence's end; None: every row, returned as None) selects it.  An index outside a sequence
+    selects nothing there; the rows past ``cu_seqlens_q[-1]`` (padding) are never selected.
+    Device ops only (no host read, static shapes: capturable and compiled without a break)."""
+    if query_index is None:
+        return None
+    cu = safe_cu_seqlens(cu_seqlens_q, total_q)  # + the padding tail, whose rows stay unselected
+    n = cu.shape[0] - 1
+    starts, lens = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    idx = query_index[None, :]
+    local = torch.where(idx < 0, idx + lens[:, None], idx)
+    ok = (local >= 0) & (local < lens[:, None]) & (torch.arange(n, device=cu.device) < n - 1)[:, None]
+    pos = (starts[:, None] + local).clamp(0, max(total_q - 1, 0))
+    w = torch.zeros(total_q, dtype=torch.float32, device=cu.device)
+    return w.index_add_(0, pos.flatten(), ok.flatten().to(torch.float32))
+
+
 # --------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------
@@ -318,7 +418,7 @@ def _triton_check(inp: Inputs) -> list:
 
 
 def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-                scale, enable_gqa, rotary, out=None):
+                scale, enable_gqa, rotary, out=None, scores=None):
     d, dv = query.shape[-1], value.shape[-1]
     seed = None
     if dropout_p > 0.0:
@@ -338,7 +438,12 @@ def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             cos, sin = cos.contiguous(), sin.contiguous()
     args = (query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, max_seqlen_q, max_seqlen_k,
             float(dropout_p), bool(is_causal), float(scale))
-    if out is not None and dv >= d:  # the kernel writes the caller's buffer itself
+    sc = None
+    if scores is not None:  # the key importance accumulated by the forward kernel itself
+        weights, reduce_heads = scores
+        result, _, sc = _varlen_fwd_scores(*args, weights, "none" if reduce_heads is None else reduce_heads)
+        result = result[..., :dv] if dv < d else result
+    elif out is not None and dv >= d:  # the kernel writes the caller's buffer itself
         _varlen_fwd_out(*args, out)
         result = out
     else:
@@ -347,7 +452,7 @@ def _triton_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     if is_causal:
         result = _triton_nans(result, query, key, value[..., :dv], cu_seqlens_q, cu_seqlens_k, rotary,
                               inplace=out is not None)
-    return _into(out, result)
+    return _into(out, result) if scores is None else (_into(out, result), sc)
 
 
 def _into(out, result):
@@ -409,7 +514,7 @@ def _zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-              scale, enable_gqa, rotary, out=None):
+              scale, enable_gqa, rotary, out=None, scores=None):
     """One SDPA call over the whole packing with a dense block-diagonal (total_q, total_k) mask,
     built on the device (no host read): O(total_q·total_k) memory, the automatic route only where
     the Triton kernels cannot run (CPU without the interpreter, float64, head dims over 256).
@@ -433,6 +538,7 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         lens_k = cu_k[1:] - cu_k[:-1]
         shift = (lens_k - lens_q)[seg_q]  # bottom-right alignment
         allowed &= pos_k[None, :] <= (pos_q + shift)[:, None]
+    sc = None if scores is None else _reduce_heads(_dense_scores(query, key, allowed, scale, scores[0]), scores[1])
     key_bad = ~torch.isfinite(key).all(-1)  # (total_k, Hkv)
     value_bad = ~torch.isfinite(value)  # (total_k, Hkv, Dv)
     key = torch.where(key_bad[..., None], 0.0, key)
@@ -446,13 +552,45 @@ def _sdpa_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     result = _sequence_nans(result, key_bad, value_bad, seg_q, seg_k, n)
     # rows that see no key: 0, whatever SDPA's backend gives for a fully masked row
     result = torch.where(allowed.any(1)[:, None, None], result, result.new_zeros(()))
-    return _into(out, result)
+    return _into(out, result) if scores is None else (_into(out, result), sc)
+
+
+def _dense_scores(query, key, allowed, scale, weights):
+    """(Hq, total_k) key importance of the sdpa route, from the probabilities themselves: the
+    (Hq, total_q, total_k) softmax under the block-diagonal mask ``allowed`` (the memory SDPA's
+    call takes anyway), rows weighted by ``weights`` (None: every row), in fp32 (fp64 for
+    float64).  A row that sees no key adds 0; a NaN stays in its own sequence."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        q = query.detach().transpose(0, 1).to(acc)
+        k = key.detach().transpose(0, 1).to(acc)
+        if k.shape[0] != q.shape[0]:
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        p = torch.softmax(torch.matmul(q, k.transpose(1, 2)).mul_(scale).masked_fill_(~allowed, float("-inf")), -1)
+        w = torch.ones(q.shape[1], dtype=acc, device=q.device) if weights is None else weights.to(acc)
+        p = torch.where(allowed & (w != 0)[:, None], p, 0.0) * w[:, None]
+        return p.sum(1)
+
+
+def _reduce_heads(scores: torch.Tensor, reduce_heads):
+    """(Hq, total_k) → (total_k,) for "mean" / "sum"; as is for None."""
+    if reduce_heads == "mean":
+        return scores.mean(0)
+    if reduce_heads == "sum":
+        return scores.sum(0)
+    return scores
 
 
 def _reference_run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-                   scale, enable_gqa, rotary, out=None):
-    return _into(out, ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal,
-                                           scale, enable_gqa, rotary))
+                   scale, enable_gqa, rotary, out=None, scores=None):
+    result = _into(out, ref.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal,
+                                             scale, enable_gqa, rotary))
+    if scores is None:
+        return result
+    with torch.no_grad():
+        sc = ref.attention_varlen_scores(query.detach(), key.detach(), cu_seqlens_q, cu_seqlens_k, is_causal, scale,
+                                         rotary, scores[0])
+    return result, _reduce_heads(sc, scores[1])
 
 
 dispatch.register(dispatch.Backend("triton", "attention_varlen", _triton_check, _triton_run,
@@ -483,7 +621,8 @@ def attention_varlen(
     *,
     out: torch.Tensor | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_scores: dict | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention over packed sequences of different lengths (``flash_attn_varlen_func``'s layout).
 
     Shapes: ``query`` (total_q, Hq, D), ``key`` (total_k, Hkv, D), ``value`` (total_k, Hkv, Dv)
@@ -541,6 +680,34 @@ def attention_varlen(
     packed row and shared by query and key (so total_q must equal total_k); they get no
     gradient.
 
+    ``return_scores=dict(query_index=..., reduce_heads=...)``: returns ``(out, scores)``, the key
+    importance that VisionZip / VisPruner-style pruning reads — :func:`mmkernels.attention_scores`'
+    convention applied per packed sequence: for each key j of sequence s, the sum over the
+    selected query rows i of **its own sequence** of the softmax probabilities P[i, j] (before
+    dropout), heads averaged (``reduce_heads="mean"``, default: (total_k,) float32), summed
+    (``"sum"``) or kept (``None``: (Hq, total_k)); float64 for float64 inputs (sdpa / reference).
+    ``query_index``: None (every row of each sequence: divide by the sequence length for the mean
+    over rows), an int, or a list / 1-D integer tensor of rows **local to each sequence** (``0`` =
+    each sequence's first row, e.g. a CLS token; ``-1`` its last), a row listed twice counting
+    twice; an index outside a (shorter) sequence selects nothing there.  Rows that see no key, and
+    the padding rows and keys past ``cu_seqlens[-1]``, give 0.  A NaN stays inside its sequence.
+
+    On Triton the scores come from the forward kernel itself (one launch, exact, no second QKᵀ
+    launch, the head dim at its real size — 72/80/88 are not padded to 128): once a query tile's
+    key loop has its rows' final max and sum, the program visits the same keys again with its Q
+    tile still in registers, rebuilds P = exp(S − m) / l for that tile only and adds its column
+    sums into a zero-initialised fp32 buffer with ``atomic_add`` — one extra Q Kᵀ per tile (no V,
+    no P·V: about half the forward's FLOPs again for every row with ``query_index=None``), and
+    with a ``query_index`` only the tiles holding a selected row run it (one row of each
+    sequence: about 1/ceil(L/BLOCK_M) of that).  Memory: the scores themselves (4·total_k bytes,
+    or 4·Hq·total_k), plus 4·total_q bytes of row weights with a ``query_index``.
+    Determinism: the atomic sums' order varies between runs on a GPU (fp32 rounding differences
+    of ~1 ulp per add); runs are bit-identical in the interpreter and on the sdpa / reference
+    routes.  The sdpa route computes the (Hq, total_q, total_k) probabilities (as its attention
+    call does), the reference route loops over the sequences (host sync).  The scores never
+    carry a gradient; ``out`` stays differentiable (the backward is the plain one).  With
+    ``out=``, the result is copied into it.
+
     ``scale`` defaults to 1/sqrt(D).  ``dropout_p > 0``: Philox dropout seeded from torch's
     generator (``torch.manual_seed`` replays it; the backward regenerates the same mask).
     ``backend``: None (auto), "triton", "sdpa" (one SDPA call with a dense block-diagonal mask
@@ -566,10 +733,14 @@ def attention_varlen(
     _check_out(out, query, value, (query, key, value, *(rotary or (None, None)), cu_seqlens_q, cu_seqlens_k))
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    request = None
+    if return_scores is not None:
+        query_index, reduce_heads = _scores_request(return_scores, query)
+        request = (score_row_weights(query_index, cu_seqlens_q, query.shape[0]), reduce_heads)
     inputs = Inputs(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=float(dropout_p),
                     is_causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa),
-                    rotary=tuple(rotary) if rotary is not None else None, out=out)
+                    rotary=tuple(rotary) if rotary is not None else None, out=out, scores=request)
     chosen = dispatch.select("attention_varlen", inputs, backend)
     if not _host_checks_values(cu_seqlens_q):  # (CPU eager: checked by _validate)
         if chosen.name == "reference":  # this route reads cu_seqlens on the host anyway
@@ -582,6 +753,12 @@ def attention_varlen(
         # nothing to compute on any route (no rows, keys or heads, or Dv = 0; D = 0 is rejected):
         # rows that see no key are 0, and every input gets a zero gradient
         if out is not None:
-            return out.zero_()
-        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
+            result = out.zero_()
+        else:
+            result = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1]) + _zero_anchor(query, key, value)
+        if request is None:
+            return result
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        sc = torch.zeros(query.shape[1], key.shape[0], dtype=acc, device=query.device)
+        return result, _reduce_heads(sc, request[1])
     return chosen.run(**inputs)

@@ -16,7 +16,7 @@ import torch
 from . import rotary
 from .attention import attention_probs
 
-__all__ = ["apply_rotary", "attention_varlen"]
+__all__ = ["apply_rotary", "attention_varlen", "attention_varlen_scores"]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,3 +78,44 @@ def attention_varlen(
     if query.shape[0] > cq[-1]:  # rows past the last boundary (a CUDA-graph buffer's padding) see no key
         outs.append(query.new_zeros(query.shape[0] - cq[-1], query.shape[1], value.shape[-1]))
     return torch.cat(outs, 0)
+
+
+def attention_varlen_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    is_causal: bool = False,
+    scale: float | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    row_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(Hq, total_k) key importance: per sequence s and key j of s, Σ_i w_i · softmax(Q_s K_sᵀ·scale)[i, j]
+    over the query rows i of s (``row_weights`` (total_q,) w, None = 1 for every row), in fp32
+    (fp64 for float64 inputs); causal bottom-right as :func:`attention_varlen`; rows that see no
+    key, keys of no sequence (padding) and empty sequences give 0.  GQA: query head h reads key
+    head h // (Hq // Hkv)."""
+    if rotary is not None:
+        query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    h = query.shape[1]
+    out = torch.zeros(h, key.shape[0], dtype=acc, device=query.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        q = query[cq[s]:cq[s + 1]].transpose(0, 1).to(acc)
+        k = key[ck[s]:ck[s + 1]].transpose(0, 1).to(acc)
+        lq, lk = q.shape[1], k.shape[1]
+        if lq == 0 or lk == 0:
+            continue
+        if k.shape[0] != h:
+            k = k.repeat_interleave(h // k.shape[0], dim=0)
+        logits = torch.matmul(q, k.transpose(1, 2)) * scale
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        if is_causal:
+            visible = visible.tril(diagonal=lk - lq)
+        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+        w = torch.ones(lq, dtype=acc, device=q.device) if row_weights is None else row_weights[cq[s]:cq[s + 1]].to(acc)
+        p = torch.where(visible & (w != 0)[:, None], p, 0.0) * w[:, None]
+        out[:, ck[s]:ck[s + 1]] = p.sum(1)
+    return out

@@ -47,6 +47,7 @@ from ._tiles import (
     _store_rows,
     _tile_logits,
 )
+from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale, _load_vt2
 from ._tma import _row_descs, _tma_cols2, _tma_rows2
 
 # Philox key stride between (sequence or batch, head) streams
@@ -127,13 +128,19 @@ def _fwd_body(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+    DESC=None, FP8: tl.constexpr = False,
 ):
     """One forward program: query rows ``rows`` = m_start + [0, BLOCK_M) of the sequence whose
     query rows start at Q + qb·sqb (dense: batch qb, its stride; packed: first token, token
     stride) and keys at K + kb·skb, head h (kv head hk); ``rows_c`` the causal/dropout row
     index.  Keys [0, hi) in two phases (interior [0, mid) first, :func:`_key_range`); O stored
     at O + qb·sob + h·soh, the softmax statistics at row ``stat_bh`` of (·, 2, STAT_L) (packed:
-    at the sequence's offset qb).  Philox stream ``stream``."""
+    at the sequence's offset qb).  Philox stream ``stream``.
+
+    FP8 (:mod:`._fp8`, inference): Q, K, V are float8_e4m3fn, V stored sequence-contiguous (the
+    K-major B operand fp8 wgmma reads), row ``stat_bh`` of DESC (·, 3) fp32 holds the (q, k, v)
+    descales; q·k descales fold into the exp2 scale, P is quantised to e4m3 for P·V and the v
+    descale is applied in the epilogue."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
 
@@ -153,6 +160,8 @@ def _fwd_body(
     if HAS_DROPOUT:
         seed = tl.load(SEED) + stream.to(tl.int64) * SEED_STRIDE
 
+    if FP8:
+        qk_scale = _fp8_qk_scale(DESC, stat_bh, qk_scale)
     scale = qk_scale
     if PRESCALE:
         scale = 1.0
@@ -178,9 +187,13 @@ def _fwd_body(
             p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
             if HAS_DROPOUT:
                 p = tl.where(_dropout_keep(seed, rows_c, start_n, LK, dropout_p, BLOCK_N), p, 0.0)
+            if FP8:
+                p = _fp8_p(p)
             p = p.to(V.dtype.element_ty)
             if USE_TMA:
                 v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
+            elif FP8:
+                v0, v1 = _load_vt2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             else:
                 v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)
@@ -192,6 +205,8 @@ def _fwd_body(
     else:
         stat_rows = rows
     inv_l = _finish_rows(LSE, stat_bh.to(tl.int64), STAT_L, stat_rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
+    if FP8:
+        inv_l = _fp8_finish(DESC, stat_bh, inv_l)
     o_base = O + qb * sob + h * soh
     _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
     if D1 > 0:

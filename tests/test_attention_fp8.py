@@ -101,6 +101,21 @@ def test_dense_explicit_descales_gqa_mask(per_head):
 
 
 @needs_fp8_device
+def test_dense_additive_mask_and_scale():
+    """A per-score additive float mask (the logits are pre-scaled: the q·k descales ride on the
+    scale there too) and a non-default scale."""
+    q, k, v = _dense(2, 2, 2, 40, 45, 64, dtype=torch.float16)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.randn(2, 1, 40, 45, generator=g).to(DEVICE)
+    mask[..., 30:] = float("-inf")
+    out = mk.attention(q, k, v, attn_mask=mask, scale=0.2, fp8="dynamic")
+    assert out.dtype == torch.float16
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=mask.double(), scale=0.2)
+    _check(out.cpu(), ref.cpu())
+
+
+@needs_fp8_device
 @pytest.mark.parametrize("kind", ["random", "outlier"])
 def test_accuracy_vs_bf16_and_int8_emulation(kind, record_property):
     """fp8 vs float64 next to bf16's error and a SageAttention2-style int8-QK / fp8-PV emulation

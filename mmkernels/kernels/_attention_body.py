@@ -47,7 +47,7 @@ from ._tiles import (
     _store_rows,
     _tile_logits,
 )
-from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale, _load_vt2
+from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale
 from ._tma import _row_descs, _tma_cols2, _tma_rows2
 
 # Philox key stride between (sequence or batch, head) streams
@@ -137,10 +137,9 @@ def _fwd_body(
     at O + qb·sob + h·soh, the softmax statistics at row ``stat_bh`` of (·, 2, STAT_L) (packed:
     at the sequence's offset qb).  Philox stream ``stream``.
 
-    FP8 (:mod:`._fp8`, inference): Q, K, V are float8_e4m3fn, V stored sequence-contiguous (the
-    K-major B operand fp8 wgmma reads), row ``stat_bh`` of DESC (·, 3) fp32 holds the (q, k, v)
-    descales; q·k descales fold into the exp2 scale, P is quantised to e4m3 for P·V and the v
-    descale is applied in the epilogue."""
+    FP8 (:mod:`._fp8`, inference): Q, K, V are float8_e4m3fn, row ``stat_bh`` of DESC (·, 3) fp32
+    holds the (q, k, v) descales; q·k descales fold into the exp2 scale, P is quantised to e4m3 for
+    P·V and the v descale is applied in the epilogue."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
 
@@ -192,8 +191,6 @@ def _fwd_body(
             p = p.to(V.dtype.element_ty)
             if USE_TMA:
                 v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
-            elif FP8:
-                v0, v1 = _load_vt2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             else:
                 v0, v1 = _load_rows2(v_base, cols, col_ok, svn, svd, HEAD_DIM, D0, D1, ALIGNED)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, PREC, UPCAST)

@@ -3,8 +3,9 @@ forward entry points (``attention._attn_fwd``, ``attention_varlen._varlen_fwd``)
 constexpr ``FP8`` of the shared body (:mod:`._fp8`); configurations are those of the bf16
 forward pruned for 1-byte tiles (``_fits`` with itemsize 1; no TMA candidates).
 
-Operands (views (B, H, L, D); packed: (total, H, D)): ``q8``, ``k8`` e4m3 row-major, ``v8`` e4m3
-with the sequence dim contiguous; ``desc`` fp32 (B·Hq, 3) / (Hq, 3) of (q, k, v) descales per
+Operands (views (B, H, L, D); packed: (total, H, D)): ``q8``, ``k8``, ``v8`` e4m3 (any strides;
+the 16-byte row hint when rows are 16-byte aligned); ``desc`` fp32 (B·Hq, 3) / (Hq, 3) of
+(q, k, v) descales per
 query head (:func:`descale_rows`).  Output in ``out_dtype`` (bf16 by default upstream).
 """
 

@@ -48,11 +48,11 @@ def _quantised_dense(query, key, value, q_descale, k_descale, v_descale, cos, si
     if dynamic:
         q8, qd = _fp8.quantize_dynamic(query, cos, sin)
         k8, kd = _fp8.quantize_dynamic(key, cos, sin)
-        v8, vd = _fp8.quantize_dynamic(value, transposed=True)
+        v8, vd = _fp8.quantize_dynamic(value)
         b = query.shape[0]
         return q8, k8, v8, qd.view(b, -1), kd.view(b, -1), vd.view(b, -1)
     b, hq, hkv = query.shape[0], query.shape[1], key.shape[1]
-    return (query, key, _fp8.as_seq_contiguous(value), q_descale.expand(b, hq), k_descale.expand(b, hkv),
+    return (query, key, value, q_descale.expand(b, hq), k_descale.expand(b, hkv),
             v_descale.expand(b, hkv))
 
 

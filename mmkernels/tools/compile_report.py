@@ -273,7 +273,7 @@ def _fp8_dense(p: AttnPreset, variant: str) -> None:
     rot = (torch.empty(p.Lq, p.d), torch.empty(p.Lq, p.d)) if variant == "rotary" and p.Lq == p.Lk else (None, None)
     q8, qd = F8.quantize_dynamic(q, *rot)
     k8, kd = F8.quantize_dynamic(k, *rot)
-    v8, vd = F8.quantize_dynamic(v, transposed=True)
+    v8, vd = F8.quantize_dynamic(v)
     desc = AF.descale_rows(qd.view(p.B, -1), kd.view(p.B, -1), vd.view(p.B, -1), (p.B,))
     AF.attention_forward_fp8(q8, k8, v8, desc, mask, causal, p.d ** -0.5, torch.bfloat16)
 
@@ -294,7 +294,7 @@ def _fp8_packed(p, variant: str) -> None:
 
     q8, qd = F8.quantize_dynamic(hf(q), *rot)
     k8, kd = F8.quantize_dynamic(hf(k), *rot)
-    v8, vd = F8.quantize_dynamic(hf(v), transposed=True)
+    v8, vd = F8.quantize_dynamic(hf(v))
     desc = AF.descale_rows(qd, kd, vd, ())
     AF.varlen_forward_fp8(*(x[0].transpose(0, 1) for x in (q8, k8, v8)), desc, cu, cu, p.hint, p.hint, causal,
                           p.d ** -0.5, torch.bfloat16)

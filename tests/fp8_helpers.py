@@ -71,11 +71,11 @@ def sage_emulation(q, k, v, is_causal=False, block=64):
         s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)
+    row_sum = p.sum(-1, keepdim=True)
     p8 = (p * 448).to(E4M3).double() / 448
     vs = v.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30) / 448
     v8 = (v / vs).to(E4M3).double() * vs
-    return (p8 @ v8) / l
+    return (p8 @ v8) / row_sum
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

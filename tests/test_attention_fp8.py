@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import warnings
 
+import _interpreter_fp8
 import pytest
 import torch
-
-import _interpreter_fp8
-import mmkernels as mk
 from conftest import DEVICE, HAS_CUDA
 from fp8_helpers import errors, inputs, quantize, sage_emulation, sdpa64
+
+import mmkernels as mk
 
 FP8_CAST = _interpreter_fp8.install()
 E4M3 = torch.float8_e4m3fn

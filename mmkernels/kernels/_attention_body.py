@@ -33,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale
 from ._tiles import (
     _bwd_scores,
     _dot,
@@ -47,7 +48,6 @@ from ._tiles import (
     _store_rows,
     _tile_logits,
 )
-from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale
 from ._tma import _row_descs, _tma_cols2, _tma_rows2
 
 # Philox key stride between (sequence or batch, head) streams

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from . import attention_fp8  # noqa: F401  (registers mmkernels::attention_fp8_fwd, attention_varlen_fp8_fwd)
 from .attention import attention
 from .attention_scores import attention_scores
 from .attention_varlen import attention_varlen
-from . import attention_fp8  # noqa: F401  (registers mmkernels::attention_fp8_fwd, attention_varlen_fp8_fwd)
 from .qformer_cross_attention import qformer_cross_attention
 from .token_pool import token_pool
 

@@ -312,3 +312,35 @@ def test_ptx_counting():
     assert (s["ld_vector"], s["ld_scalar"], s["ld_scalar_narrow"]) == (1, 2, 1)
     assert (s["cp_async"], s["cp_async_16"], s["cp_async_sizes"]) == (2, 1, {4: 1, 16: 1})
     assert (s["tma"], s["wgmma"], s["mma_sync"]) == (1, 1, 1)
+
+
+_FP8_CHILD = r"""
+import json, re, sys
+from mmkernels.tools.compile_report import compile_report
+rows = []
+for kw in (dict(presets=["qwen2-vl"], variants=["causal"], kernels=["attention.fwd"]),
+           dict(presets=["qwen2-vl-packed"], kernels=["attention_varlen.fwd"])):
+    for r in compile_report(90, dtype="fp8", configs="default", **kw):
+        c = r.pop("compiled", None)
+        ptx = c.asm["ptx"] if c is not None else ""
+        r["wgmma_kinds"] = sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx)))
+        rows.append(r)
+json.dump(rows, open(sys.argv[1], "w"))
+"""
+
+
+def test_sm90_fp8_forward(tmp_path):
+    """The fp8 (e4m3) forward's defaults, dense (d=80 causal) and packed (Qwen2-VL packing, RoPE in
+    the quantising pre-pass): both products on wgmma with e4m3 operands, 16-byte cp.async, no
+    spills (2 compiles, ~15 s; the full sweep: docs/inspect/fp8_sm90.md)."""
+    out = tmp_path / "fp8.json"
+    res = subprocess.run([sys.executable, "-c", _FP8_CHILD, str(out)], capture_output=True, text=True,
+                         env=_child_env(), timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr[-5000:]
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {"attention.fwd", "attention_varlen.fwd"}
+    bad = [f"{_name(r)} {r['config']}: error {bool(r['error'])}, spills {r['spill_bytes']}, wgmma "
+           f"{r['wgmma_kinds']}, mma.sync {r['mma_sync']}, cp.async {r['cp_async_sizes']}" for r in rows
+           if r["error"] or r["spill_bytes"] or r["mma_sync"] or not r["cp_async_16"] or not r["wgmma_kinds"]
+           or not all(k.endswith(".f32.e4m3.e4m3") for k in r["wgmma_kinds"])]
+    assert not bad, "\n".join(bad)

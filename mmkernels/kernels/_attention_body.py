@@ -33,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._fp8 import _fp8_finish, _fp8_p, _fp8_qk_scale
 from ._tiles import (
     _bwd_scores,
     _dot,
@@ -127,6 +128,7 @@ def _fwd_body(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+    DESC=None, FP8: tl.constexpr = False,
     SC=None, SW=None, ssh=0, score_w=1.0, SCORES: tl.constexpr = 0,
 ):
     """One forward program: query rows ``rows`` = m_start + [0, BLOCK_M) of the sequence whose
@@ -135,6 +137,10 @@ def _fwd_body(
     index.  Keys [0, hi) in two phases (interior [0, mid) first, :func:`_key_range`); O stored
     at O + qb·sob + h·soh, the softmax statistics at row ``stat_bh`` of (·, 2, STAT_L) (packed:
     at the sequence's offset qb).  Philox stream ``stream``.
+
+    FP8 (:mod:`._fp8`, inference): Q, K, V are float8_e4m3fn, row ``stat_bh`` of DESC (·, 3) fp32
+    holds the (q, k, v) descales; q·k descales fold into the exp2 scale, P is quantised to e4m3 for
+    P·V and the v descale is applied in the epilogue.
 
     SCORES (packed only; 0 = off, the plain kernel): key importance from this program's rows,
     added into SC after the output is stored — :func:`_scores_epilogue`."""
@@ -157,6 +163,8 @@ def _fwd_body(
     if HAS_DROPOUT:
         seed = tl.load(SEED) + stream.to(tl.int64) * SEED_STRIDE
 
+    if FP8:
+        qk_scale = _fp8_qk_scale(DESC, stat_bh, qk_scale)
     scale = qk_scale
     if PRESCALE:
         scale = 1.0
@@ -182,6 +190,8 @@ def _fwd_body(
             p, alpha, m_i, l_i = _online_softmax(s, scale, m_i, l_i)
             if HAS_DROPOUT:
                 p = tl.where(_dropout_keep(seed, rows_c, start_n, LK, dropout_p, BLOCK_N), p, 0.0)
+            if FP8:
+                p = _fp8_p(p)
             p = p.to(V.dtype.element_ty)
             if USE_TMA:
                 v0, v1 = _tma_rows2(vd0, vd1, start_n, D0, D1)
@@ -196,6 +206,8 @@ def _fwd_body(
     else:
         stat_rows = rows
     inv_l = _finish_rows(LSE, stat_bh.to(tl.int64), STAT_L, stat_rows, row_ok, m_i, l_i, dropout_p, HAS_DROPOUT)
+    if FP8:
+        inv_l = _fp8_finish(DESC, stat_bh, inv_l)
     o_base = O + qb * sob + h * soh
     _store_rows(o_base, acc0 * inv_l[:, None], rows, row_ok, som, offs_d0, sod, HEAD_DIM)
     if D1 > 0:

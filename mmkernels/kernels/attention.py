@@ -115,9 +115,11 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
+    DESC=None, FP8: tl.constexpr = False,
 ):
     """Program (query block, batch·head): rows [pid_m·BLOCK_M, +BLOCK_M) of batch b, head h
-    (``_attention_body._fwd_body``: batch b is sequence b, its rows at b·sqb)."""
+    (``_attention_body._fwd_body``: batch b is sequence b, its rows at b·sqb).  FP8: the e4m3
+    forward (:mod:`._fp8`, launched by :mod:`.attention_fp8`)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -129,7 +131,7 @@ def _attn_fwd(
               pid_bh,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smh, smm, smn,
               qk_scale, dropout_p, HEAD_DIM, D0, D1, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED,
-              PRESCALE, BLOCK_M, BLOCK_N, USE_TMA, False)
+              PRESCALE, BLOCK_M, BLOCK_N, USE_TMA, False, DESC, FP8)
 
 
 # --------------------------------------------------------------------------------------

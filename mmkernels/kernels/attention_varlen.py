@@ -132,10 +132,11 @@ def _varlen_fwd(
     PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_MAP: tl.constexpr, ALIGNED: tl.constexpr,
     PRESCALE: tl.constexpr, SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DESC=None, FP8: tl.constexpr = False,
 ):
     """Program (query tile of the packing, head): the sequence and row block from :func:`_tile`.
     SCORES > 0: key importance added into SC (``_attention_body._scores_epilogue``); SC / SW are
-    None when off (the plain kernel)."""
+    None when off (the plain kernel).  FP8: the e4m3 forward (:mod:`._fp8`)."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     seq, m_start, q_lo, LQ = _tile(CU_Q, TILE_MAP, pid, N_SEQS, PER_SEQ, BLOCK_M, SCAN, USE_MAP)
@@ -152,7 +153,7 @@ def _varlen_fwd(
               LQ, LK, TOTAL_Q, h,
               sqt, sqh, sqt, sqd, skt, skh, skt, skd, svt, svh, svt, svd, sot, soh, sot, sod, 0, 0, 0, 0,
               qk_scale, dropout_p, HEAD_DIM, D0, D1, 0, IS_CAUSAL, HAS_DROPOUT, PREC, UPCAST, ALIGNED, PRESCALE,
-              BLOCK_M, BLOCK_N, False, True, SC, SW, ssh, score_w, SCORES)
+              BLOCK_M, BLOCK_N, False, True, DESC, FP8, SC, SW, ssh, score_w, SCORES)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import attention_fp8  # noqa: F401  (registers mmkernels::attention_fp8_fwd, attention_varlen_fp8_fwd)
 from .attention import attention
 from .attention_scores import attention_scores
 from .attention_varlen import attention_varlen

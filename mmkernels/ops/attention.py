@@ -468,6 +468,8 @@ def attention(
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str | None = None,
     return_scores: dict | None = None,
+    fp8: str | dict | tuple | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Scaled-dot-product attention, a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -525,11 +527,29 @@ def attention(
     ``(out, scores)``, the scores of :func:`mmkernels.attention_scores` for the same call, computed
     from this forward's row statistics (no second softmax pass on the Triton path).
 
+    ``fp8`` (keyword only; inference, 4-D inputs): the e4m3 forward on sm_89+ / sm_90 (docs/fp8.md).
+    ``"dynamic"``: float16/bfloat16 inputs quantised per (batch, head) by a fused pre-pass (rotary
+    applied first); ``dict(q_descale=, k_descale=, v_descale=)`` (or a tuple): float8_e4m3fn inputs
+    with float32 descales of shape () or (B, H) (H = Hq for q, Hkv for k, v).  Output
+    ``out_dtype`` (default: the input dtype for "dynamic", bfloat16 for float8 inputs).  Inputs
+    requiring grad or ``dropout_p > 0`` raise; where the fp8 kernels cannot run (CPU without the
+    interpreter, a GPU below sm_89, D > 256, Dv != D) one warning and the bf16 path (the Triton
+    backend forced: an error).
+
     Equivalent PyTorch::
 
         F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale=scale, enable_gqa=enable_gqa)
     """
+    if fp8 is not None:
+        if return_scores is not None:
+            raise ValueError("fp8: not supported together with return_scores")
+        from .attention_fp8 import attention_fp8
+
+        return attention_fp8(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, rotary=rotary,
+                             fp8=fp8, out_dtype=out_dtype, backend=backend)
+    if out_dtype is not None:
+        raise ValueError("out_dtype: only with fp8 (the other paths return the inputs' dtype)")
     if return_scores is not None:
         if rotary is not None:
             raise ValueError("rotary: not supported together with return_scores (the scores pass reads q/k unrotated)")

@@ -622,6 +622,8 @@ def attention_varlen(
     out: torch.Tensor | None = None,
     backend: str | None = None,
     return_scores: dict | None = None,
+    fp8: str | dict | tuple | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention over packed sequences of different lengths (``flash_attn_varlen_func``'s layout).
 
@@ -727,7 +729,25 @@ def attention_varlen(
             outs.append(F.scaled_dot_product_attention(q, k, v, mask if is_causal else None,
                         dropout_p, scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
         out = torch.cat(outs)       # (with rotary: q, k = apply_rotary_pos_emb_vision(q, k, cos, sin) first)
+
+    ``fp8`` (keyword only; inference): the e4m3 forward on sm_89+ / sm_90 (docs/fp8.md).
+    ``"dynamic"``: float16/bfloat16 inputs quantised per head over the packing by a fused pre-pass
+    (rotary applied first); ``dict(q_descale=, k_descale=, v_descale=)`` (or a tuple):
+    float8_e4m3fn inputs with float32 descales of shape () or (H,) (Hq for q, Hkv for k, v).
+    Output ``out_dtype`` (default: the input dtype for "dynamic", bfloat16 for float8 inputs);
+    fallback as :func:`mmkernels.attention`'s.
     """
+    if fp8 is not None:
+        from .attention_fp8 import attention_varlen_fp8
+
+        if return_scores is not None:
+            raise ValueError("return_scores: not available with fp8 (the e4m3 forward keeps no key scores); "
+                             "drop fp8 to get them")
+        return attention_varlen_fp8(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p, is_causal, scale, enable_gqa, rotary, fp8=fp8, out_dtype=out_dtype,
+                                    out=out, backend=backend)
+    if out_dtype is not None:
+        raise ValueError("out_dtype: only with fp8 (the other paths return the inputs' dtype)")
     _validate(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
               enable_gqa, rotary)
     _check_out(out, query, value, (query, key, value, *(rotary or (None, None)), cu_seqlens_q, cu_seqlens_k))

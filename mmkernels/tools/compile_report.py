@@ -161,7 +161,10 @@ VARIANTS = {
     "rotary": (False, 0.0, False),
 }
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+           # the fp8 (e4m3) inference forward: bf16 inputs through ``fp8="dynamic"`` (the quantising
+           # pre-pass, then the forward with FP8=True); attention families only, no dropout
+           "fp8": torch.float8_e4m3fn}
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,6 +189,8 @@ def _attention_case(p: AttnPreset, variant: str, dtype: torch.dtype) -> _Case:
     esz = torch.empty((), dtype=dtype).element_size()
 
     def run() -> None:
+        if dtype == torch.float8_e4m3fn:
+            return _fp8_dense(p, variant)
         q = torch.empty(p.B, p.H, p.Lq, p.d, dtype=dtype)
         k = torch.empty(p.B, p.H, p.Lk, p.d, dtype=dtype)
         v = torch.empty_like(k)
@@ -228,6 +233,8 @@ def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
     total = sum(p.lengths)
 
     def run() -> None:
+        if dtype == torch.float8_e4m3fn:
+            return _fp8_packed(p, variant)
         q, k, v = torch.empty(total, 3, p.H, p.d, dtype=dtype).unbind(1)  # views of the fused qkv
         cu = torch.tensor([0, *itertools.accumulate(p.lengths)], dtype=torch.int32)
         cos = sin = torch.empty(total, p.d, dtype=torch.float32) if p.rotary else None
@@ -250,6 +257,47 @@ def _varlen_case(p: VarlenPreset, variant: str, dtype: torch.dtype) -> _Case:
         "rotary.unrotate": (None, 2 * qd + rot),
     }
     return _Case("attention_varlen", p.name, variant, p.d, run, model)
+
+
+def _fp8_dense(p: AttnPreset, variant: str) -> None:
+    """``mk.attention(q, k, v, fp8="dynamic")`` on bf16 (B, H, L, D) inputs: the pre-pass, then the
+    e4m3 forward."""
+    from ..kernels import _fp8 as F8
+    from ..kernels import attention_fp8 as AF
+
+    use_mask, _, causal = VARIANTS[variant]
+    q = torch.empty(p.B, p.H, p.Lq, p.d, dtype=torch.bfloat16)
+    k = torch.empty(p.B, p.H, p.Lk, p.d, dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    mask = torch.ones(p.B, 1, 1, p.Lk, dtype=torch.bool) if use_mask else None
+    rot = (torch.empty(p.Lq, p.d), torch.empty(p.Lq, p.d)) if variant == "rotary" and p.Lq == p.Lk else (None, None)
+    q8, qd = F8.quantize_dynamic(q, *rot)
+    k8, kd = F8.quantize_dynamic(k, *rot)
+    v8, vd = F8.quantize_dynamic(v)
+    desc = AF.descale_rows(qd.view(p.B, -1), kd.view(p.B, -1), vd.view(p.B, -1), (p.B,))
+    AF.attention_forward_fp8(q8, k8, v8, desc, mask, causal, p.d ** -0.5, torch.bfloat16)
+
+
+def _fp8_packed(p, variant: str) -> None:
+    """``mk.attention_varlen(q, k, v, ..., fp8="dynamic")`` on bf16 views of a fused qkv."""
+    from ..kernels import _fp8 as F8
+    from ..kernels import attention_fp8 as AF
+
+    _, _, causal = VARIANTS[variant]
+    total = sum(p.lengths)
+    q, k, v = torch.empty(total, 3, p.H, p.d, dtype=torch.bfloat16).unbind(1)
+    cu = torch.tensor([0, *itertools.accumulate(p.lengths)], dtype=torch.int32)
+    rot = (torch.empty(total, p.d), torch.empty(total, p.d)) if p.rotary else (None, None)
+
+    def hf(x):
+        return x.transpose(0, 1).unsqueeze(0)
+
+    q8, qd = F8.quantize_dynamic(hf(q), *rot)
+    k8, kd = F8.quantize_dynamic(hf(k), *rot)
+    v8, vd = F8.quantize_dynamic(hf(v))
+    desc = AF.descale_rows(qd, kd, vd, ())
+    AF.varlen_forward_fp8(*(x[0].transpose(0, 1) for x in (q8, k8, v8)), desc, cu, cu, p.hint, p.hint, causal,
+                          p.d ** -0.5, torch.bfloat16)
 
 
 def _qformer_case(p: QFormerPreset, variant: str, dtype: torch.dtype) -> _Case:
@@ -302,6 +350,7 @@ def _token_pool_case(p: PoolPreset, dtype: torch.dtype) -> _Case:
 
 
 def _kernel_names() -> dict:
+    from ..kernels import _fp8 as F8
     from ..kernels import _rotary as R
     from ..kernels import attention as A
     from ..kernels import attention_scores as S
@@ -315,7 +364,7 @@ def _kernel_names() -> dict:
         A._attn_bwd_preprocess: "attention.preprocess", Q._qformer_fwd: "qformer_cross_attention.fwd",
         V._varlen_fwd: "attention_varlen.fwd", V._varlen_bwd_dkdv: "attention_varlen.dkdv",
         V._varlen_bwd_dq: "attention_varlen.dq", R._rotary_unrotate: "rotary.unrotate",
-        R._rotary_rotate: "rotary.rotate",
+        R._rotary_rotate: "rotary.rotate", F8._fp8_quant: "fp8.quant",
         T._token_pool_fwd: "token_pool.fwd", T._token_pool_norm_bwd: "token_pool.norm_bwd",
         T._token_pool_bwd: "token_pool.bwd",
     }
@@ -455,6 +504,9 @@ def _config_dict(cfg, kwargs: dict) -> dict:
 
 def _cases(dtype: torch.dtype, presets, head_dims, variants, families) -> list[_Case]:
     cases = []
+    if dtype == torch.float8_e4m3fn:  # the fp8 forward: attention families, no dropout
+        families = families & {"attention", "attention_varlen"}
+        variants = [v for v in variants if not VARIANTS[v][1]]
     if "attention" in families:
         for p in ATTENTION_PRESETS:
             if (presets and p.name not in presets) or (head_dims and p.d not in head_dims):
@@ -822,8 +874,9 @@ def main(argv: list[str] | None = None) -> int:
         "a compile already in triton's cache takes about a second).",
     )
     ap.add_argument("--arch", type=int, default=90, choices=(80, 86, 89, 90), help="compute capability (default 90)")
-    ap.add_argument("--dtype", default="bfloat16", type=dtype_arg, metavar="DTYPE",
-                    help=f"{DTYPE_SPELLINGS} (default bf16)")
+    ap.add_argument("--dtype", default="bfloat16", metavar="DTYPE",
+                    type=lambda t: "fp8" if t.strip().lower() in ("fp8", "e4m3", "float8_e4m3fn") else dtype_arg(t),
+                    help=f"{DTYPE_SPELLINGS}, fp8/e4m3 (the fp8 forward of fp8='dynamic') (default bf16)")
     ap.add_argument("--kernel", action="append", default=[],
                     help="kernel name or prefix (attention, attention.fwd, attention_varlen, qformer_cross_attention "
                     "(alias: qformer), token_pool); repeatable")
@@ -843,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 on spills, shared memory over the limit or "
                     "main loops without pipelined vector loads")
     args = ap.parse_args(argv)
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "fp8": "fp8"}[args.dtype]
     variants = list(VARIANTS) if "all" in args.variant else (args.variant or ["plain"])
     presets = args.preset or (list(QUICK_PRESETS) if args.quick and not args.head_dim else [])
     if args.tma_only and (args.default_only or args.quick):

@@ -413,24 +413,52 @@ _CANDIDATES_BIG = {
 # take registers the bf16 wgmma path keeps in shared memory, and no live-state rule predicted the
 # sweep: 32×64 over 4 warps spilled 64 bytes at d=128 but none at d=88, 16×32 spilled 120-304 at
 # d=88 but none at d=128, 16×64 with mask + dropout 48 at d=128 — so these are the measured lists.
-_TF32_DKDV = {96: ([(32, 64, 4, 2), (16, 64, 4, 2)], [(16, 64, 4, 2)]), 128: ([(16, 32, 4, 2)], [(16, 32, 4, 2)])}
+# Re-swept under triton 3.6 (the GPU image's) and 3.9 with causal calls, dense and packed
+# (docs/inspect/fp32_ieee_sm90.md): the ≤96 default 32×64 over 4 warps spilled 16-304 bytes under
+# 3.6 (16×64 over 4 warps 16-144 at d=88); 16×64 over 8 warps spilled nothing at d=72/80/88 dense
+# in either version (packed d=88 causal: 48-144, the least of the 6 tiles tried; nothing tried was
+# spill-free there); 16×32 over 4 warps nothing at d=128.  The dropout lists were not re-swept.
+_TF32_DKDV = {96: ([(16, 64, 8, 2)], [(16, 64, 8, 2)]), 128: ([(16, 32, 4, 2)], [(16, 32, 4, 2)])}
+# fp32 (TF32) dQ: 64×32 over 4 warps spilled 8-224 bytes at d=88/128 under 3.6 (defaults), 64×16
+# over 4 warps 16-40 packed; 64×16 over 8 warps spilled nothing (d=88/128, dense and packed, both
+# versions).  The TF32 forward keeps the rule's list minus 64×64 over 4 warps above d=96 (8-16
+# bytes at d=128 under 3.6).
+_TF32_DQ = [(64, 16, 8, 2)]
+
+
+def tf32_lists(kind: str, dp: int, has_dropout: bool, kept: list) -> list:
+    """The fp32 (TF32) candidates of ``kind`` at computed head dim ``dp``: the measured lists
+    above in place of, or pruned from, the rule's ``kept``."""
+    if kind == "dkdv" and dp <= 128:
+        return next(c[has_dropout] for limit, c in _TF32_DKDV.items() if dp <= limit)
+    if kind == "dq":
+        return list(_TF32_DQ)
+    if kind == "fwd" and dp > 96:
+        return [c for c in kept if c != (64, 64, 4, 2)] or kept
+    return kept
 # fp32 operands with torch's "highest" matmul precision (PREC "ieee": how HF runs BLIP-2's
 # Q-Former) lower ``tl.dot`` to FMA loops that hold operand slices in registers, so the tiles
 # above spill 0.2-9.6 KB there.  These were compiled for sm_90 by ``mmkernels inspect --dtype
 # fp32`` (d = 64/72/80/88/128, with and without mask + dropout) and kept where none spilled:
 # explicit lists per computed head dim (D0 + D1: 64, 80 for d=72/80, 96 for d=88, 128, beyond),
 # not the ``_fits`` rule (register allocation of FMA dots is not monotonic in the tile: 32×32
-# over 8 warps spills 8-16 bytes at d=72/80 but not at d=64 or 88).
+# over 8 warps spills 8-16 bytes at d=72/80 but not at d=64 or 88).  Re-swept with causal calls
+# and under triton 3.6 (the GPU image's) as well as 3.9, dense and packed: the former defaults
+# spilled there — dK/dV 16×64 over 8 warps 8-32 bytes at d=72/80 (both versions), 32×32 over 8
+# warps 224-560 at d=128 causal; the forward's 32×16 over 4 warps 216-368 at d=128 causal; dQ
+# 32×16 over 4 warps 328 at d=128 (3.9) — and 16×32 / 16×64 over 4 warps spilled at d=72-128.
+# Every candidate below compiles spill-free under both versions, plain and causal, dense and
+# packed (docs/inspect/fp32_ieee_sm90.md).
 _IEEE_SMALL = {"fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
                "dkdv": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2)],
                "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]}
 _CANDIDATES_IEEE = {
     "fwd": {64: _IEEE_SMALL["fwd"], 80: [(16, 32, 4, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["fwd"],
-            128: [(32, 16, 4, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
-    "dkdv": {64: _IEEE_SMALL["dkdv"], 80: [(16, 64, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dkdv"],
-             128: _IEEE_SMALL["dkdv"], 256: [(16, 16, 4, 2)]},
+            128: [(32, 16, 8, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dkdv": {64: _IEEE_SMALL["dkdv"], 80: [(16, 32, 8, 2), (16, 16, 4, 2)], 96: [(32, 32, 8, 2), (16, 16, 4, 2)],
+             128: [(16, 32, 8, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
     "dq": {64: _IEEE_SMALL["dq"], 80: [(32, 32, 8, 2), (16, 16, 4, 2)], 96: _IEEE_SMALL["dq"],
-           128: [(32, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+           128: [(32, 16, 8, 2), (16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
 }
 # fp32 values a thread may keep live in accumulators and score tiles, by (kernel, dropout):
 # about half of the 255 registers, the rest holding operand fragments, addresses and the
@@ -505,8 +533,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         kept = [c for c in cands
                 if _fits(kind, *c, d0 + d1, itemsize, has_dropout, *_extra_state(kind, c[0], c[1], c[2], has_mask))]
         kept = kept or [cands[-1]]
-        if kind == "dkdv" and dtype == torch.float32 and d0 + d1 <= 128:
-            kept = next(c[has_dropout] for limit, c in _TF32_DKDV.items() if d0 + d1 <= limit)
+        if dtype == torch.float32:
+            kept = tf32_lists(kind, d0 + d1, has_dropout, kept)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in kept]
     if tma and _tma_offered(d, dtype):
         tiles: dict = {}

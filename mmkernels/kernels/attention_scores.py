@@ -174,10 +174,13 @@ _TUNE_KEY = ["HEAD_DIM", "D0", "MASK_KIND", "IS_CAUSAL", "PREC"]  # BLOCK_M: one
 
 def _gpu_configs(kind: str, d: int, dtype: torch.dtype, bm: int) -> list:
     """(BLOCK_N, warps, stages) candidates with BLOCK_M fixed by the number of selected rows.
-    Not tuned on a GPU yet; fp32 / d > 128 tiles are kept narrower for registers."""
+    Not tuned on a GPU yet; fp32 / d > 128 tiles are kept narrower for registers.  The fp32
+    stats tiles: sm_90 compiles under torch's "highest" precision (FMA dots), triton 3.6 and 3.9,
+    d=80/128, plain and causal — 32 keys over 4 warps spilled 80-200 bytes at d=128 and 64 over
+    8 warps 112-136 (causal); 32 over 8 warps and 16 over 4 spilled nothing."""
     big = d > 128 or dtype == torch.float32
     if kind == "stats":
-        cands = [(64, 4, 2), (128, 4, 3), (32, 4, 2)] if not big else [(32, 4, 2), (64, 4, 2)]
+        cands = [(64, 4, 2), (128, 4, 3), (32, 4, 2)] if not big else [(32, 8, 2), (16, 4, 2)]
     else:
         cands = [(128, 4, 2), (64, 4, 2), (256, 8, 2)] if not big else [(64, 4, 2), (32, 4, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in cands]

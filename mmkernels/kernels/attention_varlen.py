@@ -472,7 +472,7 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     the untuned default (never none: the dense list's last if all fail).  fp32 under the
     "highest" matmul precision (``prec`` "ieee": FMA dots) takes the dense kernels' measured
     spill-free lists (``attention._CANDIDATES_IEEE``) instead of the rule."""
-    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits
+    from .attention import _CANDIDATES, _CANDIDATES_BIG, _CANDIDATES_IEEE, _fits, tf32_lists
 
     d0, d1 = split_head_dim(d)
     dp = d0 + d1
@@ -490,6 +490,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
         return _fits(kind, bm, bn, warps, stages, dp, itemsize, has_dropout, extra, 0)
 
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
+    if dtype == torch.float32:  # the measured TF32 lists (attention.tf32_lists)
+        kept = tf32_lists(kind, dp, has_dropout, kept)
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
     if scores and dp > 80:
         kept = list(dict.fromkeys((bm, bn, w, min(st, _SCORES_MAX_STAGES_ABOVE_D80)) for bm, bn, w, st in kept))

@@ -13,11 +13,18 @@
 #   tests    the CUDA test subset that proves each kernel correct: python -m pytest tests -q
 #            -m "not slow and not fuzz" (MMK_PYTEST_MARK), time box MMK_TEST_TIMEOUT_S (180 s) -> pytest.log
 #   bench    `mmkernels bench <op> --json bench_<op>.json --resume` for each op of MMK_BENCH_OPS (default
-#            "attention qformer_cross_attention token_pool": the README table) with MMK_BENCH_ARGS, or per op by
+#            "attention qformer_cross_attention token_pool attention_varlen": the README table and issue 22's
+#            Qwen3-VL tower timings) with MMK_BENCH_ARGS, or per op by
 #            default: attention "--preset sweep,blip2,llava-ov,gemma3 --mode fwd,fwd+bwd" (d 64/128/88
 #            x L 512..16384 and the EVA / SigLIP model shapes vs every SDPA backend and Flex), qformer_cross_attention
 #            "--preset blip2 --mode fwd,fwd+bwd" (B=64 both paths vs HF eager / sdpa), token_pool
-#            "--preset gemma3,llava-ov" (GB/s), vit_encoder "--preset qwen25vl,qwen3vl" (not a default
+#            "--preset gemma3,llava-ov" (GB/s), attention_varlen "--preset qwen3vl-tower --mode fwd --exclude
+#            flex,sdpa-dense" (H=16, d=72, one packed sequence of S = 8836 / 15376 / 35344: packed triton,
+#            triton-fp8 (fp8="dynamic"), triton-scores (return_scores) vs the dense dense-triton, dense-fp8,
+#            sdpa-flash, sdpa-cudnn, flash-attn varlen, hf-loop; its file is folded into bench_attention.json
+#            at the end: its "folded" entry, `fold unfold` below writes it back out; it runs on the time the
+#            ops before it leave, not counted in their shares), vit_encoder
+#            "--preset qwen25vl,qwen3vl" (not a default
 #            op: at most 8 files come back; name it in MMK_BENCH_OPS. One Qwen2.5-VL / Qwen3-VL tower
 #            forward's attention calls at 448x448, 1080p and a 32-frame video: sdpa-loop, sdpa-dense,
 #            mk, triton, triton-graph = every layer in one CUDA graph, flash-attn and the engines'
@@ -43,13 +50,14 @@
 #       bash scripts/gpu_check.sh            # the vision-encoder forward per backend, graph-captured too (issue 17)
 #   MMKERNELS_COMMIT=<sha> MMK_STAGES="env suite summary" bash scripts/gpu_check.sh  # the gate / a baseline
 #   carry: [], timeout_s: 560. At most 8 files come back from $OUT, all flat: env.txt, inspect.json,
-#   pytest.log, bench_attention.json, bench_qformer_cross_attention.json, bench_token_pool.json, bench.log, summary.txt
+#   pytest.log, bench_attention.json (attention_varlen's results inside, "folded"), bench_qformer_cross_attention.json,
+#   bench_token_pool.json, bench.log, summary.txt
 #   (install.log with MMK_INSTALL=1 and the .png with MMK_BENCH_PLOT=1 are extra: use them in a call of their own).
 # Continuing a benchmark in a second call (a fresh machine if the first went back): here
 #   mkdir -p .gpu_prev && cp <files_at>/bench_attention.json .gpu_prev/ &&
 #   (grep -qx '/.gpu_prev/' .git/info/exclude || echo /.gpu_prev/ >> .git/info/exclude)
 #   then run with MMK_STAGES="bench summary" MMK_BENCH_PREV=.gpu_prev and carry [".gpu_prev"]:
-#   its bench_<op>.json files are resumed.
+#   its bench_<op>.json files are resumed (attention_varlen's from bench_attention.json's "folded" entry).
 # Other knobs: MMK_TEST_TIMEOUT_S (default 240: the tests' share of the total), MMK_PYTEST_ARGS
 #   (extra pytest arguments), MMK_CASE_TIMEOUT_S (default 300: the benchmark's per-case watchdog,
 #   compilation and autotuning included), MMK_INSTALL=1 (pip install --no-deps --no-build-isolation
@@ -64,7 +72,10 @@
 #
 # Committing results (here, after the call; the files lie read-only under the reply's files_at):
 #   cp <files_at>/bench_attention.json benchmarks/results/<device-slug>/attention_<yyyymmdd>_<commit7>.json
-#   (the device slug is the JSON's device.slug); commit it with the pytest summary line and the device
+#   (the device slug is the JSON's device.slug); the folded attention_varlen results as their own file:
+#   python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1]))["folded"]["attention_varlen"],
+#   open(sys.argv[2], "w"), indent=1)' <files_at>/bench_attention.json <dir>/attention_varlen_<yyyymmdd>_<commit7>.json;
+#   commit it with the pytest summary line and the device
 #   (kind, driver from env.txt) in the message.
 set -uo pipefail
 
@@ -207,12 +218,37 @@ if has_stage tests; then
     fi
 fi
 
+# at most 8 files come back: `fold in INTO.json OP.json` moves a whole results document into INTO's
+# "folded" {op: doc} (show / compare / --resume read only "cases": INTO is unchanged for them);
+# `fold unfold INTO.json OP OUT.json` writes it back out (for --resume, or to commit it)
+fold() {
+    $PY - "$@" <<'EOF'
+import json, sys
+from pathlib import Path
+mode, into = sys.argv[1], Path(sys.argv[2])
+doc = json.loads(into.read_text())
+if mode == "in":
+    src = Path(sys.argv[3])
+    sub = json.loads(src.read_text())
+    doc.setdefault("folded", {})[sub["op"]] = sub
+    doc.setdefault("notes", []).append(f"folded: the {sub['op']} results ({len(sub.get('cases', []))} rows) are "
+                                       "this file's 'folded' entry (scripts/gpu_check.sh: fold unfold)")
+    into.write_text(json.dumps(doc, indent=1))
+    src.unlink()
+else:
+    sub = doc.get("folded", {}).get(sys.argv[3])
+    if sub is None:
+        sys.exit(1)
+    Path(sys.argv[4]).write_text(json.dumps(sub, indent=1))
+EOF
+}
+
 # ---- bench: `mmkernels bench <op>`, resumed until it finishes or the time is up -------------
 BENCH_RC=skipped
 if has_stage bench; then
     BENCH_RC=0
     : >>"$OUT/bench.log"
-    read -r -a ops <<<"${MMK_BENCH_OPS:-attention qformer_cross_attention token_pool}"
+    read -r -a ops <<<"${MMK_BENCH_OPS:-attention qformer_cross_attention token_pool attention_varlen}"
     for i in "${!ops[@]}"; do
         op=${ops[$i]}
         json="$OUT/bench_$op.json"
@@ -221,15 +257,24 @@ if has_stage bench; then
             qformer_cross_attention | qformer) bench_args=${MMK_BENCH_ARGS-"--preset blip2 --mode fwd,fwd+bwd"} ;;
             token_pool) bench_args=${MMK_BENCH_ARGS-"--preset gemma3,llava-ov"} ;;
             vit_encoder) bench_args=${MMK_BENCH_ARGS-"--preset qwen25vl,qwen3vl"} ;;
+            # Qwen3-VL tower, one 8836/15376/35344-token image, forward only: packed bf16 / fp8 / scores
+            # vs the dense kernels at B=1 (flex: a compile per shape; sdpa-dense: an all-True mask)
+            attention_varlen) bench_args=${MMK_BENCH_ARGS-"--preset qwen3vl-tower --mode fwd --exclude flex,sdpa-dense"} ;;
             *) bench_args=${MMK_BENCH_ARGS-} ;;
         esac
         if [[ -n "${MMK_BENCH_PREV:-}" && -f "$MMK_BENCH_PREV/bench_$op.json" ]]; then
             cp "$MMK_BENCH_PREV/bench_$op.json" "$json" && note "continuing $MMK_BENCH_PREV/bench_$op.json"
+        elif [[ -n "${MMK_BENCH_PREV:-}" && -f "$MMK_BENCH_PREV/bench_attention.json" ]]; then
+            fold unfold "$MMK_BENCH_PREV/bench_attention.json" "$op" "$json" 2>/dev/null \
+                && note "continuing $op from $MMK_BENCH_PREV/bench_attention.json (folded)"
         fi
         plot=()
         [[ "${MMK_BENCH_PLOT:-0}" == 1 ]] && plot=(--plot "$OUT/bench_$op.png")
-        # the ops still to run share what is left (the summary keeps ~30 s)
-        until_s=$(( SECONDS + ($(remaining) - 30) / (${#ops[@]} - i) ))
+        # the ops still to run share what is left (the summary keeps ~30 s); a later attention_varlen is
+        # not counted: it runs on what the others leave (their shares stay what they were without it)
+        left=0
+        for o in "${ops[@]:i}"; do [[ "$o" == attention_varlen && "$o" != "$op" ]] || left=$((left + 1)); done
+        until_s=$(( SECONDS + ($(remaining) - 30) / left ))
         if [[ "$op" == vit_encoder ]] && (( until_s > SECONDS + ${MMK_VIT_ENCODER_S:-240} )); then
             until_s=$(( SECONDS + ${MMK_VIT_ENCODER_S:-240} ))   # bounded: what it leaves goes to the ops after it
         fi
@@ -310,6 +355,11 @@ if has_stage summary; then
             [[ -f "$OUT/bench.log" ]] && grep -E "^(== |  [a-z]|    (patched|eager|sdpa) |             mmkernels)" "$OUT/bench.log" | tail -n 40
         fi
     } | tee "$OUT/summary.txt"
+fi
+# the default ops write 4 results files: attention_varlen's goes inside bench_attention.json (8 files back)
+if [[ -z "${MMK_BENCH_OPS+x}" && -f "$OUT/bench_attention_varlen.json" && -f "$OUT/bench_attention.json" ]]; then
+    fold in "$OUT/bench_attention.json" "$OUT/bench_attention_varlen.json" \
+        && note "bench_attention_varlen.json folded into bench_attention.json ('folded')"
 fi
 ls -la "$OUT"
 # exit status for the caller: 0 only when the tests passed (or were not asked for) and the

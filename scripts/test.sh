@@ -41,7 +41,7 @@ fi
 # interpreter) with the long interpreter files in the background, everything else in front; the
 # background log is printed after the front run.  Both print their 25 slowest tests.
 BACKGROUND=(tests/test_inspect.py tests/test_attention_varlen.py tests/test_strides.py tests/test_attention.py
-            tests/test_capture_contract.py tests/test_qformer_cross_attention.py)
+            tests/test_capture_contract.py tests/test_qformer_cross_attention.py tests/test_bench_cli.py)
 split=0
 if (( $# == 0 && ${#workers[@]} == 0 )) && [[ "${MMK_TEST_SPLIT:-1}" == 1 && -f tests/test_inspect.py ]]; then
     split=1

@@ -481,3 +481,23 @@ def test_compile_named_on_a_cpu_is_timed(tmp_path, monkeypatch):
                   "--mode", "fwd", "--quick", "--no-ceilings", "--json", str(out), "--plain", "--quiet"]) == 0
     rows = report.read_json(out)["cases"]
     assert [(r["backend"], r["status"]) for r in rows] == [("eager", "ok"), ("compile", "ok")], rows
+
+
+def test_fwd_only_backend_and_its_own_bound(monkeypatch):
+    """``Backend.fwd_only``: its fwd+bwd rows are skipped with that reason; ``out_rtol``: the check's
+    bound (recorded as ``tol``), not the dtype's; the qwen3vl-tower packs of one sequence run the dense
+    SDPA backend on the CPU (issue 22)."""
+    from dataclasses import replace
+
+    op = cases.load("attention_varlen")
+    specs, _, _ = runner.plan(op, ["qwen3vl-tower"], [], "cpu", quick=True)
+    assert specs and all(len(s.shape.seqlens) == 1 and s.shape.d == 72 for s in specs)
+    bk = op.backends()
+    assert bk["triton-fp8"].fwd_only and bk["triton-scores"].fwd_only and bk["triton-fp8"].out_rtol
+    loose = replace(bk["hf-loop"], name="loose", fwd_only="forward only here", out_rtol=-1.0)  # < 0: fails
+    monkeypatch.setattr(type(op), "backends", lambda self: {**bk, "loose": loose})
+    rows, _, _ = runner.run(op, specs[:1], _cfg(modes=["fwd", "fwd+bwd"], backends=["sdpa-flash", "loose"]))
+    by = {(r["backend"], r["mode"]): r for r in rows}
+    assert by["sdpa-flash", "fwd"]["check"]["ok"] and by["sdpa-flash", "fwd+bwd"]["check"]["ok"]
+    assert by["loose", "fwd"]["check"]["tol"] == -1.0 and not by["loose", "fwd"]["check"]["ok"]
+    assert by["loose", "fwd+bwd"]["status"] == "skipped" and by["loose", "fwd+bwd"]["reason"] == "forward only here"

@@ -260,3 +260,31 @@ def test_opcheck_out_op():
     out = torch.empty(H, REAL + 6, D).transpose(0, 1)
     op = torch.ops.mmkernels.attention_varlen_fwd_out.default
     torch.library.opcheck(op, (q, k, v, cu, cu, None, None, None, 64, 64, 0.0, True, 0.2, out))
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("layout", ["transposed", "step", "offset"])
+def test_out_layouts(layout, backend):
+    """``out`` in the layouts tests/test_strides.py drives for inputs (its driver compares
+    gradients, which ``out=`` does not support): a transposed storage, every other element of a
+    poisoned buffer, a storage offset of 5 elements (no 16-byte alignment); the result equals the
+    plain call and the poisoned gaps stay untouched."""
+    q, k, v, cu = _packing(LENGTHS, REAL)
+    n = (REAL, H, D)
+    if layout == "transposed":
+        buf = torch.full((REAL, D, H), float("nan"))
+        out = buf.transpose(1, 2)
+    elif layout == "step":
+        buf = torch.full((REAL, H, 2 * D), float("nan"))
+        out = buf[..., ::2]
+    else:
+        buf = torch.full((REAL * H * D + 5,), float("nan"))
+        out = buf[5:].view(n)
+    plain = mk.attention_varlen(q, k, v, cu, cu, enable_gqa=True, backend=backend)
+    with torch.no_grad():
+        res = mk.attention_varlen(q, k, v, cu, cu, enable_gqa=True, backend=backend, out=out)
+    assert res is out and torch.equal(out, plain)
+    if layout == "step":
+        assert buf[..., 1::2].isnan().all()
+    if layout == "offset":
+        assert buf[:5].isnan().all()

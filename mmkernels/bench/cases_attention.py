@@ -4,9 +4,10 @@ Backends: ``eager`` (``mmkernels.reference.attention``: matmul + softmax + matmu
 what a model without fused attention runs); ``sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``
 (SDPA pinned with ``sdpa_kernel``) and ``sdpa`` (torch's choice, opt-in); ``flex``
 (``torch.compile(flex_attention)``, CUDA only); ``flash-attn`` and ``xformers`` (when importable);
-``triton`` (``mmkernels.attention`` forced to its Triton kernels) and ``triton-pad`` (opt-in: the
-launchers' ``split=False``, the head dim padded to a power of two instead of split — 88 -> 128
-rather than 64 + 32 — what the split saves).
+``triton`` (``mmkernels.attention`` forced to its Triton kernels), ``triton-fp8`` (opt-in: the same
+with ``fp8="dynamic"``; forward only, its own output bound ``fp8_out_rtol()``) and ``triton-pad``
+(opt-in: the launchers' ``split=False``, the head dim padded to a power of two instead of split —
+88 -> 128 rather than 64 + 32 — what the split saves).
 
 FLOPs (the FlashAttention papers' convention): fwd = 2·B·H·Lq·Lk·(d + dv), halved when causal;
 bwd = 2.5 × fwd (five matmuls to the forward's two); fwd+bwd = 3.5 × fwd; softmax and masks not
@@ -88,6 +89,11 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
                 "`mmkernels bench attention_varlen`",
     "internvl": [_s("internvl", "internvit-300m", "InternViT-300M vision self-attn (InternVL 2.5)",
                     8, 16, 1025, 1025, 64)],
+    # not a default preset (explicit --preset): `mmkernels bench attention_varlen --preset qwen3vl-tower`
+    # times the same shapes packed, next to these dense calls (scripts/gpu_check.sh)
+    "qwen3vl-tower": [_s("qwen3vl-tower", f"vit-{S}", f"Qwen3-VL ViT full attention, one {S}-token image "
+                         f"({int(S ** 0.5)}^2 patches) as a dense batch of one", 1, 16, S, S, 72)
+                      for S in (8836, 15376, 35344)],
     "sweep": "generated: B·L = 16384 tokens, H·d = 2048, d = 64, 128, 88, L = 512 ... 16384, causal and not "
              "(CPU: 512 tokens, H·d = 128, d = 64, 88, L = 64 ... 256)",
 }
@@ -127,10 +133,24 @@ def _eager(s: AttnShape):
     return partial(attention, is_causal=s.causal, scale=s.scale)
 
 
-def _triton(s: AttnShape):
+def _triton(s: AttnShape, **kw):
     import mmkernels
 
-    return partial(mmkernels.attention, is_causal=s.causal, scale=s.scale)
+    return partial(mmkernels.attention, is_causal=s.causal, scale=s.scale, **kw)
+
+
+#: fp8 (e4m3) forward: inference only, and its error is Q/K's 3-bit mantissa (docs/fp8.md: cosine
+#: 0.9987 on random inputs, a relative error of ~0.05, ~30x bf16's), so its own output bound: 0.1 on a
+#: GPU; 0.25 under TRITON_INTERPRET=1, whose own fp32 -> e4m3 cast is wrong (~0.15: docs/fp8.md; the
+#: tests install the GPU's rounding, the benchmark does not)
+FP8_FWD_ONLY = "fp8 attention is forward only (inference: docs/fp8.md)"
+FP8_OUT_RTOL, FP8_OUT_RTOL_INTERPRETER = 0.1, 0.25
+
+
+def fp8_out_rtol() -> float:
+    from mmkernels._utils import interpreting
+
+    return FP8_OUT_RTOL_INTERPRETER if interpreting() else FP8_OUT_RTOL
 
 
 class _Padded(torch.autograd.Function):
@@ -241,7 +261,8 @@ class AttentionBench(OpBench):
     convention = CONVENTION
     presets = PRESETS
     opt_in = {"sdpa": "torch's own choice among the sdpa-* backends",
-              "triton-pad": "the triton kernels with the head dim padded, not split (the split's gain)"}
+              "triton-pad": "the triton kernels with the head dim padded, not split (the split's gain)",
+              "triton-fp8": 'mmkernels.attention(..., fp8="dynamic"): e4m3 forward (sm_89+), forward only'}
     grad_checked = ("q", "k", "v")
 
     def preset_specs(self, preset, *, cpu, quick):
@@ -297,6 +318,10 @@ class AttentionBench(OpBench):
             "xformers": Backend("xformers", "xformers.ops.memory_efficient_attention on (B, L, H, D)", _xformers,
                                 _importable("xformers.ops", "xformers"), gpu_kernel=True, layout="blhd"),
             "triton": mk_backend("attention", "triton", _triton, 'mmkernels.attention(..., backend="triton")'),
+            "triton-fp8": replace(mk_backend("attention", "triton", partial(_triton, fp8="dynamic"),
+                                             'mmkernels.attention(..., fp8="dynamic", backend="triton"): e4m3 Q, K, '
+                                             "V quantised per (batch, head), fp8 tensor cores (sm_89+)"),
+                                  name="triton-fp8", fwd_only=FP8_FWD_ONLY, out_rtol=fp8_out_rtol()),
             "triton-pad": Backend("triton-pad", "the triton kernels with the head dim padded to a power of two",
                                   _triton_pad, triton_why_not, gpu_kernel=True),
         }

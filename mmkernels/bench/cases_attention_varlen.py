@@ -11,7 +11,16 @@ transformers runs for sdpa — RoPE, a host split, one SDPA call per sequence, a
 per layer grow with the number of sequences), ``sdpa-dense`` (one SDPA call with a dense
 (total, total) block-diagonal mask), ``flex`` (FlexAttention with a document mask, CUDA only),
 ``flash-attn`` (``flash_attn_varlen_func``, when importable) and ``triton`` (``mmkernels.attention_varlen``
-forced to its Triton kernel: one launch per layer for the forward, rotary fused).
+forced to its Triton kernel: one launch per layer for the forward, rotary fused); forward only:
+``triton-fp8`` (``fp8="dynamic"``: e4m3 operands, its own looser output bound, docs/fp8.md) and
+``triton-scores`` (``return_scores=dict(query_index=None, reduce_heads="mean")``: the output is
+checked, the scores computed with it). For packs of one sequence (``qwen25vl``'s full blocks,
+``qwen3vl-tower``), the same attention through the dense API on (1, H, L, d): ``sdpa-flash``,
+``sdpa-cudnn`` (SDPA pinned, RoPE in torch), ``dense-triton`` and ``dense-fp8``
+(``mmkernels.attention``, rotary fused) — dense vs packed in one table.
+
+``qwen3vl-tower`` (explicit, not in ``--preset all``): Qwen3-VL's ViT, 16 heads of 72, one image of
+8,836 / 15,376 / 35,344 patches (94², 124², 188²) packed alone.
 
 FLOPs: fwd = Σ over sequences of 4·Lq·Lk·d·H, halved when causal; fwd+bwd = 3.5 × fwd.
 """
@@ -23,13 +32,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .cases import Backend, Bound, OpBench, ShapeSpec, as_bool, mk_backend, parse_kv
-from .cases_attention import MODE_FACTOR, _flex_why_not, _importable
+from .cases import Backend, Bound, OpBench, ShapeSpec, Skip, as_bool, mk_backend, parse_kv
+from .cases_attention import FP8_FWD_ONLY, MODE_FACTOR, _flex_why_not, _importable, fp8_out_rtol, sdpa_backend
 
 __all__ = ["BENCH", "VarlenShape", "qwen25_window_lengths"]
 
 CHECK_HEADS = 2
 GRAD_CHECK_MAX = 1 << 24  # Σ L² · heads of the float64 gradient check
+REF_CHUNK_BYTES = 256 << 20  # float64 scores per chunk of the reference without gradients
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ PRESETS: dict[str, list[ShapeSpec] | str] = {
                            "windows of <= 64 tokens", VarlenShape(_WIN)),
                  ShapeSpec("qwen25vl", "vit-full", "Qwen2.5-VL ViT full blocks 7/15/23/31: the same image, one "
                            "sequence", VarlenShape((sum(_WIN),)))],
+    # Qwen3-VL's ViT (16 heads x 72, full attention in every block): one image of 94^2 / 124^2 / 188^2
+    # patches packed alone (B=1); not a default preset: `--preset qwen3vl-tower` (scripts/gpu_check.sh)
+    "qwen3vl-tower": [ShapeSpec("qwen3vl-tower", f"vit-{S}", f"Qwen3-VL ViT: one {S}-token image "
+                                f"({int(S ** 0.5)}^2 patches) packed alone, 16 heads x 72", VarlenShape((S,), d=72))
+                      for S in (8836, 15376, 35344)],
     "blip2": "BLIP-2's EVA ViT runs fixed 257-token images: dense attention (`mmkernels bench attention`)",
     "instructblip": "InstructBLIP's EVA ViT runs fixed 257-token images: dense attention (`mmkernels bench attention`)",
     "llava15": "LLaVA-1.5's CLIP tower runs fixed 577-token images: dense attention (`mmkernels bench attention`)",
@@ -154,6 +169,54 @@ def _mk(s: VarlenShape):
                                                                is_causal=s.causal, rotary=rot)
 
 
+def _mk_fp8(s: VarlenShape):
+    import mmkernels
+
+    m = max(s.seqlens)
+    return lambda q, k, v, cu, rot: mmkernels.attention_varlen(q, k, v, cu, cu, max_seqlen_q=m, max_seqlen_k=m,
+                                                               is_causal=s.causal, rotary=rot, fp8="dynamic")
+
+
+def _mk_scores(s: VarlenShape):
+    import mmkernels
+
+    m = max(s.seqlens)
+    req = dict(query_index=None, reduce_heads="mean")
+    # the output is checked; the (total,) scores are computed (and timed) with it
+    return lambda q, k, v, cu, rot: mmkernels.attention_varlen(q, k, v, cu, cu, max_seqlen_q=m, max_seqlen_k=m,
+                                                               is_causal=s.causal, rotary=rot,
+                                                               return_scores=req)[0]
+
+
+def _one_seq(s: VarlenShape, who: str) -> None:
+    if len(s.seqlens) != 1:
+        raise Skip(f"{who} times packs of one sequence only (the dense call of the same attention); "
+                   "several sequences need a mask: sdpa-dense")
+
+
+def _sdpa_one(s: VarlenShape):
+    """One sequence as a dense (1, H, L, d) batch: RoPE in torch, SDPA unmasked (pinned by the context)."""
+    _one_seq(s, "sdpa-flash / sdpa-cudnn")
+
+    def fn(q, k, v, cu, rot):
+        q, k = _rope(q, k, rot)
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                              v.transpose(0, 1)[None], is_causal=s.causal)[0].transpose(0, 1)
+    return fn
+
+
+def _mk_dense(s: VarlenShape, **kw):
+    """One sequence through the dense ``mmkernels.attention`` on (1, H, L, d), rotary fused."""
+    import mmkernels
+
+    _one_seq(s, "dense-triton / dense-fp8")
+
+    def fn(q, k, v, cu, rot):
+        return mmkernels.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                   is_causal=s.causal, rotary=rot, **kw)[0].transpose(0, 1)
+    return fn
+
+
 def _seqlens(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace("+", ":").split(":") if x)
 
@@ -208,6 +271,27 @@ class AttentionVarlenBench(OpBench):
             "triton": mk_backend("attention_varlen", "triton", _mk,
                                  'mmkernels.attention_varlen(..., backend="triton"): one launch per layer, rotary '
                                  "fused"),
+            "triton-fp8": replace(mk_backend("attention_varlen", "triton", _mk_fp8,
+                                             'mmkernels.attention_varlen(..., fp8="dynamic"): e4m3 Q, K, V per head, '
+                                             "rotary before quantisation, fp8 tensor cores (sm_89+)"),
+                                  name="triton-fp8", fwd_only=FP8_FWD_ONLY, out_rtol=fp8_out_rtol()),
+            "triton-scores": replace(mk_backend("attention_varlen", "triton", _mk_scores,
+                                                "mmkernels.attention_varlen(..., return_scores=dict(query_index=None, "
+                                                'reduce_heads="mean")): the output plus per-key attention received'),
+                                     name="triton-scores", fwd_only="return_scores is forward only"),
+            # a pack of one sequence is dense attention of a batch of one: the dense kernels, same inputs
+            "sdpa-flash": sdpa_backend("sdpa-flash", "FLASH_ATTENTION", _sdpa_one,
+                                       "one sequence: RoPE in torch, SDPA unmasked on (1, H, L, d), "
+                                       "SDPBackend.FLASH_ATTENTION"),
+            "sdpa-cudnn": sdpa_backend("sdpa-cudnn", "CUDNN_ATTENTION", _sdpa_one,
+                                       "one sequence: RoPE in torch, SDPA unmasked on (1, H, L, d), "
+                                       "SDPBackend.CUDNN_ATTENTION"),
+            "dense-triton": replace(mk_backend("attention", "triton", _mk_dense,
+                                               "one sequence: mmkernels.attention on (1, H, L, d), rotary fused"),
+                                    name="dense-triton"),
+            "dense-fp8": replace(mk_backend("attention", "triton", lambda s: _mk_dense(s, fp8="dynamic"),
+                                            'one sequence: mmkernels.attention(..., fp8="dynamic") on (1, H, L, d)'),
+                                 name="dense-fp8", fwd_only=FP8_FWD_ONLY, out_rtol=fp8_out_rtol()),
         }
 
     def make_inputs(self, s, dtype, device, generator):
@@ -240,10 +324,15 @@ class AttentionVarlenBench(OpBench):
             qr, kr = _rope(q, k, rot)
             outs = []
             for a, b, c in zip(qr.split(s.seqlens), kr.split(s.seqlens), v.split(s.seqlens)):
-                sc = torch.einsum("qhd,khd->hqk", a, b) / s.d ** 0.5
-                if s.causal:
-                    sc = sc.masked_fill(~torch.ones_like(sc, dtype=torch.bool).tril(), float("-inf"))
-                outs.append(torch.einsum("hqk,khd->qhd", sc.softmax(-1), c))
+                # without gradients in query-row chunks of <= 256 MiB of scores (Qwen3-VL: 35k tokens)
+                rows = a.shape[0] if grad else max(1, (REF_CHUNK_BYTES // 8) // max(1, nh * b.shape[0]))
+                for i in range(0, a.shape[0], rows):
+                    sc = torch.einsum("qhd,khd->hqk", a[i:i + rows], b) / s.d ** 0.5
+                    if s.causal:
+                        keep = (torch.arange(i, i + sc.shape[1], device=sc.device)[:, None]
+                                >= torch.arange(b.shape[0], device=sc.device))
+                        sc = sc.masked_fill(~keep, float("-inf"))
+                    outs.append(torch.einsum("hqk,khd->qhd", sc.softmax(-1), c))
             out = torch.cat(outs)
         if not grad:
             return out.detach(), {}

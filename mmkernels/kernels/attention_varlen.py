@@ -492,6 +492,8 @@ def _gpu_configs(kind: str, d: int, dtype: torch.dtype, has_dropout: bool = Fals
     kept = [c for c in cands if fits(*c)] or [cands[-1]]
     if dtype == torch.float32:  # the measured TF32 lists (attention.tf32_lists)
         kept = tf32_lists(kind, dp, has_dropout, kept)
+        if kind == "fwd":  # packed 64x64 over 4 warps: 8-48 bytes of spills at d=72-88 (triton 3.9)
+            kept = [c for c in kept if c != (64, 64, 4, 2)] or kept
     kept = [c for c in kept if c[mapped] == kept[0][mapped]]
     if scores and dp > 80:
         kept = list(dict.fromkeys((bm, bn, w, min(st, _SCORES_MAX_STAGES_ABOVE_D80)) for bm, bn, w, st in kept))

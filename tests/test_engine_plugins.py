@@ -449,30 +449,40 @@ def test_vllm_metadata_classmethods(vllm_world, monkeypatch):
         assert len(MMEncoderAttention.maybe_recompute_cu_seqlens(B.FLASHINFER, cu, 64, 1, torch.device("cpu"))) > 4
 
 
-def _vllm_tower(name: str):
-    """(constructor, config, grid) of a tiny vision tower of vLLM's own model code."""
+def _tower_config(name: str):
+    """(config, grids) of the tiny vision tower both engines' tests build (transformers' config
+    classes; the same towers in vLLM and SGLang)."""
     if name == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer
 
         cfg = Qwen2_5_VLVisionConfig(depth=4, hidden_size=96, intermediate_size=128, num_heads=4, out_hidden_size=48,
                                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                                      fullatt_block_indexes=[1, 3], in_channels=3)
-        return Qwen2_5_VisionTransformer, cfg, [[1, 8, 12], [1, 4, 4], [2, 4, 8]]
+        return cfg, [[1, 8, 12], [1, 4, 4], [2, 4, 8]]
     if name == "qwen2_vl":
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-        from vllm.model_executor.models.qwen2_vl import Qwen2VisionTransformer
 
+        # SGLang 0.5.23 reads the pre-5.x name in_chans
         cfg = Qwen2VLVisionConfig(depth=2, embed_dim=80, mlp_ratio=2, num_heads=4, hidden_size=48, patch_size=14,
-                                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-        return Qwen2VisionTransformer, cfg, [[1, 6, 8], [1, 4, 4]]
+                                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, in_chans=3)
+        return cfg, [[1, 6, 8], [1, 4, 4]]
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-    from vllm.model_executor.models.qwen3_vl import Qwen3_VisionTransformer
 
     cfg = Qwen3VLVisionConfig(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=48,
                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                               num_position_embeddings=64, deepstack_visual_indexes=[1])
-    return Qwen3_VisionTransformer, cfg, [[1, 6, 8], [1, 4, 4]]
+    return cfg, [[1, 6, 8], [1, 4, 4]]
+
+
+def _vllm_tower(name: str):
+    """(constructor, config, grids) of a tiny vision tower of vLLM's own model code."""
+    if name == "qwen2_5_vl":
+        from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer as tower
+    elif name == "qwen2_vl":
+        from vllm.model_executor.models.qwen2_vl import Qwen2VisionTransformer as tower
+    else:
+        from vllm.model_executor.models.qwen3_vl import Qwen3_VisionTransformer as tower
+    return (tower, *_tower_config(name))
 
 
 def _random_weights(model, seed=0):
@@ -621,29 +631,14 @@ def test_sglang_entry_point_in_a_fresh_process(allow):
 
 
 def _sglang_tower(name: str):
+    """(constructor, config, grids) of the same tiny tower in SGLang's own model code."""
     if name == "qwen2_5_vl":
-        from sglang.srt.models.qwen2_5_vl import Qwen2_5_VisionTransformer
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-
-        cfg = Qwen2_5_VLVisionConfig(depth=4, hidden_size=96, intermediate_size=128, num_heads=4, out_hidden_size=48,
-                                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                                     fullatt_block_indexes=[1, 3], in_channels=3)
-        return Qwen2_5_VisionTransformer, cfg, [[1, 8, 12], [1, 4, 4], [2, 4, 8]]
-    if name == "qwen2_vl":
-        from sglang.srt.models.qwen2_vl import Qwen2VisionTransformer
-        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-
-        # SGLang 0.5.23 reads the pre-5.x name in_chans
-        cfg = Qwen2VLVisionConfig(depth=2, embed_dim=80, mlp_ratio=2, num_heads=4, hidden_size=48, patch_size=14,
-                                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, in_chans=3)
-        return Qwen2VisionTransformer, cfg, [[1, 6, 8], [1, 4, 4]]
-    from sglang.srt.models.qwen3_vl import Qwen3VLMoeVisionModel
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-
-    cfg = Qwen3VLVisionConfig(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=48,
-                              patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                              num_position_embeddings=64, deepstack_visual_indexes=[1])
-    return Qwen3VLMoeVisionModel, cfg, [[1, 6, 8], [1, 4, 4]]
+        from sglang.srt.models.qwen2_5_vl import Qwen2_5_VisionTransformer as tower
+    elif name == "qwen2_vl":
+        from sglang.srt.models.qwen2_vl import Qwen2VisionTransformer as tower
+    else:
+        from sglang.srt.models.qwen3_vl import Qwen3VLMoeVisionModel as tower
+    return (tower, *_tower_config(name))
 
 
 @needs_sglang

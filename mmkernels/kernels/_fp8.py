@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rotary import _cos_cols
-from ._tiles import rotary_args
+from ._rotary import _rotated_tile
+from ._tiles import _load_rows, rotary_args
 
 P_SCALE = tl.constexpr(256.0)
 E4M3_MAX = 448.0
@@ -84,7 +84,7 @@ def _fp8_quant(
     WRITE: tl.constexpr,
 ):
     """Rows [pid·BLOCK_L, +BLOCK_L) of X (B, H, L, D) (any strides), rotated first when ROTARY
-    (as ``_rotary._rotate_rows``, fp32).  WRITE=False: atomic max of |x| into AMAX[b·H + h];
+    (``_rotary._rotated_tile``, fp32).  WRITE=False: atomic max of |x| into AMAX[b·H + h];
     WRITE=True: x·448/amax rounded to e4m3 into Y (last stride 1)."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,18 +94,12 @@ def _fp8_quant(
     row_ok = rows < L
     offs_d = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    base = X + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl
-    x = tl.load(base + offs_d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
+    base = X + b * sxb + h * sxh
     if ROTARY > 0:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        lo = offs_d < HALF
-        partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
-        xp = tl.load(base + partner[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
         rr = b * scb + rows[:, None].to(tl.int64) * scl
-        cc = _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd
-        c = tl.load(COS + rr + cc, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(SIN + rr + cc, mask=ok, other=0.0).to(tl.float32)
-        x = x * c + tl.where(lo[None, :], -xp, xp) * s
+        x = _rotated_tile(base, rows, row_ok, sxl, sxd, COS, SIN, rr, scd, HEAD_DIM, BLOCK_D, ROTARY, False)
+    else:
+        x = _load_rows(base, rows.to(tl.int64), row_ok, sxl, offs_d, sxd, HEAD_DIM, False).to(tl.float32)
     if WRITE:
         amax = tl.load(AMAX + pid_bh)
         inv = tl.where(amax > 0.0, 448.0 / amax, 1.0)

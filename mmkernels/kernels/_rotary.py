@@ -34,31 +34,20 @@ def _cos_cols(offs_d, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
 
 
 @triton.jit
-def _rotate_rows(
-    X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
-    INVERSE: tl.constexpr,
-):
-    """BLOCK_L rows of X (B, H, L, D) (any strides) rotated into Y (last stride 1), in fp32,
-    rounded to Y's dtype.  Forward: y[c] = x[c]·cos[c] ∓ x[c']·sin[c] (rotate_half: − for c < D/2,
-    c' the partner column).  INVERSE (the gradient of that map): y[c] = x[c]·cos[c] ± x[c']·sin[c'].
-    A program owns whole rows, so Y may be X (in place): a row's partner columns are read before
-    it is written.  cos/sin rows ``b·scb + row·scl``.  Grid (cdiv(L, BLOCK_L), B·H)."""
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+def _rotated_tile(base, rows, row_ok, sxl, sxd, COS, SIN, rr, scd,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, INVERSE: tl.constexpr):
+    """The fp32 [rows, BLOCK_D] tile of a (L, D) matrix at ``base`` (any strides), rotated.
+    Forward: y[c] = x[c]·cos[c] ∓ x[c']·sin[c] (rotate_half: − for c < D/2, c' the partner
+    column).  INVERSE (the gradient of that map): y[c] = x[c]·cos[c] ± x[c']·sin[c'].  cos/sin
+    rows at ``rr`` (a [rows, 1] offset).  Out-of-range entries are 0."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < L
     offs_d = tl.arange(0, BLOCK_D)
     lo = offs_d < HALF
     partner = tl.where(lo, offs_d + HALF, offs_d - HALF)
-    base = X + b * sxb + h * sxh
-    x = _load_rows(base, rows, row_ok, sxl, offs_d, sxd, HEAD_DIM, False).to(tl.float32)
-    xp = _load_rows(base, rows, row_ok, sxl, partner, sxd, HEAD_DIM, False).to(tl.float32)
+    rows64 = rows.to(tl.int64)  # row offsets in 64 bits: a packed tensor's row stride is H·D
+    x = _load_rows(base, rows64, row_ok, sxl, offs_d, sxd, HEAD_DIM, False).to(tl.float32)
+    xp = _load_rows(base, rows64, row_ok, sxl, partner, sxd, HEAD_DIM, False).to(tl.float32)
     cmask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rr = b * scb + rows[:, None].to(tl.int64) * scl
     c = tl.load(COS + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
     if INVERSE:
         s = tl.load(SIN + rr + _cos_cols(partner, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
@@ -66,8 +55,31 @@ def _rotate_rows(
     else:
         s = tl.load(SIN + rr + _cos_cols(offs_d, HEAD_DIM, ROTARY)[None, :] * scd, mask=cmask, other=0.0)
         y = x * c.to(tl.float32) + tl.where(lo[None, :], -xp, xp) * s.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _rotate_rows(
+    X, Y, COS, SIN, H, L, sxb, sxh, sxl, sxd, syb, syh, syl, scb, scl, scd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, BLOCK_L: tl.constexpr,
+    INVERSE: tl.constexpr,
+):
+    """BLOCK_L rows of X (B, H, L, D) (any strides) rotated (:func:`_rotated_tile`) into Y (last
+    stride 1), in fp32, rounded to Y's dtype.  A program owns whole rows, so Y may be X (in
+    place): a row's partner columns are read before it is written.  cos/sin rows
+    ``b·scb + row·scl``.  Grid (cdiv(L, BLOCK_L), B·H)."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < L
+    offs_d = tl.arange(0, BLOCK_D)
+    rr = b * scb + rows[:, None].to(tl.int64) * scl
+    y = _rotated_tile(X + b * sxb + h * sxh, rows, row_ok, sxl, sxd, COS, SIN, rr, scd, HEAD_DIM, BLOCK_D, ROTARY,
+                      INVERSE)
     ptrs = Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syl + offs_d[None, :]
-    tl.store(ptrs, y.to(Y.dtype.element_ty), mask=cmask)
+    tl.store(ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # Two entry points of the one body, so that ``inspect`` names each pass.
